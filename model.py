@@ -1,0 +1,539 @@
+"""
+The one GPT of this repository: a decoder-only transformer whose variants are switches in GPTConfig.
+
+    positional encoding   pos_emb = learned | sinusoidal | rope | none
+    normalisation         norm = layernorm | rmsnorm
+    feed-forward          mlp = gelu | swiglu
+    attention             n_kv_head < n_head gives grouped-query attention (1: multi-query);
+                          sliding_window = W with n_sink attention sinks
+    weight tying          tie_weights
+
+Every stage imports it: train.py and sft.py call forward(idx, targets); sample.py and the RL stages
+call generate() with a pre-allocated KV cache; reward modelling and PPO read per-token log-probs
+(logprobs) and the final hidden states (forward(..., hidden=True)) for a scalar head.
+
+Positions. Every forward takes, optionally, `pos` (B, T): the position of each token in its own
+sequence. A left-padded batch of prompts has negative positions on its padding; such columns are
+never attended to. Attention is a mask over positions, the same rule in training and decoding:
+
+    query at position i sees key at position j  <=>  0 <= j <= i  and  (i - j < W  or  j < n_sink)
+
+The KV cache. Per layer, keys and values are allocated once, (B, n_kv_head, S, head_dim), and
+written in place; keys are stored with RoPE already applied. Position p lives in slot p, or with a
+sliding window in a rolling buffer of S = n_sink + W slots: the sinks keep slots 0..n_sink-1
+forever and position p >= n_sink goes to slot n_sink + (p - n_sink) % W. The ring then always
+holds exactly the last W positions, so at decode time "slot s was written" is the whole mask.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 320  # tokenizer size, padded to a multiple of 64 by the prepare scripts
+    block_size: int = 256  # the longest sequence the model is trained on
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    n_kv_head: int = None  # None = n_head; fewer = grouped-query attention; 1 = multi-query
+    dropout: float = 0.0
+    bias: bool = False  # biases in linear layers and layernorms
+    pos_emb: str = "rope"  # learned | sinusoidal | rope | none
+    rope_theta: float = 10000.0
+    norm: str = "rmsnorm"  # layernorm | rmsnorm
+    mlp: str = "swiglu"  # gelu | swiglu
+    tie_weights: bool = True  # token embedding and LM head share one matrix
+    sliding_window: int = None  # None = full causal attention; W = attend to the last W positions
+    n_sink: int = 0  # the first n_sink positions stay visible to every query (attention sinks)
+    # MoE and LoRA switches come with their own modules
+
+    def __post_init__(self):
+        def fail(msg):
+            raise ValueError(f"GPTConfig: {msg}")
+
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type is int and f.default is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                fail(f"{f.name} must be an int, got {v!r}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_embd % self.n_head:
+            fail(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            fail(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.pos_emb not in ("learned", "sinusoidal", "rope", "none"):
+            fail(f"pos_emb must be learned | sinusoidal | rope | none, got {self.pos_emb!r}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            fail(f"rope needs an even head size, got n_embd/n_head = {self.head_dim}")
+        if self.pos_emb == "sinusoidal" and self.n_embd % 2:
+            fail(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        if self.rope_theta <= 0:
+            fail(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            fail(f"norm must be layernorm | rmsnorm, got {self.norm!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            fail(f"mlp must be gelu | swiglu, got {self.mlp!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            fail(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            fail(f"sliding_window must be None or >= 1, got {self.sliding_window}")
+        if self.n_sink < 0:
+            fail(f"n_sink must be >= 0, got {self.n_sink}")
+        if self.n_sink and self.sliding_window is None:
+            fail("n_sink only makes sense with a sliding_window")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self):
+        # gelu: the classic 4x. swiglu has three matrices instead of two, so 2/3 of 4x keeps the
+        # parameter count equal; rounded up to a multiple of 64 for friendlier matmul shapes.
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def unbounded_positions(self):
+        """True when generation may run past block_size: a rolling cache and positions that are
+        not a table of block_size rows."""
+        return self.sliding_window is not None and self.pos_emb in ("rope", "none")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+def make_norm(config):
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.n_embd, bias=config.bias)
+    return nn.RMSNorm(config.n_embd, eps=1e-5)
+
+
+def rope_cos_sin(pos, head_dim, theta, dtype):
+    """cos and sin of the rotation angles for positions pos (B, T): each (B, 1, T, head_dim/2)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos.clamp(min=0).float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def upcast(x):
+    """At least float32, for softmax and losses under bf16/fp16 autocast; float64 stays."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def apply_rope(x, cos, sin):
+    # rotate each pair (x1[i], x2[i]) made of the two halves of the head (the GPT-NeoX layout)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast x may be bf16
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def sinusoidal_embedding(pos, n_embd, dtype):
+    """The fixed encoding of "Attention is all you need": (B, T, n_embd) for positions pos (B, T)."""
+    inv_freq = 10000.0 ** (-torch.arange(0, n_embd, 2, device=pos.device, dtype=torch.float32) / n_embd)
+    angles = pos.clamp(min=0).float()[..., None] * inv_freq
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=config.bias)
+        self.c_k = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
+        self.c_v = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x, rope, mask, cache):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            # prefill attends to its own fresh keys; a decode step to everything cached so far
+            k, v = cache.update(self.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=None if isinstance(mask, bool) else mask,
+            is_causal=mask is True,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.mlp_hidden
+        self.swiglu = config.mlp == "swiglu"
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        if self.swiglu:
+            self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            h = F.silu(self.c_gate(x)) * self.c_fc(x)
+        else:
+            h = F.gelu(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, cache):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# the KV cache
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, allocated once (on the first write,
+    in the dtype the keys arrive in, so autocast is respected).
+
+    Position p of a row is stored in slot p, or, with a sliding window, in the rolling buffer of
+    n_sink + W slots described at the top of this file. Padding (negative positions) is never
+    stored; neither is the part of a long prompt that the window has already left behind. Both
+    are sent to slot S, one past the end, which is written but never read.
+    """
+
+    def __init__(self, config, batch_size, max_len):
+        self.config = config
+        self.window, self.n_sink = config.sliding_window, config.n_sink
+        self.batch_size = batch_size
+        self.n_slots = max_len if self.window is None else min(max_len, self.n_sink + self.window)
+        self.k = self.v = None
+        self.seen = 0  # columns processed so far: the prompt's, then one per decode step
+        self.padded = False  # does any row start with padding? (decided at prefill)
+
+    def slot_of(self, pos):
+        if self.window is None:
+            return pos
+        ring = self.n_sink + (pos - self.n_sink) % self.window
+        return torch.where(pos < self.n_sink, pos, ring)
+
+    def begin(self, pos):
+        """Called once per forward, before the layers, with the positions (B, T) of the new
+        columns. Returns the attention mask for a decode step (None when every slot written so far
+        is visible to every row)."""
+        B, T = pos.shape
+        keep = pos >= 0
+        if self.window is not None:  # of a long prompt keep only the sinks and the last W
+            newest = pos[:, -1:]
+            keep &= (pos < self.n_sink) | (pos > newest - self.window)
+        self.slots = torch.where(keep, self.slot_of(pos), self.n_slots)
+        self.is_prefill = self.seen == 0
+        if self.is_prefill:
+            self.padded = bool((pos[:, 0] < 0).any())
+        self.seen += T
+        if self.is_prefill or not self.padded:
+            return None
+        # slot s holds a position <= the row's newest one exactly when s <= that position
+        n = min(self.seen, self.n_slots)
+        return (torch.arange(n, device=pos.device) <= pos)[:, None, None, :]  # (B, 1, 1, n)
+
+    def update(self, layer, k, v):
+        """Write this forward's keys and values (B, n_kv_head, T, head_dim) for one layer and
+        return what the queries attend to: the fresh ones in prefill, the cache when decoding."""
+        B, H, T, D = k.shape
+        if self.k is None:
+            shape = (self.config.n_layer, B, H, self.n_slots + 1, D)
+            self.k = torch.zeros(shape, device=k.device, dtype=k.dtype)
+            self.v = torch.zeros(shape, device=k.device, dtype=k.dtype)
+        index = self.slots[:, None, :, None].expand(B, H, T, D)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        if self.is_prefill:
+            return k, v
+        n = min(self.seen, self.n_slots)  # no row has written past slot n-1 yet
+        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+
+    def nbytes(self):
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, vocab_size). temperature 0 is greedy; top_k keeps
+    the k most likely tokens, top_p the smallest set whose probability reaches p (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts, pad_id=0):
+    """A list of 1-D prompts -> idx (B, L) padded on the left and pos (B, L), negative on padding.
+    Left padding lines up every row's newest token in the last column, so decoding stays batched."""
+    L = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=prompts[0].device)
+    for b, p in enumerate(prompts):
+        idx[b, L - len(p):] = p
+    lengths = torch.tensor([len(p) for p in prompts], device=idx.device)
+    pos = torch.arange(L, device=idx.device)[None] - (L - lengths)[:, None]
+    return idx, pos
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos_emb == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: the projections that write into the residual stream (two per layer) are scaled
+        # by 1/sqrt(2 n_layer), so the stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # --- forward ---------------------------------------------------------------
+
+    def attention_mask(self, pos, T, device):
+        """Mask for T fresh tokens attending to each other: True (plain causal, the fast kernel)
+        when there is no window and no padding, else a boolean (B, 1, T, T) from the positions."""
+        W, n_sink = self.config.sliding_window, self.config.n_sink
+        if W is None and pos is None:
+            return True
+        if pos is None:
+            pos = torch.arange(T, device=device)[None]
+        q, k = pos[:, :, None], pos[:, None, :]  # (B, T, 1), (B, 1, T)
+        mask = (k >= 0) & (k <= q)
+        if W is not None:
+            mask &= (q - k < W) | (k < n_sink)
+        # a padding query sees nothing; let it see itself so its (unused) output stays finite
+        mask |= torch.eye(T, dtype=torch.bool, device=device) & (q < 0)
+        return mask[:, None]
+
+    def forward(self, idx, targets=None, pos=None, cache=None, hidden=False):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
+
+        targets (B, T): next-token ids, -1 where no loss is taken; the loss is their mean
+            cross-entropy (plus any auxiliary losses of the architecture).
+        pos (B, T): each token's position; None means 0..T-1 in every row. Negative = padding.
+        cache: a KVCache to fill (prefill, the whole prompt) or to extend (one token per row).
+        hidden: return the final hidden states (B, T, n_embd) after the last norm instead of
+            the logits, for a scalar head (reward, value).
+        """
+        cfg = self.config
+        B, T = idx.shape
+        if T > cfg.block_size and not cfg.unbounded_positions:
+            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        p = pos if pos is not None else torch.arange(T, device=idx.device)[None]
+        x = self.wte(idx)  # (B, T, C)
+        if cfg.pos_emb == "learned":
+            x = x + self.wpe(p.clamp(min=0))
+        elif cfg.pos_emb == "sinusoidal":
+            x = x + sinusoidal_embedding(p, cfg.n_embd, x.dtype)
+        rope = rope_cos_sin(p, cfg.head_dim, cfg.rope_theta, x.dtype) if cfg.pos_emb == "rope" else None
+        x = self.drop(x)
+
+        if cache is not None and cache.seen > 0:  # decode: one new token per row
+            if T != 1:
+                raise ValueError("a KV cache that already holds a prompt takes one token per step")
+            mask = cache.begin(p.expand(B, T))
+        else:
+            mask = self.attention_mask(pos, T, idx.device)
+            if cache is not None:
+                cache.begin(p.expand(B, T))
+        for block in self.h:
+            x = block(x, rope, mask, cache)
+        x = self.ln_f(x)
+        if hidden:
+            return x, None
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(upcast(logits).view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        return logits, loss
+
+    def logprobs(self, idx, targets, pos=None):
+        """Per-token log-probabilities (B, T) of targets under the model, 0 where targets == -1.
+        The RL stages score completions with this: log p(targets[:, t] | idx[:, :t+1])."""
+        logits, _ = self(idx, pos=pos)
+        B, T = targets.shape
+        nll = F.cross_entropy(upcast(logits).view(B * T, -1), targets.reshape(B * T), ignore_index=-1, reduction="none")
+        return -nll.view(B, T)
+
+    # --- generation ------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        use_cache=True, generator=None, pos=None):
+        """Yield (next_token (B,), logits (B, vocab_size)) for each of max_new_tokens steps.
+
+        With use_cache, the prompt is run once (prefill) and each step then runs one token per
+        row against the KV cache. Without it, every step recomputes the whole context: the
+        reference the cached path must match. Past block_size, without a rolling cache, both
+        crop the context to the last block_size tokens, as nanoGPT does, which means a full
+        recompute per step.
+        """
+        cfg = self.config
+        was_training = self.training
+        self.eval()
+        B, L = idx.shape
+        if pos is None:
+            pos = torch.arange(L, device=idx.device)[None].expand(B, L)
+        tokens, cache = idx, None
+        try:
+            for _ in range(max_new_tokens):
+                T = tokens.size(1)
+                if use_cache and (T <= cfg.block_size or cfg.unbounded_positions):
+                    if cache is None:
+                        max_len = L + max_new_tokens
+                        if not cfg.unbounded_positions:
+                            max_len = min(max_len, cfg.block_size)
+                        cache = KVCache(cfg, B, max_len)
+                        x = self(tokens, pos=pos, cache=cache, hidden=True)[0]  # prefill
+                    else:
+                        x = self(tokens[:, -1:], pos=pos[:, -1:], cache=cache, hidden=True)[0]
+                else:
+                    ctx, ctx_pos = tokens, pos
+                    if T > cfg.block_size and not cfg.unbounded_positions:
+                        ctx, ctx_pos = tokens[:, -cfg.block_size:], pos[:, -cfg.block_size:]
+                        ctx_pos = ctx_pos - ctx_pos[:, :1].clamp(min=0)  # each row restarts at 0
+                    x = self(ctx, pos=ctx_pos, hidden=True)[0]
+                logits = self.lm_head(x[:, -1])  # only the newest column is needed
+                next_token = sample_next(logits, temperature, top_k, top_p, generator)
+                yield next_token, logits
+                tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+                pos = torch.cat((pos, pos[:, -1:] + 1), dim=1)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, eos_token=None, generator=None):
+        """Continue prompts by max_new_tokens sampled tokens.
+
+        idx (B, T) LongTensor -> (B, T + max_new_tokens). With eos_token, a row that has produced
+            it is filled with eos_token afterwards, and generation stops once every row has.
+        idx a list of 1-D LongTensors (mixed lengths, generated together, left-padded) -> a list
+            of 1-D tensors, each its prompt and its completion (up to and including eos_token).
+        temperature 0 is greedy; a torch.Generator makes sampling reproducible.
+        """
+        as_list = isinstance(idx, (list, tuple))
+        if as_list:
+            prompts = idx
+            idx, pos = left_pad(prompts)
+        else:
+            pos = None
+        B = idx.size(0)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        out = []
+        for next_token, _ in self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p,
+                                                  use_cache, generator, pos):
+            if eos_token is not None:
+                next_token = next_token.masked_fill(done, eos_token)
+                done |= next_token == eos_token
+            out.append(next_token)
+            if eos_token is not None and bool(done.all()):
+                break
+        new = torch.stack(out, dim=1) if out else idx[:, :0]
+        if not as_list:
+            return torch.cat((idx, new), dim=1)
+        results = []
+        for b, prompt in enumerate(prompts):
+            completion = new[b]
+            if eos_token is not None:
+                hits = (completion == eos_token).nonzero()
+                if len(hits):
+                    completion = completion[: hits[0, 0] + 1]
+            results.append(torch.cat((prompt, completion)))
+        return results
+
+    # --- sizes, FLOPs, optimizer -----------------------------------------------
+
+    def num_params(self, non_embedding=True):
+        """Parameters, each shared tensor counted once. As in nanoGPT, non_embedding leaves out
+        the position table (the token table stays: with tied weights it is also the LM head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.pos_emb == "learned":
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs (forward + backward) per token for sequences of length T: 6 per weight
+        (2 forward, 4 backward) plus attention's QK^T and AV, as in the PaLM paper's appendix."""
+        cfg = self.config
+        T = cfg.block_size if T is None else T
+        context = T if cfg.sliding_window is None else min(T, cfg.sliding_window + cfg.n_sink)
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * context
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW over the trainable parameters: weight decay on matrices that multiply
+        activations, none on norms, biases and untied embedding tables."""
+        embeddings = {id(self.wte.weight)} if not self.config.tie_weights else set()
+        if self.config.pos_emb == "learned":
+            embeddings.add(id(self.wpe.weight))
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
+        no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)

@@ -1,0 +1,77 @@
+"""common.configure: the checked config mechanism every script shares."""
+
+import pytest
+
+from common import configure, parse_value
+
+
+def defaults():
+    return dict(batch_size=12, learning_rate=6e-4, compile=True, out_dir="out", n_kv_head=None,
+                lora_targets=("c_q", "c_v"), start="\n")
+
+
+def test_command_line_overrides_and_types(capsys):
+    g = defaults()
+    config = configure(g, ["--batch_size=32", "--learning_rate=1", "--compile=false", "--n_kv_head=2"])
+    assert g["batch_size"] == 32 and isinstance(g["batch_size"], int)
+    assert g["learning_rate"] == 1.0 and isinstance(g["learning_rate"], float)
+    assert g["compile"] is False
+    assert g["n_kv_head"] == 2
+    assert config == {k: g[k] for k in config}
+    assert "batch_size=32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("1", True),
+                                         ("false", False), ("False", False), ("0", False)])
+def test_booleans(text, value):
+    assert parse_value("compile", True, text) is value
+
+
+def test_value_may_contain_equals():
+    g = defaults()
+    configure(g, ["--start=a=b==c"], verbose=False)
+    assert g["start"] == "a=b==c"
+
+
+def test_tuple_values():
+    assert parse_value("lora_targets", ("c_q",), "c_q,c_k,c_v") == ("c_q", "c_k", "c_v")
+    assert parse_value("lora_targets", ("c_q",), "('c_q', 'mlp')") == ("c_q", "mlp")
+    assert parse_value("lora_targets", ("c_q",), "lm_head") == ("lm_head",)
+
+
+def test_none_default_takes_literals():
+    assert parse_value("n_kv_head", None, "None") is None
+    assert parse_value("n_kv_head", None, "4") == 4
+    assert parse_value("init_from", None, "out/ckpt.pt") == "out/ckpt.pt"
+
+
+@pytest.mark.parametrize("arg, fragment", [
+    ("--batch_size=3.5", "'batch_size' expects an int, got '3.5'"),
+    ("--learning_rate=fast", "'learning_rate' expects a float, got 'fast'"),
+    ("--compile=maybe", "'compile' expects a bool"),
+    ("--batchsize=3", "unknown config key 'batchsize'"),
+    ("--batch_size", "expected --key=value"),
+    ("config/does_not_exist.py", "not found"),
+])
+def test_bad_command_line_raises(arg, fragment):
+    with pytest.raises(ValueError) as e:
+        configure(defaults(), [arg], verbose=False)
+    assert fragment in str(e.value)
+
+
+def test_config_file_is_checked(tmp_path):
+    good = tmp_path / "good.py"
+    good.write_text("import math\nbatch_size = 4 * 8\nlearning_rate = 1\nout_dir = out_dir + '-x'\n")
+    g = defaults()
+    configure(g, [str(good), "--batch_size=7"], verbose=False)  # the command line comes last
+    assert g["batch_size"] == 7 and g["learning_rate"] == 1.0 and g["out_dir"] == "out-x"
+
+    typo = tmp_path / "typo.py"
+    typo.write_text("batchsize = 4\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'batchsize' in .*typo.py"):
+        configure(defaults(), [str(typo)], verbose=False)
+
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("compile = 'yes please'\n")
+    with pytest.raises(ValueError, match="'compile' expects a bool"):
+        configure(defaults(), [str(wrong)], verbose=False)
