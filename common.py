@@ -18,12 +18,16 @@ expected, true/false/1/0 parse as booleans, and a wrong type raises ValueError n
 """
 
 import ast
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+
+import torch
+import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
 # config
@@ -107,7 +111,11 @@ def parse_value(key, default, value):
 def configure(g, argv=None, verbose=True):
     """Override the settings in `g` (a script's globals()) from config files and --key=value
     arguments. Returns the resolved config as a dict, which is also written back into `g`."""
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:  # called by a script: a bad setting ends it with the message, no traceback
+        try:
+            return configure(g, sys.argv[1:], verbose)
+        except ValueError as e:
+            sys.exit(f"config error: {e}")
     keys = config_keys(g)
     config = {k: g[k] for k in keys}
     for arg in argv:
@@ -137,3 +145,237 @@ def configure(g, argv=None, verbose=True):
     if verbose:
         print("config: " + " ".join(f"{k}={v!r}" for k, v in config.items()))
     return config
+
+
+# -----------------------------------------------------------------------------
+# device, dtype, distributed
+
+
+def pick_device(device="auto"):
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype, device_type):
+    """auto: bf16 on a GPU that supports it, else fp16 (with a GradScaler) on CUDA, fp32 elsewhere."""
+    if dtype == "auto":
+        if device_type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto | float32 | bfloat16 | float16, got {dtype!r}")
+    if dtype == "float16" and device_type != "cuda":
+        raise ValueError(f"dtype float16 needs CUDA (a GradScaler); use bfloat16 or float32 on {device_type}")
+    return dtype
+
+
+def autocast(device_type, dtype):
+    """The mixed-precision context for forward passes; a no-op in float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+class Distributed:
+    """Who we are under torchrun (or alone). rank 0 is the master: it alone writes files and logs."""
+
+    def __init__(self, device="auto", backend="auto"):
+        self.enabled = int(os.environ.get("RANK", -1)) != -1
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.master = self.rank == 0
+        device = pick_device(device)
+        if self.enabled:
+            if device.startswith("cuda"):
+                device = f"cuda:{self.local_rank}"
+                torch.cuda.set_device(device)
+            if backend == "auto":
+                backend = "nccl" if device.startswith("cuda") else "gloo"
+            dist.init_process_group(backend=backend)
+        self.device = device
+        self.device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+
+    def all_reduce_mean(self, x):
+        if self.enabled:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+            x /= self.world_size
+        return x
+
+    def any(self, flag):
+        """True on every rank if it is True on any rank (to stop together)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def gather_objects(self, obj):
+        """A list of obj from every process, in rank order (a list of one when alone)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def peak_flops(device_type):
+    """Dense bf16 peak of known GPUs from their spec sheets; elsewhere (CPU) the measured rate of
+    a large float32 matmul, so MFU on a CPU reads as a share of what its matmuls can do."""
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12),
+                           ("A10", 125e12), ("4090", 165e12), ("3090", 71e12)):
+            if key in name:
+                return flops
+    n = 1024
+    g = torch.Generator(device_type).manual_seed(0)  # not the global RNG: dropout draws from it
+    a, b = (torch.randn(n, n, device=device_type, generator=g) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    return 8 * 2 * n**3 / (time.perf_counter() - t0)
+
+
+# -----------------------------------------------------------------------------
+# learning-rate schedule
+
+
+def lr_at(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
+    """Linear warmup from learning_rate/warmup_iters (never 0 at step 0), then cosine to min_lr at
+    lr_decay_iters, then min_lr."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, then rename over the old one: a crash mid-save leaves the
+    previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint to the CPU (weights_only: no code runs from the file), with errors that
+    say what is wrong instead of a pickle traceback."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is damaged or not a checkpoint: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise ValueError(f"checkpoint {path} has no 'model' and 'model_args': not written by this repository")
+    return ckpt
+
+
+def clean_state_dict(state_dict):
+    """Drop the prefixes torch.compile and DDP put in front of parameter names."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def load_meta(data_dir):
+    """A dataset's meta.json, with its tokenizer's complete state folded in, so that a checkpoint
+    carrying the meta can rebuild the tokenizer without the data folder."""
+    path = os.path.join(data_dir, "meta.json")
+    with open(path) as f:
+        meta = json.load(f)
+    import bpe
+
+    meta["tokenizer_state"] = bpe.load_from_meta(path).state()
+    return meta
+
+
+def tokenizer_from_meta(meta):
+    import bpe
+
+    return bpe.Tokenizer.from_state(meta["tokenizer_state"])
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+
+class Logger:
+    """One line per step: printed as key=value, appended to out_dir/log.jsonl, sent to wandb.
+    Only the master process logs; the others get a Logger that does nothing."""
+
+    def __init__(self, out_dir, enabled=True, wandb_log=False, wandb_project=None, wandb_run_name=None,
+                 config=None, resume=False):
+        self.enabled = enabled
+        self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.file = open(os.path.join(out_dir, "log.jsonl"), "a" if resume else "w")
+        if wandb_log:
+            import wandb  # only when asked for; WANDB_MODE=offline works without a network
+
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+    def log(self, step, prefix=None, **values):
+        if not self.enabled:
+            return
+        values = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items() if v is not None}
+        print((prefix + " " if prefix else "") + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()), flush=True)
+        self.file.write(json.dumps(values) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e-2 or abs(v) >= 1e5 else f"{v:.4f}"
+    return str(v)

@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+) * 40
+
+
+@pytest.fixture
+def byte_dataset(tmp_path):
+    """A tiny byte-level dataset folder (train.bin, val.bin, meta.json) made from TEXT."""
+    import bpe
+
+    out = tmp_path / "data"
+    out.mkdir()
+    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
+    n = int(len(TEXT) * 0.9)
+    train, val = tok.encode_ordinary(TEXT[:n]), tok.encode_ordinary(TEXT[n:])
+    np.array(train, dtype=np.uint16).tofile(out / "train.bin")
+    np.array(val, dtype=np.uint16).tofile(out / "val.bin")
+    bpe.write_meta(str(out), tok, 64, len(train), len(val))
+    return str(out)
+
+
+def run_script(*args, check=True, timeout=300, env=None):
+    """Run a stage script (or torchrun) from the repo root; return the CompletedProcess."""
+    cmd = list(args) if args[0] == "torchrun" else [sys.executable, *args]
+    if cmd[0] == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res

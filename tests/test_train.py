@@ -1,0 +1,145 @@
+"""train.py: the loss and its accumulation, the schedule, exact resume, DDP, and the script end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT, run_script
+from model import GPT, GPTConfig
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--device=cpu", "--compile=false"]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    x = torch.randint(0, 50, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    for _ in range(150):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)).double()
+    x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
+    _, big = model(x, y)
+    big.backward()
+    g_big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    total = 0.0
+    for k in range(4):  # what train.py does: each micro-step's loss divided by the micro-steps
+        _, loss = model(x[2 * k : 2 * k + 2], y[2 * k : 2 * k + 2])
+        (loss / 4).backward()
+        total += loss.item() / 4
+    assert abs(total - big.item()) < 1e-12
+    for p, g in zip(model.parameters(), g_big):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+def test_lr_schedule_key_steps():
+    kw = dict(learning_rate=1.0, warmup_iters=10, lr_decay_iters=110, min_lr=0.1)
+    assert common.lr_at(0, **kw) == pytest.approx(0.1)  # never 0 at step 0
+    assert common.lr_at(9, **kw) == pytest.approx(1.0)
+    assert common.lr_at(10, **kw) == pytest.approx(1.0)
+    assert common.lr_at(60, **kw) == pytest.approx(0.55)  # half way down the cosine
+    assert common.lr_at(110, **kw) == pytest.approx(0.1)
+    assert common.lr_at(500, **kw) == pytest.approx(0.1)
+    assert common.lr_at(3, **kw, decay_lr=False) == 1.0
+
+
+def test_resume_is_bit_identical(byte_dataset, tmp_path):
+    common_args = ["train.py", *TINY, f"--dataset={byte_dataset}", "--dropout=0.1", "--eval_interval=3", "--lr_decay_iters=6"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_script(*common_args, "--max_iters=6", f"--out_dir={straight}")
+    run_script(*common_args, "--max_iters=3", f"--out_dir={split}")
+    run_script(*common_args, "--max_iters=6", f"--out_dir={split}", "--init_from=resume")
+    losses = lambda d: [(r["iter"], r["loss"]) for r in read_log(d) if "loss" in r]
+    assert losses(straight) == losses(split) and len(losses(straight)) == 6
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)
+    assert a["iter_num"] == b["iter_num"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_script_end_to_end(byte_dataset, tmp_path):
+    out = str(tmp_path / "out")
+    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=8", "--eval_interval=4",
+                     f"--out_dir={out}", "--eval_sample_tokens=16")
+    rows = read_log(out)
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["iter"] for r in steps] == list(range(1, 9))
+    assert {"iter", "loss", "lr", "grad_norm", "ms", "tok_s", "mfu"} <= steps[0].keys()
+    assert [r["iter"] for r in evals] == [0, 4, 8]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["iter_num"] == 8 and ckpt["config"]["max_iters"] == 8 and ckpt["git"]
+    assert ckpt["meta"]["tokenizer_state"] and os.path.isfile(os.path.join(out, "best.pt"))
+    assert "config: out_dir=" in res.stdout
+
+
+def test_two_process_ddp_keeps_ranks_identical(byte_dataset, tmp_path):
+    res = run_script("torchrun", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+                     f"--dataset={byte_dataset}", "--max_iters=4", "--eval_interval=4",
+                     "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'ddp'}")
+    assert "parameters identical on all 2 processes" in res.stdout
+    assert common.load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))["iter_num"] == 4
+
+
+def test_bad_config_fails_with_a_message(byte_dataset):
+    res = run_script("train.py", "--batchsize=3", check=False)
+    assert res.returncode != 0 and "unknown config key 'batchsize'" in res.stderr
+    res = run_script("train.py", "--max_iters=ten", check=False)
+    assert res.returncode != 0 and "'max_iters' expects an int, got 'ten'" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--n_head=3", check=False)
+    assert res.returncode != 0 and "divisible by n_head" in res.stderr
+
+
+def test_nonfinite_loss_stops_and_keeps_the_checkpoint(byte_dataset, tmp_path):
+    out = str(tmp_path / "out")
+    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=2", f"--out_dir={out}")
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=30", f"--out_dir={out}",
+                     "--init_from=resume", "--learning_rate=1e9", "--grad_clip=0", "--decay_lr=false", check=False)
+    assert res.returncode == 1 and "stopping" in res.stdout
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def test_ctrl_c_saves_a_checkpoint(byte_dataset, tmp_path):
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=100000",
+           "--eval_interval=100000", f"--out_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(read_log(out)) > 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["iter_num"] > 0 and "resume with --init_from=resume" in stdout

@@ -1,0 +1,354 @@
+"""
+Pretraining: next-token prediction on a tokenized corpus.
+
+Reads data/<dataset>/{train.bin,val.bin,meta.json} (written by a data/*/prepare.py script; for
+tiny_shakespeare it is run for you when missing). Writes to out_dir: ckpt.pt (the latest state,
+for resume), best.pt (the weights with the best val loss) and log.jsonl (one JSON object per log
+line).
+
+A tiny run on a laptop CPU (about 5 minutes):
+    python train.py config/tiny_shakespeare.py
+One GPU (nanoGPT's shakespeare_char scale):
+    python train.py config/tiny_shakespeare_gpu.py
+Several GPUs on one node, or two nodes (run the second command on each node, with its rank):
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
+        train.py config/gpt2_124m.py
+Resume, or fine-tune from a checkpoint (with LoRA, say):
+    python train.py config/tiny_shakespeare.py --init_from=resume
+    python train.py --init_from=out/ckpt.pt --lora_rank=8 --learning_rate=1e-3 --out_dir=out-lora
+
+A healthy run prints the resolved config, then lines such as
+    iter=100 loss=2.4012 lr=0.0010 grad_norm=0.5123 ms=105.2 tok_s=18700 mfu=0.21 eta=4.1m
+and at every eval_interval
+    eval iter=250 train_loss=1.9803 val_loss=2.0712 val_ppl=7.9363
+"""
+
+import hashlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+
+import numpy as np
+import torch
+
+import common
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"
+init_from = "scratch"  # scratch | resume (from out_dir/ckpt.pt) | path to a checkpoint to start from
+eval_interval = 250  # iterations between evaluations (and checkpoints)
+log_interval = 10  # iterations between log lines
+eval_iters = 200  # batches per split in each evaluation
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # write ckpt.pt at every eval, not only when val loss improves
+eval_sample_tokens = 0  # tokens of greedy text printed at each eval (0 = none)
+wandb_log = False
+wandb_project = "llm"
+wandb_run_name = "train"
+# data
+dataset = "tiny_shakespeare/byte"  # a folder under data/ (or an absolute path) with train.bin, val.bin, meta.json
+gradient_accumulation_steps = 1  # micro-steps per iteration, summed over all processes
+batch_size = 12  # sequences per micro-step per process
+block_size = 256  # tokens per sequence
+# model: GPTConfig's fields by their own names (vocab_size comes from meta.json)
+n_layer = 6
+n_head = 6
+n_embd = 384
+n_kv_head = None  # None = n_head
+dropout = 0.0
+bias = False
+pos_emb = "rope"  # learned | sinusoidal | rope | none
+rope_theta = 10000.0
+norm = "rmsnorm"  # layernorm | rmsnorm
+mlp = "swiglu"  # gelu | swiglu
+tie_weights = True
+sliding_window = None  # None = full causal attention
+n_sink = 0
+# optimizer
+learning_rate = 1e-3  # peak
+max_iters = 5000  # total iterations
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+# schedule
+decay_lr = True  # linear warmup, then cosine to min_lr
+warmup_iters = 100
+lr_decay_iters = 5000  # usually max_iters
+min_lr = 1e-4  # usually learning_rate / 10
+# system
+backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo otherwise) | nccl | gloo
+device = "auto"  # auto | cpu | cuda | cuda:1 | mps
+dtype = "auto"  # auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
+compile = True  # torch.compile the model (skipped on CPU and MPS)
+seed = 1337
+# -----------------------------------------------------------------------------
+config = common.configure(globals())
+# -----------------------------------------------------------------------------
+
+ddp = common.Distributed(device, backend)
+master = ddp.master
+if gradient_accumulation_steps % ddp.world_size:
+    raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by "
+                     f"the {ddp.world_size} processes")
+grad_accum = gradient_accumulation_steps // ddp.world_size  # micro-steps of this process
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+dtype = common.pick_dtype(dtype, ddp.device_type)
+ctx = common.autocast(ddp.device_type, dtype)
+if compile and ddp.device_type != "cuda":
+    compile = False  # inductor on CPU compiles slowly for small gains at this scale
+torch.manual_seed(seed + ddp.rank)  # dropout draws from the global RNG; batches never do
+if ddp.device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"tokens per iteration: {tokens_per_iter:,} ({ddp.world_size} processes x {grad_accum} "
+          f"micro-steps x {batch_size} x {block_size}); device {ddp.device}, dtype {dtype}")
+
+# -----------------------------------------------------------------------------
+# data
+
+data_dir = dataset if os.path.isabs(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+    if master and dataset.startswith("tiny_shakespeare/"):
+        kind = dataset.split("/", 1)[1]
+        args = ["--tokenizer=bpe", f"--vocab_size={kind[3:]}"] if kind.startswith("bpe") else [f"--tokenizer={kind}"]
+        print(f"data/{dataset} is missing: preparing it")
+        script = os.path.join(os.path.dirname(data_dir), "prepare.py")
+        if subprocess.run([sys.executable, script, *args]).returncode != 0:
+            sys.exit(f"could not prepare data/{dataset}; see the message above")
+    ddp.barrier()
+    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        sys.exit(f"dataset {dataset!r}: no meta.json in {data_dir}; run its prepare.py first")
+meta = common.load_meta(data_dir)
+data_dtype = np.dtype(meta["dtype"])
+
+
+def get_batch(split, generator):
+    # a fresh memmap per batch: numpy's memmap holds on to pages otherwise
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=data_dtype, mode="r")
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
+    if ddp.device_type == "cuda":
+        return x.pin_memory().to(ddp.device, non_blocking=True), y.pin_memory().to(ddp.device, non_blocking=True)
+    return x.to(ddp.device), y.to(ddp.device)
+
+
+def train_generator(it, micro_step):
+    # the batches of an iteration depend only on (seed, rank, iteration, micro-step): resuming
+    # draws exactly the batches an uninterrupted run would have, with no state to carry
+    return torch.Generator().manual_seed(hash((seed, ddp.rank, it, micro_step)) % 2**63)
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer, checkpoint
+
+iter_num, best_val_loss, resumed = 0, float("inf"), False
+model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+model_args["vocab_size"] = meta["vocab_size"]
+ckpt = None
+if init_from == "scratch":
+    model = GPT(GPTConfig(**model_args))
+else:
+    path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    ckpt = common.load_checkpoint(path)
+    # the architecture is the checkpoint's; what may change when starting from it is training-only
+    stored = dict(ckpt["model_args"])
+    for k in ("dropout",) + tuple(k for k in model_args if k.startswith("lora_")):
+        if init_from != "resume" and k in model_args:
+            stored[k] = model_args[k]
+    model_args = stored
+    model = GPT(GPTConfig(**model_args))
+    missing, unexpected = model.load_state_dict(common.clean_state_dict(ckpt["model"]), strict=False)
+    if unexpected or any("lora_" not in k for k in missing):
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+    if init_from == "resume":
+        iter_num, best_val_loss, resumed = ckpt["iter_num"], ckpt["best_val_loss"], True
+    if master:
+        print(f"{'resuming' if resumed else 'starting'} from {path} at iter {iter_num}")
+model.to(ddp.device)
+raw_model = model
+scaler = torch.amp.GradScaler(ddp.device_type, enabled=(dtype == "float16"))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), ddp.device_type)
+if resumed:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"][ddp.rank % len(rng["torch"])])
+    if ddp.device_type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"][ddp.rank % len(rng["cuda"])])
+ckpt = None  # free it
+if master:
+    n_total, n_train = model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"parameters: {n_total / 1e6:.2f}M ({n_train / 1e6:.2f}M trainable)")
+if compile:
+    print("compiling the model (a minute or so)...") if master else None
+    model = torch.compile(model)
+if ddp.enabled:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device_type == "cuda" else None)
+
+
+def checkpoint(path):
+    """Everything needed to resume exactly: the unwrapped uncompiled model, optimizer, scaler,
+    every process's RNG, the iteration, the config and the tokenizer."""
+    torch_states = ddp.gather_objects(torch.get_rng_state())
+    cuda_states = ddp.gather_objects(torch.cuda.get_rng_state()) if ddp.device_type == "cuda" else []
+    if not master:
+        return
+    common.save_checkpoint({
+        "model": raw_model.state_dict(),
+        "model_args": raw_model.config.to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": {"torch": torch_states, "cuda": cuda_states},
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "config": config,
+        "meta": meta,
+        "git": common.git_commit(),
+        "stage": "pretrain",
+    }, path)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+eval_batches = {  # fixed batches, the same in every run, so eval losses are comparable
+    split: [get_batch(split, torch.Generator().manual_seed(1000 + k)) for k in range(ddp.rank, eval_iters, ddp.world_size)]
+    for split in ("train", "val")
+}
+
+
+@torch.no_grad()
+def estimate_loss():
+    out = {}
+    model.eval()
+    for split, batches in eval_batches.items():
+        total = torch.zeros(2, device=ddp.device)  # (sum of losses, number of batches)
+        for X, Y in batches:
+            with ctx:
+                _, loss = model(X, Y)
+            total += torch.stack((loss.float(), torch.ones((), device=ddp.device)))
+        if ddp.enabled:
+            torch.distributed.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def sample_text(n_tokens):
+    tok = common.tokenizer_from_meta(meta)
+    start = torch.tensor([[tok.special_id("<|endoftext|>")]], device=ddp.device)
+    with ctx:
+        out = raw_model.generate(start, n_tokens, temperature=0)
+    return tok.decode(out[0, 1:].tolist())
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+logger = common.Logger(out_dir, master, wandb_log, wandb_project, wandb_run_name, config, resume=resumed)
+peak = common.peak_flops(ddp.device_type) if master else 1.0
+stop = {"requested": False}
+
+
+def on_sigint(signum, frame):
+    if stop["requested"]:
+        raise KeyboardInterrupt  # a second Ctrl-C: leave now
+    stop["requested"] = True
+    print("\nCtrl-C: finishing this iteration, saving a checkpoint, then exiting (again to abort)")
+
+
+signal.signal(signal.SIGINT, on_sigint)
+start_iter, t_start = iter_num, time.time()
+t0, loss_acc, steps_since_log, nonfinite = time.time(), torch.zeros((), device=ddp.device), 0, False
+while True:
+    lr = common.lr_at(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    if (iter_num % eval_interval == 0 and not (resumed and iter_num == start_iter)) or iter_num == max_iters or eval_only:
+        losses = estimate_loss()
+        improved = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        logger.log(iter_num, "eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
+                   val_ppl=math.exp(min(losses["val"], 50.0)), lr=lr)
+        if eval_sample_tokens and master:
+            print(sample_text(eval_sample_tokens))
+        if eval_only:
+            break
+        if iter_num > start_iter and (always_save_checkpoint or improved or iter_num == max_iters):
+            checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        if iter_num > start_iter and improved and master:
+            common.save_checkpoint({"model": raw_model.state_dict(), "model_args": raw_model.config.to_dict(),
+                                    "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+                                    "meta": meta, "git": common.git_commit(), "stage": "pretrain"},
+                                   os.path.join(out_dir, "best.pt"))
+    if iter_num >= max_iters:
+        break
+
+    # ---- the training step --------------------------------------------------------------
+    for micro_step in range(grad_accum):
+        X, Y = get_batch("train", train_generator(iter_num, micro_step))
+        if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
+            model.require_backward_grad_sync = micro_step == grad_accum - 1
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / grad_accum  # the accumulated gradient is the mean over micro-steps
+        scaler.scale(loss).backward()
+        loss_acc += loss.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    # --------------------------------------------------------------------------------------
+
+    iter_num += 1
+    steps_since_log += 1
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        n, steps_since_log = steps_since_log, 0
+        loss_avg = ddp.all_reduce_mean(loss_acc / n).item()
+        loss_acc.zero_()
+        dt = (time.time() - t0) / n
+        t0 = time.time()
+        if not math.isfinite(loss_avg):
+            nonfinite = True
+            logger.log(iter_num, "stop", iter=iter_num, loss=loss_avg)
+            if master:
+                print(f"the loss is {loss_avg} at iter {iter_num}: stopping. The last good checkpoint is "
+                      f"{os.path.join(out_dir, 'ckpt.pt')}; try a lower learning_rate or a grad_clip.")
+            break
+        tok_s = tokens_per_iter / dt
+        eta = (max_iters - iter_num) * dt
+        logger.log(iter_num, None, iter=iter_num, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(),
+                   ms=dt * 1000, tok_s=round(tok_s), mfu=raw_model.flops_per_token(block_size) * tok_s / peak,
+                   eta=f"{eta / 60:.1f}m")
+    if ddp.any(stop["requested"]):
+        checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        if master:
+            print(f"saved {os.path.join(out_dir, 'ckpt.pt')} at iter {iter_num}; resume with --init_from=resume")
+        break
+
+if ddp.enabled:  # a cheap guard against silent divergence between processes
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in raw_model.parameters())).hexdigest()
+    digests = ddp.gather_objects(digest)
+    if master:
+        if len(set(digests)) != 1:
+            sys.exit(f"DDP error: the processes ended with different parameters: {digests}")
+        print(f"ddp: parameters identical on all {ddp.world_size} processes")
+if master and not nonfinite and not eval_only:
+    print(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}")
+logger.close()
+ddp.close()
+if nonfinite:
+    sys.exit(1)
