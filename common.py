@@ -92,7 +92,7 @@ def parse_value(key, default, value):
             except (ValueError, SyntaxError):
                 # a bare comma-separated list: --lora_targets=q,v
                 value = tuple(s for s in value.split(",") if s)
-        if isinstance(value, str):
+        if isinstance(value, (str, int, float)):  # a single item: --decode_lengths=512
             value = (value,)
         if isinstance(value, (tuple, list)):
             return type(default)(value)
@@ -108,12 +108,13 @@ def parse_value(key, default, value):
     return value
 
 
-def configure(g, argv=None, verbose=True):
+def configure(g, argv=None, verbose=True, stream=None):
     """Override the settings in `g` (a script's globals()) from config files and --key=value
-    arguments. Returns the resolved config as a dict, which is also written back into `g`."""
+    arguments. Returns the resolved config as a dict, which is also written back into `g`, and
+    prints it (to stdout, or `stream`)."""
     if argv is None:  # called by a script: a bad setting ends it with the message, no traceback
         try:
-            return configure(g, sys.argv[1:], verbose)
+            return configure(g, sys.argv[1:], verbose, stream)
         except ValueError as e:
             sys.exit(f"config error: {e}")
     keys = config_keys(g)
@@ -143,7 +144,7 @@ def configure(g, argv=None, verbose=True):
             config[key] = parse_value(key, g[key], value)
     g.update(config)
     if verbose:
-        print("config: " + " ".join(f"{k}={v!r}" for k, v in config.items()))
+        print("config: " + " ".join(f"{k}={v!r}" for k, v in config.items()), file=stream or sys.stdout)
     return config
 
 

@@ -537,3 +537,31 @@ class GPT(nn.Module):
                   {"params": no_decay, "weight_decay": 0.0}]
         fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+# -----------------------------------------------------------------------------
+# loading weights from elsewhere
+
+
+def from_nanogpt(state_dict, model_args):
+    """A nanoGPT checkpoint's state dict and model_args -> (GPTConfig, our state dict).
+
+    nanoGPT's GPT is ours with learned positions, layernorm, gelu and tied weights; its keys live
+    under transformer.*, and its attention projects q, k and v with one fused c_attn matrix,
+    which we cut into c_q, c_k, c_v.
+    """
+    config = GPTConfig(vocab_size=model_args["vocab_size"], block_size=model_args["block_size"],
+                       n_layer=model_args["n_layer"], n_head=model_args["n_head"], n_embd=model_args["n_embd"],
+                       bias=model_args.get("bias", True), dropout=0.0, pos_emb="learned", norm="layernorm",
+                       mlp="gelu", tie_weights=True)
+    out = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix("_orig_mod.").removeprefix("transformer.")
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+            continue  # the causal-mask buffer of nanoGPT's non-flash path, not a weight
+        if ".attn.c_attn." in k:
+            for name, part in zip(("c_q", "c_k", "c_v"), v.chunk(3, dim=0)):
+                out[k.replace("c_attn", name)] = part.clone()
+        else:
+            out[k] = v
+    return config, out

@@ -37,6 +37,8 @@ def test_tuple_values():
     assert parse_value("lora_targets", ("c_q",), "c_q,c_k,c_v") == ("c_q", "c_k", "c_v")
     assert parse_value("lora_targets", ("c_q",), "('c_q', 'mlp')") == ("c_q", "mlp")
     assert parse_value("lora_targets", ("c_q",), "lm_head") == ("lm_head",)
+    assert parse_value("decode_lengths", (128, 256), "512") == (512,)
+    assert parse_value("decode_lengths", (128, 256), "128,512") == (128, 512)
 
 
 def test_none_default_takes_literals():

@@ -1,0 +1,161 @@
+"""
+Sampling: continue a prompt with a trained model, streaming the text as it is generated.
+
+Reads out_dir/best.pt (or out_dir/ckpt.pt when no best was kept), or the file named by --ckpt,
+which may also be a checkpoint written by nanoGPT's train.py. The model is built from the
+checkpoint's stored config and the tokenizer from its stored meta: no data folder is needed.
+
+    python sample.py --out_dir=out-shakespeare
+    python sample.py --out_dir=out-shakespeare --start="ROMEO:" --num_samples=1 --max_new_tokens=2000
+    python sample.py --out_dir=out-shakespeare --start=FILE:prompt.txt --temperature=0 --use_cache=false
+    python sample.py --ckpt=../nanoGPT/out-shakespeare-char/ckpt.pt \
+        --nanogpt_meta=../nanoGPT/data/shakespeare_char/meta.pkl
+
+It prints each sample as it is generated, separated by a line of dashes, and on stderr the speed:
+    [sample 1: 500 tokens in 1.42s, 352 tokens/s]
+"""
+
+import codecs
+import os
+import pickle
+import sys
+import time
+
+import torch
+
+import common
+from model import GPT, GPTConfig, from_nanogpt
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"  # where train.py wrote its checkpoints
+ckpt = ""  # a checkpoint file to load instead of out_dir's (nanoGPT's ckpt.pt files work too)
+nanogpt_meta = ""  # a nanoGPT char-level meta.pkl, for a nanoGPT checkpoint of such a dataset
+# sampling
+start = "\n"  # the prompt, or FILE:path to read it from a file
+allow_special = False  # True: special-token strings in the prompt (<|endoftext|>) become those tokens
+num_samples = 3
+max_new_tokens = 500  # past block_size the context is cropped, unless the model has a rolling cache
+temperature = 0.8  # 0 = greedy
+top_k = 200  # keep the k most likely tokens (0 = all)
+top_p = 1.0  # nucleus sampling: keep the smallest set with this probability (1.0 = all)
+use_cache = True  # False recomputes the whole context every token (the slow reference)
+# system
+seed = 1337
+device = "auto"
+dtype = "auto"  # auto | float32 | bfloat16 | float16
+compile = False  # torch.compile the model
+# -----------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """The character vocabulary of a nanoGPT char-level dataset (its meta.pkl)."""
+
+    kind = "char"
+    special_tokens = {}
+
+    def __init__(self, path):
+        class OnlyBuiltins(pickle.Unpickler):  # meta.pkl is dicts of str and int; refuse anything else
+            def find_class(self, module, name):
+                raise pickle.UnpicklingError(f"{path}: unexpected object {module}.{name} in a meta.pkl")
+
+        try:
+            with open(path, "rb") as f:
+                meta = OnlyBuiltins(f).load()
+            self.stoi, self.itos = meta["stoi"], meta["itos"]
+        except (OSError, pickle.UnpicklingError, KeyError, EOFError) as e:
+            raise ValueError(f"cannot read nanoGPT meta {path}: {e}") from None
+
+    def encode(self, text, allowed_special=()):
+        missing = sorted(set(c for c in text if c not in self.stoi))
+        if missing:
+            raise ValueError(f"the prompt has characters the model's vocabulary lacks: {missing}")
+        return [self.stoi[c] for c in text]
+
+    def decode_bytes(self, ids):
+        return "".join(self.itos[i] for i in ids).encode()
+
+
+def load(out_dir, ckpt_path):
+    """-> (model, tokenizer, checkpoint path) from a checkpoint of ours or of nanoGPT."""
+    if not ckpt_path:
+        if not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"out_dir {out_dir!r} does not exist; train first or pass --ckpt=FILE")
+        best, last = os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "ckpt.pt")
+        ckpt_path = best if os.path.isfile(best) else last
+    checkpoint = common.load_checkpoint(ckpt_path)
+    if "meta" in checkpoint:  # ours
+        config = GPTConfig(**checkpoint["model_args"])
+        state_dict = common.clean_state_dict(checkpoint["model"])
+        tokenizer = common.tokenizer_from_meta(checkpoint["meta"])
+    else:  # nanoGPT's: no meta; a char-level vocabulary from its meta.pkl, else GPT-2's
+        config, state_dict = from_nanogpt(checkpoint["model"], checkpoint["model_args"])
+        if nanogpt_meta:
+            tokenizer = CharTokenizer(nanogpt_meta)
+        elif config.vocab_size in (50257, 50304):
+            import bpe
+
+            tokenizer = bpe.gpt2_tokenizer(("<|endoftext|>",))
+        else:
+            raise ValueError(f"{ckpt_path} is a nanoGPT checkpoint with a {config.vocab_size}-token vocabulary: "
+                             f"pass its char-level meta.pkl with --nanogpt_meta=PATH")
+    model = GPT(config)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {ckpt_path} does not fit its own model config: {e}") from None
+    return model, tokenizer, ckpt_path
+
+
+def encode_prompt(tokenizer, text):
+    specials = [s for s in tokenizer.special_tokens if s in text]
+    if specials and not allow_special:
+        print(f"note: the prompt contains {specials}; encoding them as plain text "
+              f"(--allow_special=true makes them the special tokens)", file=sys.stderr)
+    ids = tokenizer.encode(text, allowed_special=set(specials) if allow_special else ())
+    if not ids:
+        ids = [tokenizer.special_id("<|endoftext|>")]  # an empty prompt starts a new document
+    return ids
+
+
+def main():
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or max_new_tokens < 0 or num_samples < 1:
+        raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 0, num_samples >= 1")
+    dev = common.pick_device(device)
+    device_type = "cuda" if dev.startswith("cuda") else dev
+    amp = common.autocast(device_type, common.pick_dtype(dtype, device_type))
+    model, tokenizer, path = load(out_dir, ckpt)
+    model.eval().to(dev)
+    print(f"loaded {path}: {model.num_params() / 1e6:.2f}M parameters, {tokenizer.kind} tokenizer", file=sys.stderr)
+    if compile:  # generate() calls self(...), so compiling forward compiles every step
+        model.forward = torch.compile(model.forward, dynamic=True)
+    text = start
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            text = f.read()
+    prompt = torch.tensor(encode_prompt(tokenizer, text), dtype=torch.long, device=dev)[None]
+    generator = torch.Generator(dev).manual_seed(seed)
+    for k in range(num_samples):
+        # bytes of one character may be split over tokens: decode them incrementally
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sys.stdout.write(text)
+        t0 = time.time()
+        with amp:
+            steps = model.generate_tokens(prompt, max_new_tokens, temperature, top_k or None,
+                                          top_p if top_p < 1.0 else None, use_cache, generator)
+            for token, _ in steps:
+                sys.stdout.write(utf8.decode(tokenizer.decode_bytes([int(token[0])])))
+                sys.stdout.flush()
+        sys.stdout.write(utf8.decode(b"", final=True) + "\n" + "-" * 40 + "\n")
+        dt = time.time() - t0
+        print(f"[sample {k + 1}: {max_new_tokens} tokens in {dt:.2f}s, {max_new_tokens / dt:.0f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    common.configure(globals(), stream=sys.stderr)  # stdout carries only the samples
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
