@@ -38,8 +38,8 @@ _FALSE = {"false", "False", "0", "no"}
 
 
 def config_keys(g):
-    """The settings of a script: its public module globals of simple types."""
-    return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, _SIMPLE_TYPES)]
+    """The settings of a script: its public module globals of simple types, except CONSTANTS."""
+    return [k for k, v in g.items() if not k.startswith("_") and not k.isupper() and isinstance(v, _SIMPLE_TYPES)]
 
 
 def parse_value(key, default, value):
