@@ -287,9 +287,12 @@ class KVCache:
 # sampling
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, vocab_limit=None):
     """Pick one token per row from logits (B, vocab_size). temperature 0 is greedy; top_k keeps
-    the k most likely tokens, top_p the smallest set whose probability reaches p (nucleus)."""
+    the k most likely tokens, top_p the smallest set whose probability reaches p (nucleus).
+    vocab_limit: only ids below it are drawn (the ids above pad the vocab to a round size)."""
+    if vocab_limit is not None and vocab_limit < logits.size(-1):
+        logits = logits[:, :vocab_limit]
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -423,7 +426,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        use_cache=True, generator=None, pos=None):
+                        use_cache=True, generator=None, pos=None, vocab_limit=None):
         """Yield (next_token (B,), logits (B, vocab_size)) for each of max_new_tokens steps.
 
         With use_cache, the prompt is run once (prefill) and each step then runs one token per
@@ -458,7 +461,7 @@ class GPT(nn.Module):
                         ctx_pos = ctx_pos - ctx_pos[:, :1].clamp(min=0)  # each row restarts at 0
                     x = self(ctx, pos=ctx_pos, hidden=True)[0]
                 logits = self.lm_head(x[:, -1])  # only the newest column is needed
-                next_token = sample_next(logits, temperature, top_k, top_p, generator)
+                next_token = sample_next(logits, temperature, top_k, top_p, generator, vocab_limit)
                 yield next_token, logits
                 tokens = torch.cat((tokens, next_token[:, None]), dim=1)
                 pos = torch.cat((pos, pos[:, -1:] + 1), dim=1)
@@ -467,14 +470,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 use_cache=True, eos_token=None, generator=None):
+                 use_cache=True, eos_token=None, generator=None, vocab_limit=None):
         """Continue prompts by max_new_tokens sampled tokens.
 
         idx (B, T) LongTensor -> (B, T + max_new_tokens). With eos_token, a row that has produced
             it is filled with eos_token afterwards, and generation stops once every row has.
         idx a list of 1-D LongTensors (mixed lengths, generated together, left-padded) -> a list
             of 1-D tensors, each its prompt and its completion (up to and including eos_token).
-        temperature 0 is greedy; a torch.Generator makes sampling reproducible.
+        temperature 0 is greedy; a torch.Generator makes sampling reproducible; vocab_limit keeps
+        the padding ids of a padded vocabulary (>= the tokenizer's size) from ever being drawn.
         """
         as_list = isinstance(idx, (list, tuple))
         if as_list:
@@ -486,7 +490,7 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out = []
         for next_token, _ in self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p,
-                                                  use_cache, generator, pos):
+                                                  use_cache, generator, pos, vocab_limit):
             if eos_token is not None:
                 next_token = next_token.masked_fill(done, eos_token)
                 done |= next_token == eos_token

@@ -54,6 +54,10 @@ class CharTokenizer:
     kind = "char"
     special_tokens = {}
 
+    @property
+    def n_vocab(self):
+        return len(self.itos)
+
     def __init__(self, path):
         class OnlyBuiltins(pickle.Unpickler):  # meta.pkl is dicts of str and int; refuse anything else
             def find_class(self, module, name):
@@ -142,7 +146,8 @@ def main():
         t0 = time.time()
         with amp:
             steps = model.generate_tokens(prompt, max_new_tokens, temperature, top_k or None,
-                                          top_p if top_p < 1.0 else None, use_cache, generator)
+                                          top_p if top_p < 1.0 else None, use_cache, generator,
+                                          vocab_limit=tokenizer.n_vocab)
             for token, _ in steps:
                 sys.stdout.write(utf8.decode(tokenizer.decode_bytes([int(token[0])])))
                 sys.stdout.flush()

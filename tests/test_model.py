@@ -172,6 +172,15 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert seen == {0, 1, 2}
 
 
+def test_vocab_limit_never_draws_padding_ids():
+    logits = torch.zeros(2, 10)
+    logits[:, 8:] = 100.0  # the padding ids would win every draw
+    g = torch.Generator().manual_seed(0)
+    for temperature in (0, 1.0):
+        drawn = torch.stack([sample_next(logits, temperature, generator=g, vocab_limit=8) for _ in range(50)])
+        assert drawn.max() < 8
+
+
 def test_loss_ignores_minus_one_and_logprobs_agree():
     model = build(tiny(), dtype=torch.float64)
     idx = torch.randint(0, 37, (2, 8))
