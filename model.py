@@ -12,6 +12,11 @@ Every stage imports it: train.py and sft.py call forward(idx, targets); sample.p
 call generate() with a pre-allocated KV cache; reward modelling and PPO read per-token log-probs
 (logprobs) and the final hidden states (forward(..., hidden=True)) for a scalar head.
 
+LoRA. With lora_rank = r > 0 the linear layers named in lora_targets learn a low-rank update
+W + (alpha/r) B A next to their frozen weight, and every other parameter is frozen. Base
+checkpoints load unchanged (load_base_weights), adapters save and load on their own
+(lora_state_dict, load_lora_state_dict), and merge_lora folds them into the weights.
+
 Positions. Every forward takes, optionally, `pos` (B, T): the position of each token in its own
 sequence. A left-padded batch of prompts has negative positions on its padding; such columns are
 never attended to. Attention is a mask over positions, the same rule in training and decoding:
@@ -51,6 +56,11 @@ class GPTConfig:
     sliding_window: int = None  # None = full causal attention; W = attend to the last W positions
     n_sink: int = 0  # the first n_sink positions stay visible to every query (attention sinks)
     # MoE and LoRA switches come with their own modules
+    # LoRA
+    lora_rank: int = 0  # 0 = off; r, the rank of each adapter's update B A
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the input of the adapter branch only
+    lora_targets: tuple = ("c_q", "c_v")  # linear layers that get adapters, see LORA_TARGETS
 
     def __post_init__(self):
         def fail(msg):
@@ -89,6 +99,32 @@ class GPTConfig:
             fail(f"n_sink must be >= 0, got {self.n_sink}")
         if self.n_sink and self.sliding_window is None:
             fail("n_sink only makes sense with a sliding_window")
+        # LoRA: targets are checked even when lora_rank is 0, so a typo never waits for the day
+        # LoRA is switched on; a list (from JSON) or "c_q,c_v" (by hand) becomes a tuple
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = tuple(t for t in self.lora_targets.split(",") if t)
+        self.lora_targets = tuple(self.lora_targets)
+        for t in self.lora_targets:
+            if t == "c_proj":
+                fail("lora_targets: 'c_proj' is ambiguous, say 'attn.c_proj' or 'mlp.c_proj'")
+            if t not in LORA_TARGETS:
+                fail(f"lora_targets: unknown target {t!r}, expected some of {', '.join(LORA_TARGETS)}")
+        if self.lora_rank < 0:
+            fail(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        if self.lora_rank > 0:
+            if not self.lora_targets:
+                fail("lora_rank > 0 needs at least one name in lora_targets")
+            alpha = self.lora_alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+                fail(f"lora_alpha must be a number > 0, got {alpha!r}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            if self.mlp != "swiglu" and {"c_gate", "mlp.c_gate"} & set(self.lora_targets):
+                fail(f"lora_targets: c_gate exists only with mlp=swiglu, not mlp={self.mlp}")
+            if self.tie_weights and "lm_head" in self.lora_targets:
+                # the head's weight is the token embedding: merging its adapter would change the
+                # embedding too, so the merged model would no longer compute what was trained
+                fail("lora_targets: lm_head needs tie_weights=False (a tied head is the embedding)")
 
     @property
     def head_dim(self):
@@ -323,6 +359,79 @@ def left_pad(prompts, pad_id=0):
 
 
 # -----------------------------------------------------------------------------
+# LoRA
+
+# A target names linear layers by a dotted piece of their path: "c_q" is h.*.attn.c_q, "attn" is
+# every linear layer of every attention module, "lm_head" the output head. c_proj alone is
+# ambiguous (attention and MLP both have one), so it is spelled with its module.
+LORA_TARGETS = (
+    "c_q", "c_k", "c_v", "attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj",  # attention
+    "c_fc", "c_gate", "mlp.c_fc", "mlp.c_gate", "mlp.c_proj",  # MLP (c_gate: swiglu only)
+    "lm_head",  # untied heads only
+    "attn", "mlp",  # all four attention linears; all MLP linears
+)
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer whose weight W stays frozen while it learns a low-rank update:
+
+        y = x W^T + b + scale * dropout(x) A^T B^T,   A (r, in), B (out, r), scale = alpha / r
+
+    A starts random and B at zero, so at first the layer computes exactly what W alone does, and
+    gradients reach B at once (through the random A) and A as soon as B is nonzero. It is built
+    around an existing nn.Linear and takes over its weight and bias tensors: the state-dict keys
+    stay c_q.weight and c_q.bias, with the adapter beside them as c_q.lora_A and c_q.lora_B.
+    """
+
+    def __init__(self, base, rank, alpha, dropout):
+        nn.Module.__init__(self)  # not nn.Linear.__init__, which would allocate a second weight
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self.rank, self.scale = rank, alpha / rank
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False  # True while scale * B A is folded into the weight
+        # as nn.Linear initialises its own weight; any nonzero A works, what matters is B = 0
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        # two thin matmuls through the rank-r bottleneck; B A itself (out x in) is never formed
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def delta_weight(self):
+        """scale * B A (out, in), computed in at least float32."""
+        return upcast(self.lora_B) @ upcast(self.lora_A) * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            raise RuntimeError("LoRA: the adapters are already merged into the weights")
+        # add in float32 and round once, not once per operand, when the weights are bf16
+        self.weight.copy_(upcast(self.weight) + self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("LoRA: the adapters are not merged")
+        self.weight.copy_(upcast(self.weight) - self.delta_weight())  # W again, up to rounding
+        self.merged = False
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, rank={self.rank}, scale={self.scale:g}, merged={self.merged}"
+
+
+def is_lora_key(key):
+    return key.endswith((".lora_A", ".lora_B"))
+
+
+# -----------------------------------------------------------------------------
 # the model
 
 
@@ -345,6 +454,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.lora_rank > 0:
+            self._add_lora()  # after the base init, so a seed gives the same base weights either way
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -510,6 +621,92 @@ class GPT(nn.Module):
             results.append(torch.cat((prompt, completion)))
         return results
 
+    # --- LoRA ------------------------------------------------------------------
+
+    def _add_lora(self):
+        """Put a LoRALinear around every nn.Linear that lora_targets names, then freeze every
+        parameter but the adapters'."""
+        cfg = self.config
+        matched = set()
+        for name, module in list(self.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            hits = [t for t in cfg.lora_targets if f".{t}." in f".{name}."]
+            if hits:
+                parent, _, child = name.rpartition(".")
+                lora = LoRALinear(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+                setattr(self.get_submodule(parent), child, lora)
+                matched.update(hits)
+        unmatched = [t for t in cfg.lora_targets if t not in matched]
+        if unmatched:
+            raise ValueError(f"LoRA: lora_targets {unmatched} name no nn.Linear in this model")
+        for name, p in self.named_parameters():
+            p.requires_grad = is_lora_key(name)
+
+    def lora_layers(self):
+        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
+    def merge_lora(self):
+        """Fold every adapter into its weight (W += scale B A): the model then runs as a plain GPT,
+        at the plain cost. Merging twice is refused. Train only unmerged: merged, the adapters
+        are bypassed and get no gradient."""
+        for layer in self.lora_layers():
+            layer.merge()
+
+    def unmerge_lora(self):
+        """Undo merge_lora (W -= scale B A), which restores W up to float rounding."""
+        for layer in self.lora_layers():
+            layer.unmerge()
+
+    def merged_state_dict(self):
+        """The weights of the plain GPT this model computes: adapters folded in, adapter keys
+        left out. Loads strictly into GPT(dataclasses.replace(config, lora_rank=0)). The model
+        itself is left as it is, merged or not."""
+        sd = {k: v for k, v in self.state_dict().items() if not is_lora_key(k)}
+        for name, layer in self.named_modules():
+            if isinstance(layer, LoRALinear) and not layer.merged:
+                w = layer.weight.detach()
+                sd[name + ".weight"] = (upcast(w) + layer.delta_weight().detach()).to(w.dtype)
+        return sd
+
+    def lora_state_dict(self):
+        """Only the adapters (lora_A, lora_B of each target): a fine-tune saved on its own, to be
+        loaded on top of the base checkpoint it was trained from."""
+        return {k: v for k, v in self.state_dict().items() if is_lora_key(k)}
+
+    def _check_keys(self, what, sd, expected):
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"LoRA: {what} does not fit this model: missing keys {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                             f"{' ...' if len(unexpected) > 8 else ''}")
+        for k, v in sd.items():
+            if v.shape != expected[k].shape:
+                raise ValueError(f"LoRA: {what}: {k} has shape {tuple(v.shape)}, "
+                                 f"this model has {tuple(expected[k].shape)} (another lora_rank?)")
+
+    def load_lora_state_dict(self, sd):
+        """Load adapters saved by lora_state_dict. Every adapter key must be there, no other,
+        with the right shapes; the model must not be merged (the weights would disagree)."""
+        if any(layer.merged for layer in self.lora_layers()):
+            raise RuntimeError("LoRA: unmerge_lora() before loading adapters")
+        own = self.lora_state_dict()
+        self._check_keys("adapter state dict", sd, own)
+        with torch.no_grad():
+            for k, v in sd.items():
+                own[k].copy_(v)
+
+    def load_base_weights(self, sd):
+        """Load a checkpoint of the base model (lora_rank 0) into this one: every key but the
+        adapters' must be there, and nothing else. The adapters keep their fresh init.
+        (load_state_dict(sd, strict=False) does the same, less the checks.)"""
+        if any(layer.merged for layer in self.lora_layers()):
+            raise RuntimeError("LoRA: unmerge_lora() before loading base weights")
+        own = {k: v for k, v in self.state_dict().items() if not is_lora_key(k)}
+        self._check_keys("base state dict", sd, own)
+        self.load_state_dict(sd, strict=False)
+
     # --- sizes, FLOPs, optimizer -----------------------------------------------
 
     def num_params(self, non_embedding=True):
@@ -530,13 +727,17 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW over the trainable parameters: weight decay on matrices that multiply
-        activations, none on norms, biases and untied embedding tables."""
+        activations, none on norms, biases, untied embedding tables and LoRA adapters."""
         embeddings = {id(self.wte.weight)} if not self.config.tie_weights else set()
         if self.config.pos_emb == "learned":
             embeddings.add(id(self.wpe.weight))
+        # LoRA adapters take no decay either: the rank already bounds the update, and decay would
+        # shrink the random A toward zero whatever the data says (with lora_rank > 0 they are
+        # the only trainable parameters, so the decay group is then empty)
+        exempt = embeddings | {id(p) for n, p in self.named_parameters() if is_lora_key(n)}
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-        no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in exempt]
+        no_decay = [p for p in params if p.dim() < 2 or id(p) in exempt]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         fused = device_type == "cuda"
