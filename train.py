@@ -71,6 +71,10 @@ mlp = "swiglu"  # gelu | swiglu
 tie_weights = True
 sliding_window = None  # None = full causal attention
 n_sink = 0
+lora_rank = 0  # > 0: train low-rank adapters only (on a checkpoint, via init_from)
+lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
+lora_dropout = 0.0
+lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
 # optimizer
 learning_rate = 1e-3  # peak
 max_iters = 5000  # total iterations

@@ -143,3 +143,18 @@ def test_ctrl_c_saves_a_checkpoint(byte_dataset, tmp_path):
     assert proc.returncode == 0, stderr
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["iter_num"] > 0 and "resume with --init_from=resume" in stdout
+
+
+def test_lora_fine_tune_from_a_checkpoint_changes_only_adapters(byte_dataset, tmp_path):
+    base, lora = str(tmp_path / "base"), str(tmp_path / "lora")
+    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=2", f"--out_dir={base}")
+    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=3", f"--out_dir={lora}",
+               f"--init_from={base}/ckpt.pt", "--lora_rank=4", "--lora_targets=attn", "--learning_rate=1e-2")
+    a = common.load_checkpoint(os.path.join(base, "ckpt.pt"))
+    b = common.load_checkpoint(os.path.join(lora, "ckpt.pt"))
+    assert b["model_args"]["lora_rank"] == 4 and b["model_args"]["n_embd"] == a["model_args"]["n_embd"]
+    adapters = [k for k in b["model"] if "lora_" in k]
+    assert len(adapters) == 2 * 4 * 2  # A and B, four attention linears, two layers
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k  # the base is frozen
+    assert any(b["model"][k].abs().sum() > 0 for k in adapters if k.endswith("lora_B"))
