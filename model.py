@@ -7,6 +7,9 @@ The one GPT of this repository: a decoder-only transformer whose variants are sw
     attention             n_kv_head < n_head gives grouped-query attention (1: multi-query);
                           sliding_window = W with n_sink attention sinks
     weight tying          tie_weights
+    mixture-of-experts    n_expert > 0 routes each token to the top n_expert_active expert MLPs, in
+                          every moe_every-th layer, plus n_shared_expert experts every token uses
+    low-rank adapters     lora_rank > 0 trains LoRA adapters on the layers in lora_targets
 
 Every stage imports it: train.py and sft.py call forward(idx, targets); sample.py and the RL stages
 call generate() with a pre-allocated KV cache; reward modelling and PPO read per-token log-probs
@@ -55,8 +58,16 @@ class GPTConfig:
     tie_weights: bool = True  # token embedding and LM head share one matrix
     sliding_window: int = None  # None = full causal attention; W = attend to the last W positions
     n_sink: int = 0  # the first n_sink positions stay visible to every query (attention sinks)
-    # MoE and LoRA switches come with their own modules
-    # LoRA
+    # Mixture-of-Experts: the MLP of layer i (0-based) is a routed set of experts when
+    # (i + 1) % moe_every == 0, so moe_every=2 makes layers 1, 3, 5, ... MoE and the others dense
+    n_expert: int = 0  # routed experts per MoE layer; 0 = dense MLP everywhere
+    n_expert_active: int = 2  # top-k: routed experts each token goes through
+    moe_every: int = 1  # 1 = every layer is MoE; k = every k-th layer (a hybrid dense/MoE stack)
+    n_shared_expert: int = 0  # experts every token goes through besides its routed ones (DeepSeekMoE)
+    expert_hidden: int = None  # None = mlp_hidden / (n_expert_active + n_shared_expert), see __post_init__
+    moe_aux_coef: float = 0.01  # weight of the Switch Transformer load-balancing loss
+    moe_z_coef: float = 0.001  # weight of the router z-loss (ST-MoE), keeps router logits small
+    # LoRA: low-rank adapters on the linear layers named in lora_targets, everything else frozen
     lora_rank: int = 0  # 0 = off; r, the rank of each adapter's update B A
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the input of the adapter branch only
@@ -99,6 +110,30 @@ class GPTConfig:
             fail(f"n_sink must be >= 0, got {self.n_sink}")
         if self.n_sink and self.sliding_window is None:
             fail("n_sink only makes sense with a sliding_window")
+        if self.n_expert < 0:
+            fail(f"n_expert must be >= 0 (0 = dense), got {self.n_expert}")
+        if self.moe_every < 1:
+            fail(f"moe_every must be >= 1, got {self.moe_every}")
+        if self.n_shared_expert < 0:
+            fail(f"n_shared_expert must be >= 0, got {self.n_shared_expert}")
+        if self.expert_hidden is not None and self.expert_hidden < 1:
+            fail(f"expert_hidden must be None or >= 1, got {self.expert_hidden}")
+        for name in ("moe_aux_coef", "moe_z_coef"):
+            if getattr(self, name) < 0:
+                fail(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_expert == 0 and self.n_shared_expert:
+            fail("n_shared_expert needs routed experts too (n_expert > 0)")
+        if self.n_expert > 0:
+            if not 1 <= self.n_expert_active <= self.n_expert:
+                fail(f"n_expert_active must be in 1..n_expert={self.n_expert}, got {self.n_expert_active}")
+            if self.moe_every > self.n_layer:
+                fail(f"moe_every={self.moe_every} > n_layer={self.n_layer} leaves no layer MoE")
+            if self.expert_hidden is None:
+                # A token goes through n_expert_active + n_shared_expert experts, so split the
+                # dense hidden size between them: active parameters per token then match the
+                # dense model's. Rounded up to a multiple of 8 for friendlier matmul shapes.
+                n_used = self.n_expert_active + self.n_shared_expert
+                self.expert_hidden = 8 * math.ceil(self.mlp_hidden / n_used / 8)
         # LoRA: targets are checked even when lora_rank is 0, so a typo never waits for the day
         # LoRA is switched on; a list (from JSON) or "c_q,c_v" (by hand) becomes a tuple
         if isinstance(self.lora_targets, str):
@@ -137,6 +172,9 @@ class GPTConfig:
         if self.mlp == "gelu":
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    def is_moe_layer(self, layer_idx):
+        return self.n_expert > 0 and (layer_idx + 1) % self.moe_every == 0
 
     @property
     def unbounded_positions(self):
@@ -218,9 +256,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, hidden=None):
         super().__init__()
-        hidden = config.mlp_hidden
+        hidden = config.mlp_hidden if hidden is None else hidden  # experts pass their own size
         self.swiglu = config.mlp == "swiglu"
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         if self.swiglu:
@@ -236,13 +274,70 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+class MoE(nn.Module):
+    """Mixture-of-Experts in place of a layer's MLP: a router sends each token to n_expert_active
+    of n_expert expert MLPs and mixes their outputs by its gates; the n_shared_expert experts see
+    every token. Dropless: each expert runs once, on every token routed to it, so a token's output
+    never depends on the rest of the batch (and cached decoding matches the full forward).
+    After each forward, aux_loss, z_loss (scalars, with grad) and load (n_expert,) hold the routing
+    statistics of that forward, for GPT.forward's loss and GPT.moe_stats()."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_expert, self.k = config.n_expert, config.n_expert_active
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        # each expert is a small MLP of the same kind as the dense one (gelu | swiglu); their
+        # c_proj.weight names get GPT-2's depth-scaled init with the other residual projections
+        self.experts = nn.ModuleList([MLP(config, config.expert_hidden) for _ in range(config.n_expert)])
+        # n shared experts of hidden size H, summed, are one MLP of hidden size n * H
+        self.shared = MLP(config, config.n_shared_expert * config.expert_hidden) if config.n_shared_expert else None
+        self.aux_loss = self.z_loss = self.load = None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)
+        logits = upcast(self.router(x))  # (N, n_expert), N = B*T; the softmax in >= float32
+        probs = F.softmax(logits, dim=-1)
+        gates, chosen = torch.topk(probs, self.k, dim=-1)  # (N, k)
+        if self.k > 1:
+            # Renormalise the k chosen gates to sum to 1 (as Mixtral; the same as a softmax over
+            # the k chosen logits), so the output's scale does not shrink when the router spreads
+            # probability over experts it did not pick. Not for top-1, where the gate would always
+            # be 1 and the router would learn nothing from the LM loss: top-1 keeps its
+            # probability as the gate, as in Switch Transformer.
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+
+        # dispatch: sort the N*k (token, expert) pairs by expert, run each expert once on its
+        # contiguous run of tokens, then add every output, gated, back onto its token
+        chosen = chosen.flatten()  # (N*k,), pair i belongs to token i // k
+        order = torch.argsort(chosen, stable=True)
+        token = order // self.k  # (N*k,) the token of each pair, in expert order
+        counts = torch.bincount(chosen, minlength=self.n_expert)  # (n_expert,)
+        # the chunk sizes must be known on the host: one sync per MoE layer on a GPU
+        groups = x[token].split(counts.tolist())  # n_expert chunks (some maybe empty) of (n_e, C)
+        out = torch.cat([expert(xe) for expert, xe in zip(self.experts, groups)])  # (N*k, C)
+        out = out * gates.flatten()[order, None].to(out.dtype)
+        y = out.new_zeros(B * T, C).index_add_(0, token, out)  # (N, C)
+        if self.shared is not None:
+            y = y + self.shared(x)
+
+        # Switch Transformer load balancing: n_expert * sum_e f_e * P_e, with f_e the fraction of
+        # routed pairs sent to expert e (no gradient: it comes from the top-k) and P_e the mean
+        # router probability of e (which carries the gradient). 1 when routing is uniform.
+        self.load = counts.float() / chosen.numel()  # (n_expert,) f_e, sums to 1
+        self.aux_loss = self.n_expert * (self.load * probs.mean(dim=0)).sum()
+        # router z-loss: penalise large logits, which make the softmax brittle in low precision
+        self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        return y.view(B, T, C)
+
+
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = Attention(config, layer_idx)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
 
     def forward(self, x, rope, mask, cache):
         x = x + self.attn(self.ln_1(x), rope, mask, cache)
@@ -523,7 +618,28 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(upcast(logits).view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+            moe = self.moe_layers()
+            if moe:  # the auxiliary losses, each averaged over the MoE layers
+                loss = loss + cfg.moe_aux_coef * sum(m.aux_loss for m in moe) / len(moe)
+                loss = loss + cfg.moe_z_coef * sum(m.z_loss for m in moe) / len(moe)
         return logits, loss
+
+    def moe_layers(self):
+        return [block.mlp for block in self.h if isinstance(block.mlp, MoE)]
+
+    def moe_stats(self):
+        """Routing statistics of the last forward, for logging; None for a dense model (or before
+        any forward). aux_loss and z_loss are means over the MoE layers; load (n_moe_layer,
+        n_expert) is the fraction of routed (token, expert) pairs each expert got, per layer;
+        load_cv is the mean over layers of its coefficient of variation std / mean (0 = even)."""
+        moe = self.moe_layers()
+        if not moe or moe[0].load is None:
+            return None
+        load = torch.stack([m.load for m in moe])  # (n_moe_layer, n_expert)
+        cv = load.std(dim=-1, correction=0) / load.mean(dim=-1)
+        return dict(aux_loss=sum(m.aux_loss.item() for m in moe) / len(moe),
+                    z_loss=sum(m.z_loss.item() for m in moe) / len(moe),
+                    load=load, load_cv=cv.mean().item())
 
     def logprobs(self, idx, targets, pos=None):
         """Per-token log-probabilities (B, T) of targets under the model, 0 where targets == -1.
@@ -709,21 +825,26 @@ class GPT(nn.Module):
 
     # --- sizes, FLOPs, optimizer -----------------------------------------------
 
-    def num_params(self, non_embedding=True):
+    def num_params(self, non_embedding=True, active=False):
         """Parameters, each shared tensor counted once. As in nanoGPT, non_embedding leaves out
-        the position table (the token table stays: with tied weights it is also the LM head)."""
+        the position table (the token table stays: with tied weights it is also the LM head).
+        active counts only what one token uses: n_expert_active of each MoE layer's routed experts."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.config.pos_emb == "learned":
             n -= self.wpe.weight.numel()
+        if active:
+            for moe in self.moe_layers():
+                n -= (moe.n_expert - moe.k) * sum(p.numel() for p in moe.experts[0].parameters())
         return n
 
     def flops_per_token(self, T=None):
         """Training FLOPs (forward + backward) per token for sequences of length T: 6 per weight
-        (2 forward, 4 backward) plus attention's QK^T and AV, as in the PaLM paper's appendix."""
+        (2 forward, 4 backward) plus attention's QK^T and AV, as in the PaLM paper's appendix.
+        With MoE only the active weights count: a token skips the experts it is not routed to."""
         cfg = self.config
         T = cfg.block_size if T is None else T
         context = T if cfg.sliding_window is None else min(T, cfg.sliding_window + cfg.n_sink)
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * context
+        return 6 * self.num_params(active=True) + 12 * cfg.n_layer * cfg.n_embd * context
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW over the trainable parameters: weight decay on matrices that multiply

@@ -14,6 +14,17 @@ TEXT = (
 ) * 40
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests use tiny matrices: on a small machine extra threads only add synchronisation."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def byte_dataset(tmp_path):
     """A tiny byte-level dataset folder (train.bin, val.bin, meta.json) made from TEXT."""

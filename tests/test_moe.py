@@ -1,0 +1,268 @@
+"""model.py, Mixture-of-Experts: the batched dispatch against naive per-token loops, one expert
+against the dense MLP, the aux losses against a hand-computed routing, cached decoding, counts."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, MoE
+
+
+def tiny(**kw):
+    args = dict(vocab_size=37, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+def build(config, dtype=torch.float64, seed=0, sharpen=20.0):
+    torch.manual_seed(seed)
+    model = GPT(config).to(dtype).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)  # no greedy ties (see test_model.py)
+        for moe in model.moe_layers():
+            moe.router.weight.mul_(10.0)  # routing that differs from token to token
+    return model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matrices: extra threads only add synchronisation (10-50x slower on a busy 2-core box)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def naive_moe(moe, x):
+    """The MoE layer one token at a time, straight from its definition: (B, T, C) -> (B, T, C)."""
+    B, T, C = x.shape
+    rows = []
+    for xt in x.reshape(B * T, C):
+        probs = F.softmax(moe.router(xt), dim=-1)
+        gates, chosen = torch.topk(probs, moe.k)
+        if moe.k > 1:
+            gates = gates / gates.sum()
+        y = sum(g * moe.experts[e](xt) for g, e in zip(gates, chosen.tolist()))
+        if moe.shared is not None:
+            y = y + moe.shared(xt)
+        rows.append(y)
+    return torch.stack(rows).view(B, T, C)
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_one_expert_equals_dense_mlp(mlp):
+    torch.manual_seed(0)
+    dense = GPT(tiny(mlp=mlp)).double()
+    cfg = tiny(mlp=mlp, n_expert=1, n_expert_active=1)
+    assert cfg.expert_hidden == cfg.mlp_hidden
+    moe = GPT(cfg).double()
+    state = {k.replace(".mlp.", ".mlp.experts.0."): v for k, v in dense.state_dict().items()}
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    assert missing == ["h.0.mlp.router.weight", "h.1.mlp.router.weight"] and unexpected == []
+    idx = torch.randint(0, 37, (2, 16))
+    assert torch.equal(moe(idx)[0], dense(idx)[0])
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_all_experts_active_is_the_probability_weighted_sum(mlp):
+    torch.manual_seed(0)
+    moe = MoE(tiny(mlp=mlp, n_expert=4, n_expert_active=4)).double()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    probs = F.softmax(moe.router(x), dim=-1)  # (B, T, n_expert)
+    expected = sum(probs[..., e:e + 1] * expert(x) for e, expert in enumerate(moe.experts))
+    torch.testing.assert_close(moe(x), expected)
+
+
+@pytest.mark.parametrize("n_expert, k, n_shared, mlp", [(4, 1, 0, "swiglu"), (4, 2, 0, "gelu"),
+                                                        (8, 2, 1, "swiglu"), (5, 3, 2, "gelu")])
+def test_batched_dispatch_equals_per_token_loop(n_expert, k, n_shared, mlp):
+    torch.manual_seed(0)
+    moe = MoE(tiny(n_expert=n_expert, n_expert_active=k, n_shared_expert=n_shared, mlp=mlp)).double()
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    y = moe(x)
+    assert moe.load.min() > 0  # every expert got tokens: the test covers all of them
+    torch.testing.assert_close(y, naive_moe(moe, x))
+
+
+def test_aux_losses_on_a_hand_computed_routing():
+    # 4 experts, top-2, 4 tokens. With an identity router the logits are the input, so each row
+    # below is a token's router probabilities, shifted by c (which changes logsumexp, not probs).
+    moe = MoE(tiny(n_embd=4, n_head=1, n_expert=4, n_expert_active=2)).double()
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4))
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1],   # top-2: experts 0, 1
+                          [0.1, 0.2, 0.3, 0.4],   # 3, 2
+                          [0.5, 0.1, 0.3, 0.1],   # 0, 2
+                          [0.6, 0.2, 0.1, 0.1]],  # 0, 1
+                         dtype=torch.float64)
+    c = torch.tensor([1.0, -2.0, 0.0, 3.0], dtype=torch.float64)
+    x = (probs.log() + c[:, None])[None].requires_grad_()  # (1, 4, 4)
+    y = moe(x)
+    # f = pairs per expert / 8 = [3, 2, 2, 1] / 8; P = mean prob = [1.6, 0.8, 0.9, 0.7] / 4
+    # aux = 4 * (3/8 * 0.4 + 2/8 * 0.2 + 2/8 * 0.225 + 1/8 * 0.175) = 4 * 0.278125
+    torch.testing.assert_close(moe.load, torch.tensor([0.375, 0.25, 0.25, 0.125]))
+    torch.testing.assert_close(moe.aux_loss.item(), 1.1125)
+    torch.testing.assert_close(moe.z_loss.item(), (1 + 4 + 0 + 9) / 4)  # logsumexp = c
+    # the LM loss alone reaches the router (through the renormalised gates) and every expert
+    y.square().sum().backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    for expert in moe.experts:
+        assert all(p.grad.abs().sum() > 0 for p in expert.parameters())
+    # and so does the aux loss on its own, to the router only
+    moe.zero_grad()
+    moe(x.detach())
+    moe.aux_loss.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in moe.experts.parameters())
+
+
+def test_unselected_expert_gets_zero_gradient_not_none():
+    # dropless dispatch calls every expert, an empty chunk included: no unused parameters in DDP
+    moe = MoE(tiny(n_embd=4, n_head=1, n_expert=4, n_expert_active=1)).double()
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4))
+    x = torch.tensor([[[3.0, 0, 0, 0], [0, 3.0, 0, 0]]], dtype=torch.float64)  # experts 0 and 1
+    moe(x).sum().backward()
+    assert moe.load.tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert moe.experts[1].c_fc.weight.grad.any() and not moe.experts[2].c_fc.weight.grad.any()
+
+
+def test_loss_adds_the_aux_losses_and_logprobs_does_not():
+    model = build(tiny(n_expert=4, n_expert_active=2, moe_every=1, moe_aux_coef=0.3, moe_z_coef=0.05))
+    idx, targets = torch.randint(0, 37, (2, 9)), torch.randint(0, 37, (2, 9))
+    logits, loss = model(idx, targets)
+    stats = model.moe_stats()
+    ce = F.cross_entropy(logits.view(-1, 37), targets.view(-1))
+    per_layer = [(m.aux_loss.item(), m.z_loss.item()) for m in model.moe_layers()]
+    assert stats["aux_loss"] == pytest.approx(sum(a for a, _ in per_layer) / 2)
+    assert stats["z_loss"] == pytest.approx(sum(z for _, z in per_layer) / 2)
+    torch.testing.assert_close(loss.item(), ce.item() + 0.3 * stats["aux_loss"] + 0.05 * stats["z_loss"])
+    torch.testing.assert_close(-model.logprobs(idx, targets).mean(), ce)
+    assert stats["load"].shape == (2, 4)
+    torch.testing.assert_close(stats["load"].sum(-1), torch.ones(2, dtype=stats["load"].dtype))
+    cv = stats["load"].std(-1, correction=0) / stats["load"].mean(-1)
+    assert stats["load_cv"] == pytest.approx(cv.mean().item())
+
+
+def test_moe_every_picks_the_layers():
+    model = GPT(tiny(n_layer=4, n_expert=4, moe_every=2))
+    assert [isinstance(b.mlp, MoE) for b in model.h] == [False, True, False, True]
+    assert model.moe_stats() is None  # no forward yet
+    model(torch.zeros(1, 3, dtype=torch.long))
+    assert model.moe_stats()["load"].shape == (2, 4)
+    assert GPT(tiny()).moe_stats() is None
+
+
+CACHE_CONFIGS = [
+    dict(n_expert=4, n_expert_active=2),
+    dict(n_expert=4, n_expert_active=2, moe_every=2, mlp="gelu"),
+    dict(n_expert=4, n_expert_active=1, n_shared_expert=1, pos_emb="learned", n_kv_head=2),
+    dict(n_expert=3, n_expert_active=2, n_shared_expert=2, sliding_window=5, n_sink=1, mlp="gelu"),
+]
+
+
+@pytest.mark.parametrize("kw", CACHE_CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_cached_greedy_equals_reference(kw):
+    model = build(tiny(**kw))
+    idx = torch.randint(0, 37, (2, 7), generator=torch.Generator().manual_seed(1))
+    a = model.generate(idx, 20, temperature=0, use_cache=True)
+    b = model.generate(idx, 20, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    # padded, mixed-length prompts: dropless routing keeps each row independent of the others
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 37, (n,), generator=g) for n in (1, 6, 3)]
+    batched = model.generate(prompts, 10, temperature=0)
+    for prompt, out in zip(prompts, batched):
+        assert torch.equal(out, model.generate(prompt[None], 10, temperature=0, use_cache=False)[0])
+
+
+def test_param_and_flop_counts():
+    dense = GPT(tiny(n_layer=4))
+    cfg = tiny(n_layer=4, n_expert=8, n_expert_active=2, moe_every=2)
+    moe = GPT(cfg)
+    assert 2 * cfg.expert_hidden == cfg.mlp_hidden  # split so a token uses as much as dense
+    per_expert = 3 * 32 * cfg.expert_hidden  # swiglu: c_fc, c_gate, c_proj
+    router = 32 * 8
+    assert moe.num_params() == dense.num_params() + 2 * ((8 - 2) * per_expert + router)
+    assert moe.num_params(active=True) == dense.num_params() + 2 * router
+    assert dense.num_params(active=True) == dense.num_params()
+    assert moe.flops_per_token() - dense.flops_per_token() == 6 * 2 * router
+
+
+def test_init_and_optimizer_groups():
+    model = GPT(tiny(n_expert=8, n_expert_active=2, n_shared_expert=1, bias=True))
+    experts = [(n, p) for n, p in model.named_parameters() if ".experts." in n]
+    fc = torch.cat([p.flatten() for n, p in experts if n.endswith("c_fc.weight")])
+    proj = torch.cat([p.flatten() for n, p in experts if n.endswith("c_proj.weight")])
+    assert fc.std().item() == pytest.approx(0.02, rel=0.05)
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * 2), rel=0.05)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each exactly once
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert id(model.h[0].mlp.router.weight) in decayed and id(model.h[0].mlp.experts[3].c_proj.weight) in decayed
+
+
+def test_bf16_autocast():
+    model = GPT(tiny(n_expert=4, n_expert_active=2, n_shared_expert=1))
+    idx = torch.randint(0, 37, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+        out = model.generate(idx, 4, temperature=0)
+    loss.backward()
+    assert torch.isfinite(loss) and out.shape == (2, 12)
+    assert model.h[0].mlp.router.weight.grad.any()
+
+
+def train_load_cv(moe_aux_coef, steps=60, seed=0):
+    """Train a small MoE on pairs (a, perm[a]) with a drawn from a skewed (Zipf) distribution, so
+    the hidden states depend on the token and some tokens are far more common than others; then
+    return the expert load's coefficient of variation on a fresh batch."""
+    V = 32
+    torch.manual_seed(seed)
+    cfg = tiny(vocab_size=V, block_size=17, n_head=2, n_expert=8, n_expert_active=2, moe_aux_coef=moe_aux_coef)
+    model = GPT(cfg)
+    g = torch.Generator().manual_seed(seed + 100)
+    zipf = 1.0 / torch.arange(1, V + 1).float()
+    perm = torch.randperm(V, generator=g)
+
+    def batch(B):
+        a = torch.multinomial(zipf, B * 9, replacement=True, generator=g).view(B, 9)
+        return torch.stack((a, perm[a]), dim=-1).view(B, 18)
+
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    for _ in range(steps):
+        x = batch(16)
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        model(batch(64)[:, :-1])
+    return model.moe_stats()["load_cv"]
+
+
+def test_aux_loss_evens_out_the_load():
+    # over seeds 0-9 the ratio on/off was 0.31-0.67 (seed 0: 0.40); a balanced load would be 0
+    off, on = train_load_cv(0.0), train_load_cv(0.1)
+    assert on < 0.8 * off, (on, off)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(n_expert=-1), "n_expert must be >= 0"),
+    (dict(n_expert=4, n_expert_active=5), "n_expert_active must be in 1..n_expert=4"),
+    (dict(n_expert=4, n_expert_active=0), "n_expert_active must be in 1..n_expert=4"),
+    (dict(moe_every=0), "moe_every must be >= 1"),
+    (dict(n_expert=4, moe_every=3), "leaves no layer MoE"),
+    (dict(n_expert=4, n_shared_expert=-1), "n_shared_expert must be >= 0"),
+    (dict(n_shared_expert=1), "n_shared_expert needs routed experts"),
+    (dict(n_expert=4, expert_hidden=0), "expert_hidden must be None or >= 1"),
+    (dict(n_expert=4, moe_aux_coef=-0.1), "moe_aux_coef must be >= 0"),
+    (dict(n_expert=4, moe_z_coef=-1e-3), "moe_z_coef must be >= 0"),
+    (dict(n_expert=2.0), "n_expert must be an int"),
+])
+def test_invalid_moe_configs_raise(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny(**kw)
