@@ -65,7 +65,7 @@ prefill_len = 512
 repeats = 3  # timed runs per figure (median); the uncached decode runs once
 device = "auto"
 dtype = "float32"  # float32 | bfloat16 | float16 (autocast)
-compile = False  # torch.compile the model's forward
+compile = False  # compile the decode step (model.compile_decode()) and the training step
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -88,14 +88,17 @@ def timed(fn, n=None):
     return statistics.median(times)
 
 
+def model_args():
+    return {f.name: globals()[f.name] for f in fields(GPTConfig) if f.name in globals()}
+
+
 def build(**overrides):
-    args = {f.name: globals()[f.name] for f in fields(GPTConfig) if f.name in globals()}
-    args.update(overrides)
+    args = {**model_args(), **overrides}
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**args)).to(dev)
+    model = GPT(GPTConfig(**args)).to(dev).eval()
     if compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
-    return model.eval()
+        model.compile_decode()
+    return model
 
 
 def bench_decode(model):
@@ -126,13 +129,12 @@ def bench_rolling():
         result = {}
 
         def run():  # prefill and decode by hand, to read the cache's size at the end
-            cache = KVCache(cfg, 1, prompt_len + n)
+            decode = model.compiled_decode_step or model.decode_step
+            cache = KVCache(cfg, 1, prompt_len + n, static=compile)
             with torch.no_grad(), amp:
-                x, _ = model(prompt, cache=cache, hidden=True)
-                token = model.lm_head(x[:, -1]).argmax(-1, keepdim=True)
+                token = model.prefill(prompt, None, cache).argmax(-1, keepdim=True)
                 for t in range(n - 1):
-                    x, _ = model(token, pos=torch.full((1, 1), prompt_len + t, device=dev), cache=cache, hidden=True)
-                    token = model.lm_head(x[:, -1]).argmax(-1, keepdim=True)
+                    token = decode(token, torch.full((1, 1), prompt_len + t, device=dev), cache).argmax(-1, keepdim=True)
             result["kv_bytes"] = cache.nbytes()
 
         t = timed(run)
@@ -164,13 +166,15 @@ def bench_train():
     peak = common.peak_flops(device_type)
     rows = []
     for name, overrides in variants.items():
-        model = build(block_size=max(train_block, block_size), **overrides).train()
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(**{**model_args(), "block_size": max(train_block, block_size), **overrides})).to(dev)
         opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+        step_model = torch.compile(model) if compile else model
         x = torch.randint(0, vocab_size, (train_batch, train_block), device=dev)
 
         def step():
             with amp:
-                _, loss = model(x, x)
+                _, loss = step_model(x, x)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -357,15 +357,20 @@ class KVCache:
     n_sink + W slots described at the top of this file. Padding (negative positions) is never
     stored; neither is the part of a long prompt that the window has already left behind. Both
     are sent to slot S, one past the end, which is written but never read.
+
+    static=False (eager decoding) attends to the slots written so far, a few more each step.
+    static=True attends to all S slots at every step, masking those not written yet: one shape
+    for every step, which is what a compiled decode step needs.
     """
 
-    def __init__(self, config, batch_size, max_len):
+    def __init__(self, config, batch_size, max_len, static=False):
         self.config = config
         self.window, self.n_sink = config.sliding_window, config.n_sink
         self.batch_size = batch_size
         self.n_slots = max_len if self.window is None else min(max_len, self.n_sink + self.window)
-        self.k = self.v = None
-        self.seen = 0  # columns processed so far: the prompt's, then one per decode step
+        self.static = static
+        self.k = self.v = None  # per layer (B, n_kv_head, n_slots + 1, head_dim), once allocated
+        self.length = 0  # columns seen so far: the prompt's, then one per decode step
         self.padded = False  # does any row start with padding? (decided at prefill)
 
     def slot_of(self, pos):
@@ -376,42 +381,43 @@ class KVCache:
 
     def begin(self, pos):
         """Called once per forward, before the layers, with the positions (B, T) of the new
-        columns. Returns the attention mask for a decode step (None when every slot written so far
-        is visible to every row)."""
-        B, T = pos.shape
+        columns. Returns the attention mask of a decode step (None where nothing is masked)."""
         keep = pos >= 0
         if self.window is not None:  # of a long prompt keep only the sinks and the last W
-            newest = pos[:, -1:]
-            keep &= (pos < self.n_sink) | (pos > newest - self.window)
+            keep = keep & ((pos < self.n_sink) | (pos > pos[:, -1:] - self.window))
         self.slots = torch.where(keep, self.slot_of(pos), self.n_slots)
-        self.is_prefill = self.seen == 0
+        self.is_prefill = self.k is None
         if self.is_prefill:
             self.padded = bool((pos[:, 0] < 0).any())
-        self.seen += T
-        if self.is_prefill or not self.padded:
+            self.length = pos.size(1)
             return None
+        if self.static:
+            self.visible = self.n_slots
+        else:
+            self.length += 1
+            self.visible = min(self.length, self.n_slots)  # no row has written past this yet
+            if not self.padded:
+                return None
         # slot s holds a position <= the row's newest one exactly when s <= that position
-        n = min(self.seen, self.n_slots)
-        return (torch.arange(n, device=pos.device) <= pos)[:, None, None, :]  # (B, 1, 1, n)
+        return (torch.arange(self.visible, device=pos.device) <= pos)[:, None, None, :]  # (B, 1, 1, S)
 
     def update(self, layer, k, v):
         """Write this forward's keys and values (B, n_kv_head, T, head_dim) for one layer and
         return what the queries attend to: the fresh ones in prefill, the cache when decoding."""
         B, H, T, D = k.shape
         if self.k is None:
-            shape = (self.config.n_layer, B, H, self.n_slots + 1, D)
-            self.k = torch.zeros(shape, device=k.device, dtype=k.dtype)
-            self.v = torch.zeros(shape, device=k.device, dtype=k.dtype)
+            shape = (B, H, self.n_slots + 1, D)
+            self.k = [torch.zeros(shape, device=k.device, dtype=k.dtype) for _ in range(self.config.n_layer)]
+            self.v = [torch.zeros(shape, device=k.device, dtype=k.dtype) for _ in range(self.config.n_layer)]
         index = self.slots[:, None, :, None].expand(B, H, T, D)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
         if self.is_prefill:
             return k, v
-        n = min(self.seen, self.n_slots)  # no row has written past slot n-1 yet
-        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        return self.k[layer][:, :, : self.visible], self.v[layer][:, :, : self.visible]
 
     def nbytes(self):
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+        return 0 if self.k is None else sum(2 * t.numel() * t.element_size() for t in self.k)
 
 
 # -----------------------------------------------------------------------------
@@ -549,6 +555,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.compiled_decode_step = None  # set by compile_decode()
         if config.lora_rank > 0:
             self._add_lora()  # after the base init, so a seed gives the same base weights either way
 
@@ -601,7 +608,7 @@ class GPT(nn.Module):
         rope = rope_cos_sin(p, cfg.head_dim, cfg.rope_theta, x.dtype) if cfg.pos_emb == "rope" else None
         x = self.drop(x)
 
-        if cache is not None and cache.seen > 0:  # decode: one new token per row
+        if cache is not None and cache.k is not None:  # decode: one new token per row
             if T != 1:
                 raise ValueError("a KV cache that already holds a prompt takes one token per step")
             mask = cache.begin(p.expand(B, T))
@@ -651,6 +658,26 @@ class GPT(nn.Module):
 
     # --- generation ------------------------------------------------------------
 
+    def prefill(self, idx, pos, cache):
+        """Run the prompts (B, T) once, filling the cache -> logits (B, vocab_size) of each
+        row's next token."""
+        x, _ = self(idx, pos=pos, cache=cache, hidden=True)
+        return self.lm_head(x[:, -1])  # left padding puts every row's newest token last
+
+    def decode_step(self, token, pos, cache):
+        """One new token per row (B, 1) at positions pos (B, 1), against the cache -> logits
+        (B, vocab_size) of the token after it."""
+        x, _ = self(token, pos=pos, cache=cache, hidden=True)
+        return self.lm_head(x[:, -1])
+
+    def compile_decode(self):
+        """Compile decode_step for inference, as gpt-fast does: one graph per batch shape, with
+        inductor's own autotuned matmul kernels and the weights frozen in as constants. On a CPU
+        this is several times faster per token than eager PyTorch, whose one-row matmuls stream
+        the weights at a fraction of the memory bandwidth. It bakes in the weights as they are
+        now: call it again after they change (a training step, an RL update)."""
+        self.compiled_decode_step = torch.compile(self.decode_step, options={"max_autotune": True, "freezing": True})
+
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         use_cache=True, generator=None, pos=None, vocab_limit=None):
@@ -663,6 +690,8 @@ class GPT(nn.Module):
         recompute per step.
         """
         cfg = self.config
+        compiled = self.compiled_decode_step
+        decode = compiled or self.decode_step
         was_training = self.training
         self.eval()
         B, L = idx.shape
@@ -677,17 +706,16 @@ class GPT(nn.Module):
                         max_len = L + max_new_tokens
                         if not cfg.unbounded_positions:
                             max_len = min(max_len, cfg.block_size)
-                        cache = KVCache(cfg, B, max_len)
-                        x = self(tokens, pos=pos, cache=cache, hidden=True)[0]  # prefill
+                        cache = KVCache(cfg, B, max_len, static=compiled is not None)
+                        logits = self.prefill(tokens, pos, cache)
                     else:
-                        x = self(tokens[:, -1:], pos=pos[:, -1:], cache=cache, hidden=True)[0]
+                        logits = decode(tokens[:, -1:], pos[:, -1:], cache)
                 else:
                     ctx, ctx_pos = tokens, pos
                     if T > cfg.block_size and not cfg.unbounded_positions:
                         ctx, ctx_pos = tokens[:, -cfg.block_size:], pos[:, -cfg.block_size:]
                         ctx_pos = ctx_pos - ctx_pos[:, :1].clamp(min=0)  # each row restarts at 0
-                    x = self(ctx, pos=ctx_pos, hidden=True)[0]
-                logits = self.lm_head(x[:, -1])  # only the newest column is needed
+                    logits = self.lm_head(self(ctx, pos=ctx_pos, hidden=True)[0][:, -1])
                 next_token = sample_next(logits, temperature, top_k, top_p, generator, vocab_limit)
                 yield next_token, logits
                 tokens = torch.cat((tokens, next_token[:, None]), dim=1)

@@ -17,8 +17,8 @@ norm = "rmsnorm"
 mlp = "swiglu"
 
 learning_rate = 2e-3
-max_iters = 2500
-lr_decay_iters = 2500
+max_iters = 1500
+lr_decay_iters = 1500
 min_lr = 2e-4
 warmup_iters = 100
 beta2 = 0.99

@@ -269,3 +269,17 @@ def test_cuda_cached_equals_reference():
     model = build(tiny(sliding_window=5, n_sink=1), dtype=torch.float32).cuda()
     idx = torch.randint(0, 37, (2, 6), device="cuda")
     assert torch.equal(model.generate(idx, 20, temperature=0), model.generate(idx, 20, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("kw", [dict(pos_emb="rope"), dict(pos_emb="learned", n_kv_head=2),
+                                dict(pos_emb="rope", sliding_window=5, n_sink=2, n_kv_head=1)])
+def test_static_cache_for_compiled_decoding_equals_reference(kw):
+    # compile_decode swaps in a compiled decode_step and a static cache; here the static cache
+    # runs uncompiled, which checks its masking (every slot, the unwritten ones masked)
+    model = build(tiny(**kw))
+    model.compiled_decode_step = model.decode_step
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 37, (n,), generator=g) for n in (2, 7, 4)]
+    static = model.generate(prompts, 25, temperature=0)
+    model.compiled_decode_step = None
+    assert all(torch.equal(a, b) for a, b in zip(static, model.generate(prompts, 25, temperature=0, use_cache=False)))
