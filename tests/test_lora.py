@@ -264,3 +264,11 @@ def test_targets_normalised_to_tuple():
 def test_invalid_lora_configs_raise(kw, msg):
     with pytest.raises(ValueError, match=msg):
         tiny(**kw)
+
+
+def test_flops_count_frozen_weights_at_four_per_weight():
+    base = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    lora = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, lora_rank=4))
+    n_frozen = sum(p.numel() for p in lora.parameters() if not p.requires_grad)
+    n_adapter = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert lora.flops_per_token() == base.flops_per_token() + 6 * n_adapter - 2 * n_frozen

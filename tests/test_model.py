@@ -283,3 +283,29 @@ def test_static_cache_for_compiled_decoding_equals_reference(kw):
     static = model.generate(prompts, 25, temperature=0)
     model.compiled_decode_step = None
     assert all(torch.equal(a, b) for a, b in zip(static, model.generate(prompts, 25, temperature=0, use_cache=False)))
+
+
+def test_split_linear_for_decoding_matches_f_linear():
+    from model import linear
+
+    torch.set_num_threads(2)  # the conftest fixture restores the count
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(64, 24, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        for shape in [(1, 1, 24), (3, 1, 24), (2, 4, 24), (24,)]:
+            x = torch.randn(*shape, generator=g, dtype=torch.float64)
+            for bias in (None, b):
+                torch.testing.assert_close(linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
+        odd = torch.randn(65, 24, generator=g, dtype=torch.float64)  # rows not divisible: plain path
+        x = torch.randn(1, 24, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(linear(x, odd), torch.nn.functional.linear(x, odd))
+
+
+@pytest.mark.parametrize("kw", [dict(pos_emb="rope", n_kv_head=2), dict(pos_emb="learned", sliding_window=4, n_sink=1)])
+def test_cached_equals_reference_with_two_threads(kw):
+    torch.set_num_threads(2)  # decode steps take the split-weight path of model.linear
+    model = build(tiny(**kw))
+    prompts = [torch.randint(0, 37, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 8)]
+    a = model.generate(prompts, 20, temperature=0)
+    b = model.generate(prompts, 20, temperature=0, use_cache=False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
