@@ -698,12 +698,14 @@ class GPT(nn.Module):
         return self.lm_head(x[:, -1])
 
     def compile_decode(self):
-        """Compile decode_step for inference, as gpt-fast does: one graph per batch shape, with
-        inductor's own autotuned matmul kernels and the weights frozen in as constants. On a CPU
-        this is several times faster per token than eager PyTorch, whose one-row matmuls stream
-        the weights at a fraction of the memory bandwidth. It bakes in the weights as they are
-        now: call it again after they change (a training step, an RL update)."""
-        self.compiled_decode_step = torch.compile(self.decode_step, options={"max_autotune": True, "freezing": True})
+        """Compile decode_step, as gpt-fast does: one graph per batch shape over a static cache
+        (every slot, unwritten ones masked), and on a GPU CUDA graphs ("reduce-overhead"), which
+        remove the per-kernel launch cost that dominates decoding a small model one token at a
+        time. The weights are read at every call, so it stays valid as they train. On a CPU the
+        eager step (with linear's split matmuls) is the faster one: bench.py measured 297 eager
+        vs 212 compiled tokens/s at N = 512 on a 2-core machine."""
+        on_gpu = self.wte.weight.is_cuda
+        self.compiled_decode_step = torch.compile(self.decode_step, mode="reduce-overhead" if on_gpu else None)
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
