@@ -14,6 +14,29 @@ TEXT = (
 ) * 40
 
 
+def tiny(**kw):
+    """A GPTConfig small enough for a test to run in milliseconds."""
+    from model import GPTConfig
+
+    args = dict(vocab_size=37, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+def build(config, dtype=None, seed=0, sharpen=20.0):
+    """A seeded GPT in eval mode, float64 unless told otherwise. Random init at std 0.02 gives
+    near-uniform logits, and greedy ties would make token comparisons flaky: sharpen the head."""
+    import torch
+
+    from model import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(config).to(dtype or torch.float64).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tests use tiny matrices: on a small machine extra threads only add synchronisation."""

@@ -5,22 +5,8 @@ import itertools
 import pytest
 import torch
 
+from conftest import build, tiny
 from model import GPT, GPTConfig, KVCache, left_pad, sample_next
-
-
-def tiny(**kw):
-    args = dict(vocab_size=37, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
-    args.update(kw)
-    return GPTConfig(**args)
-
-
-def build(config, dtype=torch.float64, seed=0, sharpen=20.0):
-    torch.manual_seed(seed)
-    model = GPT(config).to(dtype).eval()
-    # random init at std 0.02 makes near-uniform logits and greedy ties; sharpen the LM head
-    with torch.no_grad():
-        model.lm_head.weight.mul_(sharpen)
-    return model
 
 
 CONFIGS = [

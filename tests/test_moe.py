@@ -7,32 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import build as build_model
+from conftest import tiny
 from model import GPT, GPTConfig, MoE
 
 
-def tiny(**kw):
-    args = dict(vocab_size=37, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
-    args.update(kw)
-    return GPTConfig(**args)
-
-
-def build(config, dtype=torch.float64, seed=0, sharpen=20.0):
-    torch.manual_seed(seed)
-    model = GPT(config).to(dtype).eval()
+def build(config, **kw):
+    model = build_model(config, **kw)
     with torch.no_grad():
-        model.lm_head.weight.mul_(sharpen)  # no greedy ties (see test_model.py)
         for moe in model.moe_layers():
             moe.router.weight.mul_(10.0)  # routing that differs from token to token
     return model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: extra threads only add synchronisation (10-50x slower on a busy 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def naive_moe(moe, x):
