@@ -324,6 +324,42 @@ class Tokenizer:
         """Ids to text; bytes that are not valid UTF-8 (a cut character) become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    # --- the chat template
+
+    def render_conversation(self, messages):
+        """A conversation -> (ids, loss_mask), the training sequence of supervised fine-tuning.
+
+        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. The sequence is
+        <|endoftext|>, then for each message its role token, its content and <|end|>:
+
+            <|endoftext|><|user|>What is 2 + 3?<|end|><|assistant|>5<|end|>
+            mask:  0          0   0 ...          0     0            1 1
+
+        loss_mask[i] = 1 where ids[i] is a token the model must learn to produce: the content of
+        every assistant message and its closing <|end|> (which is how it learns to stop). The
+        role tokens are inserted by id and the contents encoded with encode_ordinary, so a message
+        that spells "<|assistant|>" stays text and cannot open a turn of its own."""
+        end = self.special_id("<|end|>")
+        ids, mask = [self.special_id("<|endoftext|>")], [0]
+        for i, m in enumerate(messages):
+            role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise ValueError(f"message {i}: expected a role system | user | assistant and a string "
+                                 f"content, got {m!r:.80}")
+            body = self.encode_ordinary(content) + [end]
+            ids.append(self.special_id(f"<|{role}|>"))
+            mask.append(0)
+            ids += body
+            mask += [int(role == "assistant")] * len(body)
+        return ids, mask
+
+    def render_prompt(self, messages):
+        """The conversation so far, then <|assistant|>: what the model continues to answer.
+        Generation stops at <|end|>. The same ids as render_conversation up to the point where
+        the assistant's reply begins, so a model sees at inference what it saw in training."""
+        ids, _ = self.render_conversation(messages)
+        return ids + [self.special_id("<|assistant|>")]
+
     # --- saving and loading
 
     def state(self):

@@ -1,6 +1,6 @@
 """
 Plumbing shared by every stage script: config parsing, device and dtype, DDP, checkpoints,
-logging, the learning-rate schedule. Nothing in here is a training step; the physics of each
+reading conversation files, logging, the learning-rate schedule. Nothing in here is a training step; the physics of each
 stage stays in its own script.
 
 The config mechanism, as in nanoGPT but checked. A script declares its settings as module
@@ -19,9 +19,11 @@ expected, true/false/1/0 parse as booleans, and a wrong type raises ValueError n
 
 import ast
 import contextlib
+import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -228,9 +230,32 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def check_in_sync(self, model):
+        """A cheap guard against silent divergence: every process must end with the same
+        parameters. Exits with the digests if they differ."""
+        if not self.enabled:
+            return
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+        digests = self.gather_objects(digest)
+        if self.master:
+            if len(set(digests)) != 1:
+                sys.exit(f"DDP error: the processes ended with different parameters: {digests}")
+            print(f"ddp: parameters identical on all {self.world_size} processes")
+
     def close(self):
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def compile_works(device):
+    """Whether torch.compile runs here (it needs triton on a GPU, a C++ compiler on a CPU):
+    compile something tiny and see, so that a platform without it falls back to eager."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+        return True
+    except Exception as e:
+        print(f"torch.compile does not work here ({type(e).__name__}: {str(e)[:200]}); running eager")
+        return False
 
 
 def peak_flops(device_type):
@@ -298,6 +323,68 @@ def load_checkpoint(path):
     return ckpt
 
 
+def save_training_checkpoint(path, ddp, model, optimizer, scaler, **info):
+    """Everything needed to resume exactly: the unwrapped, uncompiled model, its config, the
+    optimizer, the scaler and every process's RNG state, plus the stage's info (iter_num,
+    best_val_loss, config, meta, stage ...). Every process must call it (the RNG states are
+    gathered); only the master writes."""
+    torch_states = ddp.gather_objects(torch.get_rng_state())
+    cuda_states = ddp.gather_objects(torch.cuda.get_rng_state()) if ddp.device_type == "cuda" else []
+    if not ddp.master:
+        return
+    save_checkpoint({
+        "model": model.state_dict(),
+        "model_args": model.config.to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": {"torch": torch_states, "cuda": cuda_states},
+        **info,
+        "git": git_commit(),
+    }, path)
+
+
+def restore_training_state(ckpt, ddp, optimizer, scaler):
+    """The other half of save_training_checkpoint: optimizer, scaler and this process's RNG."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"][ddp.rank % len(rng["torch"])])
+    if ddp.device_type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"][ddp.rank % len(rng["cuda"])])
+
+
+def model_from_checkpoint(ckpt, path, train_args=None):
+    """The GPT a checkpoint holds. The architecture is the checkpoint's; of train_args (a script's
+    model settings) only what is training-only may change it: dropout and the lora_* fields, so
+    a plain checkpoint can be fine-tuned with adapters. A resume passes none."""
+    from model import GPT, GPTConfig
+
+    model_args = dict(ckpt["model_args"])
+    for k, v in (train_args or {}).items():
+        if k == "dropout" or k.startswith("lora_"):
+            model_args[k] = v
+    model = GPT(GPTConfig(**model_args))
+    missing, unexpected = model.load_state_dict(clean_state_dict(ckpt["model"]), strict=False)
+    if unexpected or any("lora_" not in k for k in missing):  # only fresh adapters may be missing
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def catch_ctrl_c():
+    """Make the first Ctrl-C a request to stop: the training loop polls stop["requested"],
+    finishes its iteration, saves a checkpoint and exits. A second Ctrl-C aborts at once."""
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nCtrl-C: finishing this iteration, saving a checkpoint, then exiting (again to abort)")
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return stop
+
+
 def clean_state_dict(state_dict):
     """Drop the prefixes torch.compile and DDP put in front of parameter names."""
     out = {}
@@ -336,6 +423,66 @@ def tokenizer_from_meta(meta):
     import bpe
 
     return bpe.Tokenizer.from_state(meta["tokenizer_state"])
+
+
+# -----------------------------------------------------------------------------
+# conversations (SFT data, RL prompts)
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def read_conversations(path, require_assistant=True):
+    """The conversations of a JSONL file, one JSON object per line, in either format:
+
+        {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
+        {"prompt": "...", "completion": "..."}      (a user message and an assistant message)
+
+    -> (rows, blank): each row is the line's object with "messages" in the first format (any
+    other fields, such as answer, task and difficulty, kept as they are), and blank is the number
+    of blank lines skipped. A line that is neither format raises ValueError naming the file and
+    the line, as does a conversation with no assistant message when require_assistant."""
+
+    def messages_of(obj):
+        if not isinstance(obj, dict):
+            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        if "messages" in obj:
+            messages = obj["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise ValueError("'messages' must be a non-empty list")
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or set(m) != {"role", "content"}:
+                    raise ValueError(f"message {i} must be an object with exactly 'role' and 'content', got {m!r:.80}")
+                if m["role"] not in CHAT_ROLES:
+                    raise ValueError(f"message {i} has role {m['role']!r}, expected one of {', '.join(CHAT_ROLES)}")
+                if not isinstance(m["content"], str):
+                    raise ValueError(f"message {i} has a content that is not a string: {m['content']!r:.80}")
+            return messages
+        if "prompt" in obj and "completion" in obj:
+            if not isinstance(obj["prompt"], str) or not isinstance(obj["completion"], str):
+                raise ValueError("'prompt' and 'completion' must be strings")
+            return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
+        raise ValueError(f"expected a 'messages' list or 'prompt' and 'completion', found keys {sorted(obj)}")
+
+    rows, blank, n = [], 0, 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    blank += 1
+                    continue
+                try:
+                    obj = json.loads(line)
+                    obj["messages"] = messages_of(obj)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except ValueError as e:
+                    raise ValueError(f"{path} line {n}: {e}") from None
+                if require_assistant and not any(m["role"] == "assistant" for m in obj["messages"]):
+                    raise ValueError(f"{path} line {n}: no assistant message, so nothing to learn from")
+                rows.append(obj)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} line {n + 1}: not UTF-8 text") from None
+    return rows, blank
 
 
 # -----------------------------------------------------------------------------

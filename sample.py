@@ -13,6 +13,14 @@ checkpoint's stored config and the tokenizer from its stored meta: no data folde
 
 It prints each sample as it is generated, separated by a line of dashes, and on stderr the speed:
     [sample 1: 500 tokens in 1.42s, 352 tokens/s]
+
+Chat with a fine-tuned model (sft.py): each turn renders the conversation so far with the chat
+template (bpe.Tokenizer.render_prompt) and streams the reply until the model closes it with <|end|>.
+An empty line is ignored, /reset starts a new conversation, Ctrl-D or Ctrl-C at the prompt leaves,
+Ctrl-C during a reply cuts it short (the turn is forgotten). With --start it answers that one
+prompt and exits.
+    python sample.py --out_dir=out-sft --chat=True
+    python sample.py --out_dir=out-sft --chat=True --start="What is 12 + 34?" --temperature=0
 """
 
 import codecs
@@ -40,6 +48,8 @@ temperature = 0.8  # 0 = greedy
 top_k = 200  # keep the k most likely tokens (0 = all)
 top_p = 1.0  # nucleus sampling: keep the smallest set with this probability (1.0 = all)
 use_cache = True  # False recomputes the whole context every token (the slow reference)
+chat = False  # True: a multi-turn chat in the chat template; a non-blank --start is answered, then it exits
+system = ""  # chat: a system message that opens the conversation (empty: none)
 # system
 seed = 1337
 device = "auto"
@@ -137,6 +147,8 @@ def main():
     if start.startswith("FILE:"):
         with open(start[5:], encoding="utf-8") as f:
             text = f.read()
+    if chat:
+        return chat_loop(model, tokenizer, dev, amp, text if text.strip() else None)
     prompt = torch.tensor(encode_prompt(tokenizer, text), dtype=torch.long, device=dev)[None]
     generator = torch.Generator(dev).manual_seed(seed)
     for k in range(num_samples):
@@ -154,6 +166,68 @@ def main():
         sys.stdout.write(utf8.decode(b"", final=True) + "\n" + "-" * 40 + "\n")
         dt = time.time() - t0
         print(f"[sample {k + 1}: {max_new_tokens} tokens in {dt:.2f}s, {max_new_tokens / dt:.0f} tokens/s]", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# chat
+
+
+def reply(model, tokenizer, history, dev, amp, generator):
+    """Stream the assistant's reply to the conversation `history` to stdout; return its text."""
+    cfg, end = model.config, tokenizer.special_id("<|end|>")
+    room = min(max_new_tokens, cfg.block_size // 2)
+    while not cfg.unbounded_positions and len(history) > 1 and len(tokenizer.render_prompt(history)) + room > cfg.block_size:
+        # the model has seen no more than block_size tokens at once: forget the oldest turns,
+        # the system message last, so the newest message and room for a reply still fit
+        del history[next((i for i, m in enumerate(history[:-1]) if m["role"] != "system"), 0)]
+    prompt = torch.tensor(tokenizer.render_prompt(history), dtype=torch.long, device=dev)[None]
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    ids = []
+    with amp:
+        for token, _ in model.generate_tokens(prompt, max_new_tokens, temperature, top_k or None,
+                                              top_p if top_p < 1.0 else None, use_cache, generator,
+                                              vocab_limit=tokenizer.n_vocab):
+            if int(token[0]) == end:  # the model closes its turn
+                break
+            ids.append(int(token[0]))
+            sys.stdout.write(utf8.decode(tokenizer.decode_bytes(ids[-1:])))
+            sys.stdout.flush()
+    sys.stdout.write(utf8.decode(b"", final=True) + "\n")
+    sys.stdout.flush()
+    return tokenizer.decode(ids)
+
+
+def chat_loop(model, tokenizer, dev, amp, question=None):
+    """One answer to `question`, or, without one, a conversation read from the terminal."""
+    if not hasattr(tokenizer, "render_prompt") or not {"<|user|>", "<|assistant|>", "<|end|>"} <= set(tokenizer.special_tokens):
+        raise ValueError(f"chat needs a checkpoint whose tokenizer has the chat tokens (<|user|>, <|assistant|>, "
+                         f"<|end|>); this one is {tokenizer.kind} with {list(tokenizer.special_tokens)}")
+    generator = torch.Generator(dev).manual_seed(seed)
+    opening = [{"role": "system", "content": system}] if system else []
+    if question is not None:
+        reply(model, tokenizer, opening + [{"role": "user", "content": question}], dev, amp, generator)
+        return
+    history = list(opening)
+    print("chat: type a message; /reset starts over; Ctrl-D or Ctrl-C leaves", file=sys.stderr)
+    while True:
+        try:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = input()
+        except (EOFError, KeyboardInterrupt):
+            sys.stderr.write("\n")
+            return
+        if line.strip() == "/reset":
+            history = list(opening)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            history.append({"role": "assistant", "content": reply(model, tokenizer, history, dev, amp, generator)})
+        except KeyboardInterrupt:
+            history.pop()
+            print("\n[reply interrupted; the turn is forgotten]", file=sys.stderr)
 
 
 if __name__ == "__main__":

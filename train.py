@@ -24,10 +24,8 @@ and at every eval_interval
     eval iter=250 train_loss=1.9803 val_loss=2.0712 val_ppl=7.9363
 """
 
-import hashlib
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -108,6 +106,7 @@ dtype = common.pick_dtype(dtype, ddp.device_type)
 ctx = common.autocast(ddp.device_type, dtype)
 if compile and ddp.device_type != "cuda":
     compile = False  # inductor on CPU compiles slowly for small gains at this scale
+compile = compile and common.compile_works(ddp.device)
 torch.manual_seed(seed + ddp.rank)  # dropout draws from the global RNG; batches never do
 if ddp.device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -165,16 +164,7 @@ if init_from == "scratch":
 else:
     path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
     ckpt = common.load_checkpoint(path)
-    # the architecture is the checkpoint's; what may change when starting from it is training-only
-    stored = dict(ckpt["model_args"])
-    for k in ("dropout",) + tuple(k for k in model_args if k.startswith("lora_")):
-        if init_from != "resume" and k in model_args:
-            stored[k] = model_args[k]
-    model_args = stored
-    model = GPT(GPTConfig(**model_args))
-    missing, unexpected = model.load_state_dict(common.clean_state_dict(ckpt["model"]), strict=False)
-    if unexpected or any("lora_" not in k for k in missing):
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+    model = common.model_from_checkpoint(ckpt, path, None if init_from == "resume" else model_args)
     if init_from == "resume":
         iter_num, best_val_loss, resumed = ckpt["iter_num"], ckpt["best_val_loss"], True
     if master:
@@ -184,12 +174,7 @@ raw_model = model
 scaler = torch.amp.GradScaler(ddp.device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), ddp.device_type)
 if resumed:
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt["rng"]
-    torch.set_rng_state(rng["torch"][ddp.rank % len(rng["torch"])])
-    if ddp.device_type == "cuda" and rng.get("cuda"):
-        torch.cuda.set_rng_state(rng["cuda"][ddp.rank % len(rng["cuda"])])
+    common.restore_training_state(ckpt, ddp, optimizer, scaler)
 ckpt = None  # free it
 if master:
     n_total, n_train = model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -202,25 +187,8 @@ if ddp.enabled:
 
 
 def checkpoint(path):
-    """Everything needed to resume exactly: the unwrapped uncompiled model, optimizer, scaler,
-    every process's RNG, the iteration, the config and the tokenizer."""
-    torch_states = ddp.gather_objects(torch.get_rng_state())
-    cuda_states = ddp.gather_objects(torch.cuda.get_rng_state()) if ddp.device_type == "cuda" else []
-    if not master:
-        return
-    common.save_checkpoint({
-        "model": raw_model.state_dict(),
-        "model_args": raw_model.config.to_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": {"torch": torch_states, "cuda": cuda_states},
-        "iter_num": iter_num,
-        "best_val_loss": best_val_loss,
-        "config": config,
-        "meta": meta,
-        "git": common.git_commit(),
-        "stage": "pretrain",
-    }, path)
+    common.save_training_checkpoint(path, ddp, raw_model, optimizer, scaler, iter_num=iter_num,
+                                    best_val_loss=best_val_loss, config=config, meta=meta, stage="pretrain")
 
 
 # -----------------------------------------------------------------------------
@@ -262,17 +230,7 @@ def sample_text(n_tokens):
 
 logger = common.Logger(out_dir, master, wandb_log, wandb_project, wandb_run_name, config, resume=resumed)
 peak = common.peak_flops(ddp.device_type) if master else 1.0
-stop = {"requested": False}
-
-
-def on_sigint(signum, frame):
-    if stop["requested"]:
-        raise KeyboardInterrupt  # a second Ctrl-C: leave now
-    stop["requested"] = True
-    print("\nCtrl-C: finishing this iteration, saving a checkpoint, then exiting (again to abort)")
-
-
-signal.signal(signal.SIGINT, on_sigint)
+stop = common.catch_ctrl_c()
 start_iter, t_start = iter_num, time.time()
 t0, loss_acc, steps_since_log, nonfinite = time.time(), torch.zeros((), device=ddp.device), 0, False
 while True:
@@ -343,13 +301,7 @@ while True:
             print(f"saved {os.path.join(out_dir, 'ckpt.pt')} at iter {iter_num}; resume with --init_from=resume")
         break
 
-if ddp.enabled:  # a cheap guard against silent divergence between processes
-    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in raw_model.parameters())).hexdigest()
-    digests = ddp.gather_objects(digest)
-    if master:
-        if len(set(digests)) != 1:
-            sys.exit(f"DDP error: the processes ended with different parameters: {digests}")
-        print(f"ddp: parameters identical on all {ddp.world_size} processes")
+ddp.check_in_sync(raw_model)
 if master and not nonfinite and not eval_only:
     print(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}")
 logger.close()
