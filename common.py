@@ -258,6 +258,25 @@ def compile_works(device):
         return False
 
 
+def setup(device, backend, dtype, compile, seed, gradient_accumulation_steps, out_dir):
+    """The start of every training script: processes, device, precision, seeds, out_dir.
+    -> (ddp, micro-steps of this process, the resolved dtype, its autocast context, compile)."""
+    ddp = Distributed(device, backend)
+    if gradient_accumulation_steps % ddp.world_size:
+        sys.exit(f"config error: gradient_accumulation_steps={gradient_accumulation_steps} is not divisible "
+                 f"by the {ddp.world_size} processes")
+    dtype = pick_dtype(dtype, ddp.device_type)
+    # inductor on a CPU compiles slowly for small gains at this scale; on a GPU, only where it works
+    compile = compile and ddp.device_type == "cuda" and compile_works(ddp.device)
+    torch.manual_seed(seed + ddp.rank)  # dropout draws from the global RNG; batches never do
+    if ddp.device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp.master:
+        os.makedirs(out_dir, exist_ok=True)
+    return ddp, gradient_accumulation_steps // ddp.world_size, dtype, autocast(ddp.device_type, dtype), compile
+
+
 def peak_flops(device_type):
     """Dense bf16 peak of known GPUs from their spec sheets; elsewhere (CPU) the measured rate of
     a large float32 matmul, so MFU on a CPU reads as a share of what its matmuls can do."""

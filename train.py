@@ -95,24 +95,11 @@ seed = 1337
 config = common.configure(globals())
 # -----------------------------------------------------------------------------
 
-ddp = common.Distributed(device, backend)
+ddp, grad_accum, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed,
+                                                    gradient_accumulation_steps, out_dir)
 master = ddp.master
-if gradient_accumulation_steps % ddp.world_size:
-    raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by "
-                     f"the {ddp.world_size} processes")
-grad_accum = gradient_accumulation_steps // ddp.world_size  # micro-steps of this process
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-dtype = common.pick_dtype(dtype, ddp.device_type)
-ctx = common.autocast(ddp.device_type, dtype)
-if compile and ddp.device_type != "cuda":
-    compile = False  # inductor on CPU compiles slowly for small gains at this scale
-compile = compile and common.compile_works(ddp.device)
-torch.manual_seed(seed + ddp.rank)  # dropout draws from the global RNG; batches never do
-if ddp.device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     print(f"tokens per iteration: {tokens_per_iter:,} ({ddp.world_size} processes x {grad_accum} "
           f"micro-steps x {batch_size} x {block_size}); device {ddp.device}, dtype {dtype}")
 
@@ -160,11 +147,17 @@ model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in con
 model_args["vocab_size"] = meta["vocab_size"]
 ckpt = None
 if init_from == "scratch":
-    model = GPT(GPTConfig(**model_args))
+    try:
+        model = GPT(GPTConfig(**model_args))
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
 else:
     path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
-    ckpt = common.load_checkpoint(path)
-    model = common.model_from_checkpoint(ckpt, path, None if init_from == "resume" else model_args)
+    try:
+        ckpt = common.load_checkpoint(path)
+        model = common.model_from_checkpoint(ckpt, path, None if init_from == "resume" else model_args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"init_from={init_from}: {e}")
     if init_from == "resume":
         iter_num, best_val_loss, resumed = ckpt["iter_num"], ckpt["best_val_loss"], True
     if master:
@@ -180,7 +173,8 @@ if master:
     n_total, n_train = model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"parameters: {n_total / 1e6:.2f}M ({n_train / 1e6:.2f}M trainable)")
 if compile:
-    print("compiling the model (a minute or so)...") if master else None
+    if master:
+        print("compiling the model (a minute or so)...")
     model = torch.compile(model)
 if ddp.enabled:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device_type == "cuda" else None)

@@ -115,7 +115,10 @@ def test_bad_config_fails_with_a_message(byte_dataset):
     assert res.returncode != 0 and "'max_iters' expects an int, got 'ten'" in res.stderr
     assert "Traceback" not in res.stderr
     res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--n_head=3", check=False)
-    assert res.returncode != 0 and "divisible by n_head" in res.stderr
+    assert res.returncode != 0 and "divisible by n_head" in res.stderr and "Traceback" not in res.stderr
+    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--init_from=/nonexistent/ckpt.pt", check=False)
+    assert res.returncode != 0 and "no checkpoint at /nonexistent/ckpt.pt" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(byte_dataset, tmp_path):
