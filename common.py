@@ -303,6 +303,17 @@ def peak_flops(device_type):
 # learning-rate schedule
 
 
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """The end of every training step: unscale fp16 gradients, clip their global norm to
+    grad_clip (0 = off), step, update the scaler, clear the gradients. -> the norm before clipping."""
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def lr_at(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
     """Linear warmup from learning_rate/warmup_iters (never 0 at step 0), then cosine to min_lr at
     lr_decay_iters, then min_lr."""

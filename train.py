@@ -262,11 +262,7 @@ while True:
             loss = loss / grad_accum  # the accumulated gradient is the mean over micro-steps
         scaler.scale(loss).backward()
         loss_acc += loss.detach()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
     # --------------------------------------------------------------------------------------
 
     iter_num += 1

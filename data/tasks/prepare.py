@@ -1,0 +1,99 @@
+"""
+Generate the verifiable task mix of data/tasks/tasks.py as SFT data: no download, the same files
+on every machine for a given seed.
+
+Writes data/tasks/train.jsonl and data/tasks/val.jsonl (or into --out_dir), one conversation per
+line in the messages format, with the reference answer and the task and difficulty of each:
+
+    {"messages": [{"role": "user", "content": "What is 59 + 63?"}, {"role": "assistant", "content": "122"}],
+     "answer": "122", "task": "add", "difficulty": 2}
+
+Each (task, difficulty) cell gets train_per_cell (times its task's weight) training and
+val_per_cell validation problems. The validation problems are distinct, and no training problem
+repeats one of them, so validation measures answers the model has never been shown. A cell with
+few distinct problems gives at most a fifth of them to validation (1-digit addition has 100, so
+20 are held out and the other 80 are what training draws from).
+
+    python data/tasks/prepare.py
+    python data/tasks/prepare.py --difficulties=1,2,3,4 --task_weights=
+    python data/tasks/prepare.py --tasks=add,reverse --task_weights=add=2 --train_per_cell=5000
+
+A healthy run prints
+    wrote data/tasks: train 57000 conversations, val 831 (6 tasks x 3 difficulties), seed 1337
+"""
+
+import json
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from common import configure  # noqa: E402  (the repo root is on the path now)
+from data.tasks.tasks import DIFFICULTIES, TASKS, generate, n_problems  # noqa: E402
+
+# -----------------------------------------------------------------------------
+out_dir = ""  # empty: data/tasks, next to this script
+tasks = TASKS  # which tasks, a subset of add sub reverse sort count copy
+difficulties = (1, 2, 3)  # which levels, a subset of 1 2 3 4
+train_per_cell = 2000  # training conversations per (task, difficulty), times the task's weight
+# Multi-digit arithmetic takes a small model far more examples than reversing or copying, so the
+# default mix leans on it: 4x addition, 2x subtraction, half as much copying (learned fastest)
+task_weights = ("add=4", "sub=2", "copy=0.5")  # task=weight; a task not named has weight 1
+val_per_cell = 50  # held-out conversations per (task, difficulty)
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def main():
+    out = out_dir or os.path.dirname(os.path.abspath(__file__))
+    diffs = tuple(int(d) for d in difficulties)
+    for d in diffs:
+        if d not in DIFFICULTIES:
+            raise ValueError(f"difficulties: {d} is not one of {DIFFICULTIES}")
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"tasks: {t!r} is not one of {', '.join(TASKS)}")
+    if train_per_cell < 0 or val_per_cell < 0:
+        raise ValueError("train_per_cell and val_per_cell must be >= 0")
+    weights = dict.fromkeys(tasks, 1.0)
+    for item in task_weights:
+        name, _, w = item.partition("=")
+        try:
+            weights[name] = float(w)
+        except ValueError:
+            weights[name] = -1.0
+        if name not in TASKS or weights[name] < 0:
+            raise ValueError(f"task_weights: expected task=weight with a task of {', '.join(TASKS)} and a "
+                             f"weight >= 0, got {item!r}")
+    rng = random.Random(seed)
+    train, val = [], []
+    for task in tasks:
+        for d in diffs:
+            seen = set()
+            while len(seen) < min(val_per_cell, n_problems(task, d) // 5):  # distinct held-out problems first
+                ex = generate(task, d, rng)
+                if ex["messages"][0]["content"] not in seen:
+                    seen.add(ex["messages"][0]["content"])
+                    val.append(ex)
+            n = 0
+            while n < round(train_per_cell * weights[task]):  # then training problems, none of them held out
+                ex = generate(task, d, rng)
+                if ex["messages"][0]["content"] not in seen:
+                    train.append(ex)
+                    n += 1
+    rng.shuffle(train)  # sft.py orders the data itself (shuffled, or a curriculum)
+    os.makedirs(out, exist_ok=True)
+    for name, rows in (("train", train), ("val", val)):
+        with open(os.path.join(out, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            for ex in rows:
+                f.write(json.dumps(ex) + "\n")
+    print(f"wrote {os.path.relpath(out)}: train {len(train)} conversations, val {len(val)} "
+          f"({len(tasks)} tasks x {len(diffs)} difficulties), seed {seed}")
+
+
+if __name__ == "__main__":
+    configure(globals())
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,456 @@
+"""
+Supervised fine-tuning: teach a pretrained model to answer in the chat template.
+
+Reads a checkpoint (init_from: train.py's, or an earlier SFT's) and data/<sft_dataset>/{train,
+val}.jsonl, one conversation per line: {"messages": [{"role": "user", "content": ...}, {"role":
+"assistant", "content": ...}, ...]} or {"prompt": ..., "completion": ...}, optionally with
+"answer", "task" and "difficulty" fields (data/tasks/prepare.py writes such a task mix, and is run
+for you when sft_dataset is "tasks" and its files are missing). Each conversation is rendered by
+the tokenizer's chat template (bpe.Tokenizer.render_conversation) and the loss is taken on the
+assistant's tokens only, each reply's closing <|end|> included. Writes to out_dir: ckpt.pt (the
+latest state, for resume, the same format as train.py's, so sample.py loads it), best.pt (the
+weights with the best val loss), log.jsonl and samples.txt (prompts, references and the model's
+answers at each eval). With lora_rank > 0 only adapters train (and with train_embeddings the token
+embedding too); best.pt and, at the end, merged.pt hold the plain model with the adapters folded
+in, and lora.pt the adapters alone (and the embedding), to load on top of the base.
+
+A tiny run on a laptop CPU (about 10 minutes, after python train.py config/tiny_shakespeare.py):
+    python sft.py config/sft_tasks.py
+    python sft.py config/sft_tasks_lora.py
+    python sample.py --out_dir=out-sft --chat=True
+One GPU, or several:
+    python sft.py --init_from=out/ckpt.pt --sft_dataset=my_chats --batch_size=64 --out_dir=out-sft
+    torchrun --standalone --nproc_per_node=8 sft.py --init_from=out/ckpt.pt --gradient_accumulation_steps=8
+Resume, or measure a checkpoint without training:
+    python sft.py config/sft_tasks.py --init_from=resume
+    python sft.py config/sft_tasks.py --eval_only=True --eval_prompts=100000 --out_dir=out-sft-base
+
+A healthy run prints the resolved config, the data (conversations, tokens, what was dropped), then
+    iter=100 loss=0.6012 lr=0.0010 grad_norm=0.8123 ms=95.2 tok_s=21000 pad=0.31 mfu=0.12 eta=6.1m
+and at every eval_interval the assistant-token losses and the greedy answers' exact match (em)
+and edit-similarity score, overall and per task and difficulty:
+    eval iter=500 train_loss=0.2803 val_loss=0.3012
+    answers iter=500 em=0.6125 score=0.8410 em/add/1=1.0000 score/add/1=1.0000 ...
+"""
+
+import functools
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+import torch
+
+import common
+from data.tasks.tasks import exact_match, metrics
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out-sft"
+init_from = "out/ckpt.pt"  # a checkpoint to fine-tune (train.py's or an SFT one) | resume (from out_dir/ckpt.pt)
+eval_interval = 250  # iterations between evaluations (and checkpoints)
+log_interval = 10  # iterations between log lines
+eval_iters = 20  # batches per split for the train and val losses
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # write ckpt.pt at every eval, not only when val loss improves
+wandb_log = False
+wandb_project = "llm"
+wandb_run_name = "sft"
+# data
+sft_dataset = "tasks"  # a folder under data/ (or an absolute path) with train.jsonl and val.jsonl
+gradient_accumulation_steps = 1  # micro-steps per iteration, summed over all processes
+batch_size = 32  # conversations per micro-step per process, right-padded to the longest of them
+# model: only GPTConfig's training-only fields; the architecture (and block_size) is the checkpoint's
+dropout = 0.0
+lora_rank = 0  # > 0: train low-rank adapters only, save the merged model and the adapters at the end
+lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
+lora_dropout = 0.0
+lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+# sft
+curriculum = "none"  # none | length | difficulty: the first epoch runs from easy to hard (difficulty field, else length)
+eval_prompts = 240  # held-out prompts answered greedily at each eval, balanced over task and difficulty (0 = none)
+eval_max_new_tokens = 40  # the longest answer generated, in tokens
+eval_show = 12  # prompt / reference / answer examples appended to out_dir/samples.txt at each eval
+train_embeddings = False  # with LoRA: train the token embedding (= the tied output head) too, not only adapters
+# optimizer
+learning_rate = 1e-3  # peak
+max_iters = 1000  # total iterations
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+# schedule
+decay_lr = True  # linear warmup, then cosine to min_lr
+warmup_iters = 50
+lr_decay_iters = 1000  # usually max_iters
+min_lr = 1e-4  # usually learning_rate / 10
+# system
+backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo otherwise) | nccl | gloo
+device = "auto"  # auto | cpu | cuda | cuda:1 | mps
+dtype = "auto"  # auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
+compile = True  # torch.compile the model (skipped on CPU and MPS)
+seed = 1337
+# -----------------------------------------------------------------------------
+config = common.configure(globals())
+# -----------------------------------------------------------------------------
+
+if curriculum not in ("none", "length", "difficulty"):
+    sys.exit(f"config error: curriculum must be none | length | difficulty, got {curriculum!r}")
+if batch_size < 1 or eval_prompts < 0 or eval_max_new_tokens < 1 or eval_show < 0:
+    sys.exit("config error: need batch_size >= 1, eval_prompts >= 0, eval_max_new_tokens >= 1, eval_show >= 0")
+ddp, grad_accum, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed,
+                                                    gradient_accumulation_steps, out_dir)
+master = ddp.master
+if master:
+    print(f"conversations per iteration: {gradient_accumulation_steps * batch_size} ({ddp.world_size} "
+          f"processes x {grad_accum} micro-steps x {batch_size}); device {ddp.device}, dtype {dtype}")
+
+# -----------------------------------------------------------------------------
+# the checkpoint to start from, and its tokenizer
+
+ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+try:
+    ckpt = common.load_checkpoint(ckpt_path)
+except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"init_from: {e}" + ("; pretrain first, e.g. python train.py config/tiny_shakespeare.py"
+                                  if isinstance(e, FileNotFoundError) else ""))
+if "meta" not in ckpt:
+    sys.exit(f"{ckpt_path} carries no tokenizer (meta): SFT needs a checkpoint of this repository")
+meta = ckpt["meta"]
+tok = common.tokenizer_from_meta(meta)
+block_size = ckpt["model_args"]["block_size"]
+end_id, pad_id = tok.special_id("<|end|>"), tok.special_id("<|endoftext|>")
+base = ckpt.get("base", ckpt_path) if init_from == "resume" else init_from  # the pretrained weights under it all
+
+# -----------------------------------------------------------------------------
+# data: conversations rendered by the chat template, once
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+data_dir = sft_dataset if os.path.isabs(sft_dataset) else os.path.join(ROOT, "data", sft_dataset)
+paths = {split: os.path.join(data_dir, f"{split}.jsonl") for split in ("train", "val")}
+if not all(os.path.isfile(p) for p in paths.values()):
+    if master and sft_dataset == "tasks":
+        print("data/tasks is missing: generating it")
+        if subprocess.run([sys.executable, os.path.join(data_dir, "prepare.py")]).returncode != 0:
+            sys.exit("could not generate data/tasks; see the message above")
+    ddp.barrier()
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        sys.exit(f"sft_dataset {sft_dataset!r}: no {', '.join(missing)}")
+
+
+def load_split(split):
+    """-> the conversations of a split that fit in block_size + 1 tokens: their rows (the JSON
+    objects) and their (ids, loss_mask)."""
+    rows, blank = common.read_conversations(paths[split])
+    kept, rendered = [], []
+    for row in rows:
+        ids, mask = tok.render_conversation(row["messages"])
+        if len(ids) - 1 <= block_size:  # inputs are ids[:-1], targets ids[1:]
+            kept.append(row)
+            rendered.append((ids, mask))
+    if master:
+        n_tok, n_loss = sum(len(ids) for ids, _ in rendered), sum(sum(m) for _, m in rendered)
+        print(f"{split}: {len(kept)} conversations, {n_tok:,} tokens ({n_loss:,} of them assistant tokens); "
+              f"dropped {len(rows) - len(kept)} longer than block_size + 1 = {block_size + 1} tokens; "
+              f"{blank} blank lines")
+    if not kept:
+        raise ValueError(f"{paths[split]}: no conversation fits in block_size + 1 = {block_size + 1} tokens")
+    return kept, rendered
+
+
+try:
+    train_rows, train_seqs = load_split("train")
+    val_rows, val_seqs = load_split("val")
+except ValueError as e:
+    sys.exit(f"data error: {e}")
+
+# the curriculum's level of each training conversation: its difficulty field, else its length
+use_difficulty = curriculum == "difficulty" and all("difficulty" in r for r in train_rows)
+if curriculum == "difficulty" and not use_difficulty and master:
+    print("curriculum: some conversations have no difficulty field; ordering by length instead")
+levels = [r["difficulty"] if use_difficulty else len(ids) for r, (ids, _) in zip(train_rows, train_seqs)]
+if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels):
+    sys.exit("data error: the difficulty field must be a number in every training conversation")
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(epoch):
+    """The order in which an epoch visits the training conversations: a fresh shuffle per epoch.
+    With a curriculum the first epoch goes from easy to hard, shuffled within each level (the
+    sort is stable, so the shuffle survives inside a level); later epochs are plain shuffles."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(train_seqs), generator=g).tolist()
+    if curriculum != "none" and epoch == 0:
+        order.sort(key=lambda i: levels[i])
+    return order
+
+
+def train_indices(it, micro_step):
+    # conversation k of the run's stream is position k % N of epoch k // N; an iteration's batches
+    # depend only on (seed, iteration, micro-step, rank), so a resumed run draws exactly the
+    # batches an uninterrupted one would have, with no state to carry
+    N = len(train_seqs)
+    start = ((it * grad_accum + micro_step) * ddp.world_size + ddp.rank) * batch_size
+    return [epoch_order(k // N)[k % N] for k in range(start, start + batch_size)]
+
+
+def get_batch(seqs):
+    """Conversations (ids, loss_mask) -> inputs X and targets Y (B, T), T the longest less one.
+    Right padding: each row starts at position 0, as forward's default positions assume, and
+    causal attention never lets a real token see the padding after it. Y is -1 (no loss) on the
+    padding and wherever the next token is not the assistant's."""
+    T = max(len(ids) for ids, _ in seqs) - 1
+    X = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    Y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for b, (ids, mask) in enumerate(seqs):
+        n = len(ids) - 1
+        X[b, :n] = torch.tensor(ids[:-1])
+        Y[b, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+    return X.to(ddp.device), Y.to(ddp.device)
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer, checkpoint
+
+iter_num, best_val_loss, resumed = 0, float("inf"), init_from == "resume"
+train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
+try:
+    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args)
+except ValueError as e:
+    sys.exit(f"init_from: {e}")
+if resumed:
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+if master:
+    print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {iter_num}")
+if train_embeddings and model.config.lora_rank > 0:
+    # Adapters alone cannot fix an embedding the base never learned: tiny shakespeare has no digits
+    # and no chat tokens, so their rows were only ever pushed down as outputs and all point the
+    # same way (cosine 0.9 between any two), and a frozen table can neither tell 3 from 7 nor learn
+    # to say <|end|>. The usual remedy (PEFT's modules_to_save) is to train the table as well.
+    model.wte.weight.requires_grad_(True)
+model.to(ddp.device)
+raw_model = model
+scaler = torch.amp.GradScaler(ddp.device_type, enabled=(dtype == "float16"))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), ddp.device_type)
+if resumed:
+    common.restore_training_state(ckpt, ddp, optimizer, scaler)
+ckpt = None  # free it
+n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+if master:
+    print(f"parameters: {model.num_params() / 1e6:.2f}M ({n_trainable / 1e6:.3f}M trainable)")
+if compile:
+    if master:
+        print("compiling the model (a minute or so)...")
+    model = torch.compile(model, dynamic=True)  # batches vary in length: one graph for all
+if ddp.enabled:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device_type == "cuda" else None)
+
+
+def checkpoint(path):
+    common.save_training_checkpoint(path, ddp, raw_model, optimizer, scaler, iter_num=iter_num,
+                                    best_val_loss=best_val_loss, config=config, meta=meta, stage="sft", base=base)
+
+
+def save_weights(path):
+    """The plain model, for sampling and the next stage: with LoRA the adapters are folded in and
+    model_args says lora_rank 0, so it loads like any other checkpoint."""
+    if not master:
+        return
+    cfg = raw_model.config.to_dict()
+    if cfg["lora_rank"] > 0:
+        state, cfg = raw_model.merged_state_dict(), dict(cfg, lora_rank=0)
+    else:
+        state = raw_model.state_dict()
+    common.save_checkpoint({"model": state, "model_args": cfg, "iter_num": iter_num, "best_val_loss": best_val_loss,
+                            "config": config, "meta": meta, "git": common.git_commit(), "stage": "sft",
+                            "base": base}, path)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: assistant-token losses, and greedy answers to held-out prompts
+
+eval_order = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(1000)).tolist()
+eval_seqs = {  # fixed batches, the same in every run, so eval losses are comparable
+    "train": [train_seqs[i] for i in eval_order[: eval_iters * batch_size]],
+    "val": val_seqs[: eval_iters * batch_size],
+}
+eval_batches = {split: [get_batch(seqs[k : k + batch_size]) for k in range(ddp.rank * batch_size, len(seqs), ddp.world_size * batch_size)]
+                for split, seqs in eval_seqs.items()}
+
+
+@torch.no_grad()
+def estimate_loss():
+    out = {}
+    model.eval()
+    for split, batches in eval_batches.items():
+        total = torch.zeros(2, device=ddp.device)  # (sum of token losses, assistant tokens)
+        for X, Y in batches:
+            with ctx:
+                _, loss = model(X, Y)
+            n = (Y >= 0).sum()
+            total += torch.stack((loss.float() * n, n.float()))
+        if ddp.enabled:
+            torch.distributed.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def held_out_prompts(rows, n):
+    """Up to n validation conversations as prompts with reference answers, taken round-robin over
+    the (task, difficulty) cells so that every cell is measured even in a small eval. The prompt
+    is the conversation up to its last assistant message; the reference is the answer field, else
+    that message."""
+    cells = {}
+    for row in rows:
+        cells.setdefault((row.get("task"), row.get("difficulty")), []).append(row)
+    picked = [c[k] for k in range(max(map(len, cells.values()))) for c in cells.values() if k < len(c)][:n]
+    out = []
+    for row in picked:
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        history = row["messages"][:last]
+        ex = {"prompt": tok.render_prompt(history), "answer": row.get("answer", row["messages"][last]["content"]),
+              "question": next((m["content"] for m in reversed(history) if m["role"] == "user"), "")}
+        ex.update({k: row[k] for k in ("task", "difficulty") if k in row})
+        out.append(ex)
+    return out
+
+
+gen_examples = held_out_prompts(val_rows, eval_prompts)
+
+
+@torch.no_grad()
+def answer_prompts():
+    """Greedy answers to gen_examples, batched (each process a share), until <|end|>."""
+    mine = sorted(range(ddp.rank, len(gen_examples), ddp.world_size), key=lambda i: len(gen_examples[i]["prompt"]))
+    answers = {}
+    for k in range(0, len(mine), batch_size):  # similar lengths together: less left padding
+        idx = mine[k : k + batch_size]
+        prompts = [torch.tensor(gen_examples[i]["prompt"], device=ddp.device) for i in idx]
+        with ctx:
+            outs = raw_model.generate(prompts, eval_max_new_tokens, temperature=0, eos_token=end_id,
+                                      vocab_limit=tok.n_vocab)
+        for i, p, o in zip(idx, prompts, outs):
+            new = o[len(p):].tolist()
+            answers[i] = tok.decode(new[:-1] if new and new[-1] == end_id else new)
+    for part in ddp.gather_objects(answers):
+        answers.update(part)
+    return [answers[i] for i in range(len(gen_examples))]
+
+
+def write_samples(answers):
+    shown = random.Random(0).sample(range(len(gen_examples)), min(eval_show, len(gen_examples)))
+    with open(os.path.join(out_dir, "samples.txt"), "a", encoding="utf-8") as f:
+        f.write(f"=== iter {iter_num}\n")
+        for i in sorted(shown):
+            ex = gen_examples[i]
+            f.write(f"[{ex.get('task', 'all')}/{ex.get('difficulty', 'all')}] prompt: {ex['question']!r}\n"
+                    f"  reference: {ex['answer']!r}\n  answer:    {answers[i]!r}"
+                    f"{'  (exact)' if exact_match(ex, answers[i]) else ''}\n")
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+logger = common.Logger(out_dir, master, wandb_log, wandb_project, wandb_run_name, config, resume=resumed)
+if master and not resumed:
+    open(os.path.join(out_dir, "samples.txt"), "w").close()  # a fresh run starts a fresh file, as log.jsonl
+peak = common.peak_flops(ddp.device_type) if master else 1.0
+stop = common.catch_ctrl_c()
+start_iter, t_start = iter_num, time.time()
+t0, loss_acc, steps_since_log, nonfinite = time.time(), torch.zeros((), device=ddp.device), 0, False
+counts = torch.zeros(4, dtype=torch.float64)  # since the last log line: real tokens, padded tokens, FLOPs, level sum
+while True:
+    lr = common.lr_at(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    if (iter_num % eval_interval == 0 and not (resumed and iter_num == start_iter)) or iter_num == max_iters or eval_only:
+        losses = estimate_loss()
+        improved = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        logger.log(iter_num, "eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
+        if gen_examples:
+            t_gen = time.time()
+            answers = answer_prompts()
+            logger.log(iter_num, "answers", iter=iter_num, **metrics(gen_examples, answers), s=time.time() - t_gen)
+            if master and eval_show:
+                write_samples(answers)
+        if eval_only:
+            break
+        if iter_num > start_iter and (always_save_checkpoint or improved or iter_num == max_iters):
+            checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        if iter_num > start_iter and improved:
+            save_weights(os.path.join(out_dir, "best.pt"))
+    if iter_num >= max_iters:
+        break
+
+    # ---- the training step --------------------------------------------------------------
+    indices = [train_indices(iter_num, m) for m in range(grad_accum)]
+    batches = [get_batch([train_seqs[i] for i in idx]) for idx in indices]
+    # the loss is the mean over every assistant token of the iteration, across micro-steps and
+    # processes: each micro-step's mean is weighted by its share of the tokens (DDP averages the
+    # gradients over processes, hence the mean count per process in the denominator)
+    n_mean = ddp.all_reduce_mean(sum((Y >= 0).sum() for _, Y in batches).float())
+    for micro_step, (X, Y) in enumerate(batches):
+        if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
+            model.require_backward_grad_sync = micro_step == grad_accum - 1
+        with ctx:
+            _, loss = model(X, Y)  # <- SFT: Y is -1 on every token that is not the assistant's
+            loss = loss * ((Y >= 0).sum() / n_mean)
+        scaler.scale(loss).backward()
+        loss_acc += loss.detach()
+        real = sum(len(train_seqs[i][0]) - 1 for i in indices[micro_step])
+        counts += torch.tensor([real, X.numel(), raw_model.flops_per_token(X.size(1)) * X.numel(),
+                                sum(levels[i] for i in indices[micro_step])], dtype=torch.float64)
+    grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
+    # --------------------------------------------------------------------------------------
+
+    iter_num += 1
+    steps_since_log += 1
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        n, steps_since_log = steps_since_log, 0
+        loss_avg = ddp.all_reduce_mean(loss_acc / n).item()
+        # tokens and FLOPs summed over the processes: the mean times their number
+        real, padded, flops, level_sum = (ddp.all_reduce_mean(counts.to(ddp.device)) * ddp.world_size).tolist()
+        loss_acc.zero_()
+        counts.zero_()
+        dt = (time.time() - t0) / n
+        t0 = time.time()
+        if not math.isfinite(loss_avg):
+            nonfinite = True
+            logger.log(iter_num, "stop", iter=iter_num, loss=loss_avg)
+            if master:
+                print(f"the loss is {loss_avg} at iter {iter_num}: stopping. The last good checkpoint is "
+                      f"{os.path.join(out_dir, 'ckpt.pt')}; try a lower learning_rate or a grad_clip.")
+            break
+        eta = (max_iters - iter_num) * dt
+        logger.log(iter_num, None, iter=iter_num, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), ms=dt * 1000,
+                   tok_s=round(real / n / dt), pad=1 - real / padded, mfu=flops / n / dt / peak,
+                   level=level_sum / (n * gradient_accumulation_steps * batch_size) if curriculum != "none" else None, eta=f"{eta / 60:.1f}m")
+    if ddp.any(stop["requested"]):
+        checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        if master:
+            print(f"saved {os.path.join(out_dir, 'ckpt.pt')} at iter {iter_num}; resume with --init_from=resume")
+        break
+
+ddp.check_in_sync(raw_model)
+if raw_model.config.lora_rank > 0 and not eval_only and not nonfinite and master:
+    save_weights(os.path.join(out_dir, "merged.pt"))
+    adapters = {"lora": raw_model.lora_state_dict()}
+    if raw_model.wte.weight.requires_grad:  # trained with them: it goes with them
+        adapters["embedding"] = raw_model.wte.weight.detach().clone()
+    common.save_checkpoint({**adapters, "model_args": raw_model.config.to_dict(), "iter_num": iter_num,
+                            "config": config, "git": common.git_commit(), "stage": "sft", "base": base},
+                           os.path.join(out_dir, "lora.pt"))
+    print(f"saved {os.path.join(out_dir, 'merged.pt')} (adapters merged) and {os.path.join(out_dir, 'lora.pt')} "
+          f"(the adapters{' and the embedding' if 'embedding' in adapters else ''}, for the base {base})")
+if master and not nonfinite and not eval_only:
+    print(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}")
+logger.close()
+ddp.close()
+if nonfinite:
+    sys.exit(1)
