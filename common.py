@@ -244,6 +244,7 @@ class Distributed:
 
     def close(self):
         if self.enabled and dist.is_initialized():
+            dist.barrier()  # leave together: a process torn down mid-exchange aborts its peers
             dist.destroy_process_group()
 
 
