@@ -355,9 +355,10 @@ def write_samples(answers):
 # -----------------------------------------------------------------------------
 # training loop
 
-logger = common.Logger(out_dir, master, wandb_log, wandb_project, wandb_run_name, config, resume=resumed)
-if master and not resumed:
-    open(os.path.join(out_dir, "samples.txt"), "w").close()  # a fresh run starts a fresh file, as log.jsonl
+# a resumed run, or a lone evaluation, appends to the log and the samples; a fresh run starts them anew
+logger = common.Logger(out_dir, master, wandb_log, wandb_project, wandb_run_name, config, resume=resumed or eval_only)
+if master and not (resumed or eval_only):
+    open(os.path.join(out_dir, "samples.txt"), "w").close()
 peak = common.peak_flops(ddp.device_type) if master else 1.0
 stop = common.catch_ctrl_c()
 start_iter, t_start = iter_num, time.time()

@@ -222,7 +222,8 @@ def sample_text(n_tokens):
 # -----------------------------------------------------------------------------
 # training loop
 
-logger = common.Logger(out_dir, master, wandb_log, wandb_project, wandb_run_name, config, resume=resumed)
+# a resumed run, or a lone evaluation, appends to the log; a fresh run starts it anew
+logger = common.Logger(out_dir, master, wandb_log, wandb_project, wandb_run_name, config, resume=resumed or eval_only)
 peak = common.peak_flops(ddp.device_type) if master else 1.0
 stop = common.catch_ctrl_c()
 start_iter, t_start = iter_num, time.time()

@@ -11,7 +11,7 @@ eval_iters = 20
 eval_prompts = 240
 
 batch_size = 32
-curriculum = "none"  # difficulty was no better here, see the closing note of issue 8
+curriculum = "none"  # difficulty: 0.65 exact match overall against 0.76 without (see README)
 
 # 2e-3, the pretraining rate, stalls: the loss sat near 2.3 for 1000 iterations
 learning_rate = 1e-3

@@ -79,6 +79,12 @@ def test_script_end_to_end_and_sample_chat(sft_setup):
     assert ckpt["stage"] == "sft" and ckpt["iter_num"] == 6 and ckpt["config"]["sft_dataset"] == data
     assert ckpt["base"] == base and ckpt["meta"]["tokenizer_state"] and ckpt["git"]
     assert os.path.isfile(os.path.join(out, "best.pt"))
+    # evaluating the checkpoint in its own out_dir appends to the run's log and samples, loses nothing
+    samples = open(os.path.join(out, "samples.txt")).read()
+    sft(base, data, out, f"--init_from={out}/ckpt.pt", "--eval_only=True")
+    after = read_log(out)
+    assert after[: len(rows)] == rows and len(after) == len(rows) + 2 and "em" in after[-1]
+    assert open(os.path.join(out, "samples.txt")).read().startswith(samples)
     # sample.py loads the SFT checkpoint unchanged and chats with it
     res = run_script("sample.py", f"--ckpt={out}/ckpt.pt", "--chat=True", "--start=What is 1 + 2?",
                      "--temperature=0", "--max_new_tokens=8", "--device=cpu")

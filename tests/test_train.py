@@ -98,6 +98,12 @@ def test_script_end_to_end(byte_dataset, tmp_path):
     assert ckpt["iter_num"] == 8 and ckpt["config"]["max_iters"] == 8 and ckpt["git"]
     assert ckpt["meta"]["tokenizer_state"] and os.path.isfile(os.path.join(out, "best.pt"))
     assert "config: out_dir=" in res.stdout
+    # evaluating the run again in its own out_dir appends to its log and leaves its checkpoint alone
+    run_script("train.py", *TINY, f"--dataset={byte_dataset}", f"--out_dir={out}", "--init_from=resume",
+               "--eval_only=True")
+    after = read_log(out)
+    assert after[: len(rows)] == rows and [r["iter"] for r in after[len(rows):]] == [8]
+    assert common.load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"] == 8
 
 
 def test_two_process_ddp_keeps_ranks_identical(byte_dataset, tmp_path):
