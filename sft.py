@@ -26,11 +26,13 @@ Resume, or measure a checkpoint without training:
     python sft.py config/sft_tasks.py --eval_only=True --eval_prompts=100000 --out_dir=out-sft-base
 
 A healthy run prints the resolved config, the data (conversations, tokens, what was dropped), then
-    iter=100 loss=0.6012 lr=0.0010 grad_norm=0.8123 ms=95.2 tok_s=21000 pad=0.31 mfu=0.12 eta=6.1m
+(config/sft_tasks.py on 2 CPU cores)
+    iter=1000 loss=1.5734 lr=0.000887 grad_norm=1.5555 ms=117.2496 tok_s=7227 pad=0.3523 mfu=0.6795 eta=5.9m
 and at every eval_interval the assistant-token losses and the greedy answers' exact match (em)
 and edit-similarity score, overall and per task and difficulty:
-    eval iter=500 train_loss=0.2803 val_loss=0.3012
-    answers iter=500 em=0.6125 score=0.8410 em/add/1=1.0000 score/add/1=1.0000 ...
+    eval iter=2000 train_loss=0.7959 val_loss=0.6957 lr=0.000568
+    answers iter=2000 em=0.3708 score=0.6380 em/add/1=0.9286 score/add/1=0.9643 em/add/2=0.1429 ...
+On a CPU, mfu is the fraction of a matmul speed measured at start, a rough guide only.
 """
 
 import functools
