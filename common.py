@@ -384,6 +384,32 @@ def restore_training_state(ckpt, ddp, optimizer, scaler):
         torch.cuda.set_rng_state(rng["cuda"][ddp.rank % len(rng["cuda"])])
 
 
+def prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate, betas, resume_from=None,
+                     dynamic=None):
+    """Put a model on the device with its AdamW and fp16 grad scaler (their state and the RNG
+    restored from the checkpoint resume_from, when resuming), print its size, then compile it
+    and wrap it for DDP. -> (model, the model to call in the loop, optimizer, scaler); the first
+    is the plain module, for checkpoints, generation and flop counts. dynamic is passed on to
+    torch.compile (True where batch shapes vary)."""
+    model.to(ddp.device)
+    scaler = torch.amp.GradScaler(ddp.device_type, enabled=(dtype == "float16"))
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, ddp.device_type)
+    if resume_from is not None:
+        restore_training_state(resume_from, ddp, optimizer, scaler)
+    if ddp.master:
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"parameters: {model.num_params() / 1e6:.2f}M ({n_trainable / 1e6:.3f}M trainable)")
+    wrapped = model
+    if compile:
+        if ddp.master:
+            print("compiling the model (a minute or so)...")
+        wrapped = torch.compile(wrapped, dynamic=dynamic)
+    if ddp.enabled:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[ddp.local_rank] if ddp.device_type == "cuda" else None)
+    return model, wrapped, optimizer, scaler
+
+
 def model_from_checkpoint(ckpt, path, train_args=None):
     """The GPT a checkpoint holds. The architecture is the checkpoint's; of train_args (a script's
     model settings) only what is training-only may change it: dropout and the lora_* fields, so

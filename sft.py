@@ -233,22 +233,11 @@ if train_embeddings and model.config.lora_rank > 0:
     # same way (cosine 0.9 between any two), and a frozen table can neither tell 3 from 7 nor learn
     # to say <|end|>. The usual remedy (PEFT's modules_to_save) is to train the table as well.
     model.wte.weight.requires_grad_(True)
-model.to(ddp.device)
-raw_model = model
-scaler = torch.amp.GradScaler(ddp.device_type, enabled=(dtype == "float16"))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), ddp.device_type)
-if resumed:
-    common.restore_training_state(ckpt, ddp, optimizer, scaler)
+# batches vary in length: dynamic=True compiles one graph for all of them
+raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
+                                                              (beta1, beta2), resume_from=ckpt if resumed else None,
+                                                              dynamic=True)
 ckpt = None  # free it
-n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-if master:
-    print(f"parameters: {model.num_params() / 1e6:.2f}M ({n_trainable / 1e6:.3f}M trainable)")
-if compile:
-    if master:
-        print("compiling the model (a minute or so)...")
-    model = torch.compile(model, dynamic=True)  # batches vary in length: one graph for all
-if ddp.enabled:
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device_type == "cuda" else None)
 
 
 def checkpoint(path):

@@ -162,22 +162,9 @@ else:
         iter_num, best_val_loss, resumed = ckpt["iter_num"], ckpt["best_val_loss"], True
     if master:
         print(f"{'resuming' if resumed else 'starting'} from {path} at iter {iter_num}")
-model.to(ddp.device)
-raw_model = model
-scaler = torch.amp.GradScaler(ddp.device_type, enabled=(dtype == "float16"))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), ddp.device_type)
-if resumed:
-    common.restore_training_state(ckpt, ddp, optimizer, scaler)
+raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
+                                                              (beta1, beta2), resume_from=ckpt if resumed else None)
 ckpt = None  # free it
-if master:
-    n_total, n_train = model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"parameters: {n_total / 1e6:.2f}M ({n_train / 1e6:.2f}M trainable)")
-if compile:
-    if master:
-        print("compiling the model (a minute or so)...")
-    model = torch.compile(model)
-if ddp.enabled:
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device_type == "cuda" else None)
 
 
 def checkpoint(path):
