@@ -37,6 +37,25 @@ def build(config, dtype=None, seed=0, sharpen=20.0):
     return model
 
 
+def save_byte_checkpoint(path, config, seed=0):
+    """A seeded GPT with a sharpened head (decisive greedy choices) saved as a checkpoint with the
+    byte tokenizer in its meta, as sample.py and sft.py read one. -> (the model in eval mode, tokenizer)"""
+    import torch
+
+    import bpe
+    import common
+    from model import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
+    meta = {"tokenizer": "byte", "vocab_size": config.vocab_size, "tokenizer_state": tok.state()}
+    common.save_checkpoint({"model": model.state_dict(), "model_args": config.to_dict(), "meta": meta}, path)
+    return model.eval(), tok
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tests use tiny matrices: on a small machine extra threads only add synchronisation."""

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import bpe
-import common
-from conftest import ROOT, TEXT, run_script
-from model import GPT, GPTConfig
+from conftest import ROOT, TEXT, run_script, save_byte_checkpoint
+from model import GPTConfig
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -92,15 +91,7 @@ def test_bad_messages_are_refused():
 
 
 def save_tiny_model(path, seed=0):
-    torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32)
-    model = GPT(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # decisive greedy choices
-    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
-    meta = {"tokenizer": "byte", "vocab_size": cfg.vocab_size, "tokenizer_state": tok.state()}
-    common.save_checkpoint({"model": model.state_dict(), "model_args": cfg.to_dict(), "meta": meta}, path)
-    return model.eval(), tok
+    return save_byte_checkpoint(path, GPTConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32), seed)
 
 
 def greedy_reply(model, tok, messages, n):

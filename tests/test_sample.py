@@ -5,26 +5,13 @@ import pickle
 
 import torch
 
-import bpe
-import common
-from conftest import run_script
+from conftest import run_script, save_byte_checkpoint
 from model import GPT, GPTConfig
-
-
-def save_ours(path, config, seed=0):
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # decisive greedy choices
-    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
-    meta = {"tokenizer": "byte", "vocab_size": config.vocab_size, "tokenizer_state": tok.state()}
-    common.save_checkpoint({"model": model.state_dict(), "model_args": config.to_dict(), "meta": meta}, path)
-    return model, tok
 
 
 def test_samples_our_checkpoint_greedy(tmp_path):
     cfg = GPTConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32)
-    model, tok = save_ours(str(tmp_path / "ckpt.pt"), cfg)
+    model, tok = save_byte_checkpoint(str(tmp_path / "ckpt.pt"), cfg)
     prompt = "héllo ✓ "
     res = run_script("sample.py", f"--out_dir={tmp_path}", f"--start={prompt}", "--num_samples=1",
                      "--max_new_tokens=40", "--temperature=0", "--device=cpu")
@@ -36,7 +23,7 @@ def test_samples_our_checkpoint_greedy(tmp_path):
 
 def test_rolling_cache_samples_past_block_size(tmp_path):
     cfg = GPTConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_embd=16, sliding_window=8, n_sink=2)
-    save_ours(str(tmp_path / "ckpt.pt"), cfg)
+    save_byte_checkpoint(str(tmp_path / "ckpt.pt"), cfg)
     res = run_script("sample.py", f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=100", "--device=cpu")
     assert "100 tokens" in res.stderr
 
@@ -80,7 +67,7 @@ def test_clear_errors(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
     res = run_script("sample.py", f"--out_dir={tmp_path}", check=False)
     assert res.returncode == 1 and "damaged or not a checkpoint" in res.stderr and "Traceback" not in res.stderr
-    save_ours(str(tmp_path / "ckpt.pt"), GPTConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    save_byte_checkpoint(str(tmp_path / "ckpt.pt"), GPTConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_embd=16))
     res = run_script("sample.py", f"--out_dir={tmp_path}", "--top_p=2", check=False)
     assert res.returncode == 1 and "top_p" in res.stderr
     res = run_script("sample.py", f"--out_dir={tmp_path}", "--start=<|endoftext|>", "--max_new_tokens=2",
