@@ -19,6 +19,7 @@ expected, true/false/1/0 parse as booleans, and a wrong type raises ValueError n
 
 import ast
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -244,6 +245,9 @@ class Distributed:
 
     def close(self):
         if self.enabled and dist.is_initialized():
+            # Collectives leave work objects in reference cycles; freed only at interpreter exit,
+            # after the group is gone, gloo's threads abort the process (about 1 run in 20 here)
+            gc.collect()
             dist.barrier()  # leave together: a process torn down mid-exchange aborts its peers
             dist.destroy_process_group()
 
