@@ -7,8 +7,8 @@ import random
 import pytest
 
 from conftest import run_script
-from data.tasks.tasks import (DIFFICULTIES, TASKS, edit_distance, exact_match, generate, metrics, n_problems, score,
-                              similarity)
+from data.tasks.tasks import (DIFFICULTIES, TASKS, edit_distance, exact_match, generate, metrics, n_problems,
+                              problem_key, score, similarity)
 
 
 def test_references_are_right():
@@ -103,18 +103,35 @@ def test_prepare_is_deterministic_and_holds_out_val(tmp_path):
 
 
 def test_small_cells_hold_out_a_fifth(tmp_path):
-    assert n_problems("add", 1) == 100 and n_problems("sub", 1) == 55  # a >= b
-    assert n_problems("add", 2) == 90 * 90 and n_problems("reverse", 1) == 26**2 + 26**3
+    assert n_problems("add", 1) == 55 and n_problems("sub", 1) == 55  # unordered pairs; a >= b
+    assert n_problems("add", 2) == 90 * 91 // 2 and n_problems("reverse", 1) == 26**2 + 26**3
     for task, d in (("add", 1), ("sub", 1)):  # small enough to enumerate
         rng, seen = random.Random(0), set()
         for _ in range(100 * n_problems(task, d)):
-            seen.add(generate(task, d, rng)["messages"][0]["content"])
+            seen.add(problem_key(generate(task, d, rng)))
             if len(seen) == n_problems(task, d):
                 break
         assert len(seen) == n_problems(task, d), task
     run_script("data/tasks/prepare.py", "--tasks=add,sub", "--difficulties=1", "--train_per_cell=300",
                f"--out_dir={tmp_path}")
     val, train = read(tmp_path / "val.jsonl"), read(tmp_path / "train.jsonl")
-    assert sum(ex["task"] == "add" for ex in val) == 20 and sum(ex["task"] == "sub" for ex in val) == 11
-    held_out = {ex["messages"][0]["content"] for ex in val}
-    assert len({ex["messages"][0]["content"] for ex in train} - held_out) == 80 + 44  # the rest all appear
+    assert sum(ex["task"] == "add" for ex in val) == 11 and sum(ex["task"] == "sub" for ex in val) == 11
+    held_out = {problem_key(ex) for ex in val}
+    assert len({problem_key(ex) for ex in train} - held_out) == 44 + 44  # the rest all appear
+
+
+def test_addition_is_held_out_in_both_orders(tmp_path):
+    # 3 + 5 held out must keep 5 + 3 out of training: the model would have seen its answer
+    def problem(task, prompt):
+        return {"task": task, "messages": [{"role": "user", "content": prompt}]}
+
+    assert problem_key(problem("add", "What is 3 + 5?")) == problem_key(problem("add", "What is 5 + 3?"))
+    assert problem_key(problem("sub", "What is 5 - 3?")) != problem_key(problem("sub", "What is 3 - 5?"))
+    run_script("data/tasks/prepare.py", "--tasks=add", "--difficulties=1,2", "--train_per_cell=2000",
+               "--val_per_cell=50", f"--out_dir={tmp_path}")
+    val, train = read(tmp_path / "val.jsonl"), read(tmp_path / "train.jsonl")
+    swapped = set()
+    for ex in train:
+        a, b = ex["messages"][0]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
+        swapped.add(f"What is {b} + {a}?")
+    assert not swapped & {ex["messages"][0]["content"] for ex in val}

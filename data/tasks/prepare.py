@@ -10,16 +10,17 @@ line in the messages format, with the reference answer and the task and difficul
 
 Each (task, difficulty) cell gets train_per_cell (times its task's weight) training and
 val_per_cell validation problems. The validation problems are distinct, and no training problem
-repeats one of them, so validation measures answers the model has never been shown. A cell with
-few distinct problems gives at most a fifth of them to validation (1-digit addition has 100, so
-20 are held out and the other 80 are what training draws from).
+repeats one of them (for addition not even in the other order: 3 + 5 held out keeps 5 + 3 out of
+training too), so validation measures answers the model has never been shown. A cell with few
+distinct problems gives at most a fifth of them to validation (1-digit addition has 55 unordered
+pairs, so 11 are held out and the other 44 are what training draws from).
 
     python data/tasks/prepare.py
     python data/tasks/prepare.py --difficulties=1,2,3,4 --task_weights=
     python data/tasks/prepare.py --tasks=add,reverse --task_weights=add=2 --train_per_cell=5000
 
 A healthy run prints
-    wrote data/tasks: train 57000 conversations, val 831 (6 tasks x 3 difficulties), seed 1337
+    wrote data/tasks: train 57000 conversations, val 822 (6 tasks x 3 difficulties), seed 1337
 """
 
 import json
@@ -29,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common import configure  # noqa: E402  (the repo root is on the path now)
-from data.tasks.tasks import DIFFICULTIES, TASKS, generate, n_problems  # noqa: E402
+from data.tasks.tasks import DIFFICULTIES, TASKS, generate, n_problems, problem_key  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # empty: data/tasks, next to this script
@@ -72,13 +73,13 @@ def main():
             seen = set()
             while len(seen) < min(val_per_cell, n_problems(task, d) // 5):  # distinct held-out problems first
                 ex = generate(task, d, rng)
-                if ex["messages"][0]["content"] not in seen:
-                    seen.add(ex["messages"][0]["content"])
+                if problem_key(ex) not in seen:
+                    seen.add(problem_key(ex))
                     val.append(ex)
             n = 0
             while n < round(train_per_cell * weights[task]):  # then training problems, none of them held out
                 ex = generate(task, d, rng)
-                if ex["messages"][0]["content"] not in seen:
+                if problem_key(ex) not in seen:
                     train.append(ex)
                     n += 1
     rng.shuffle(train)  # sft.py orders the data itself (shuffled, or a curriculum)

@@ -21,6 +21,7 @@ Tasks, and what difficulty d means for each:
     copy     repeat a string of letters and digits: d = 1: 2-5, 2: 6-10, 3: 11-15, 4: 16-20
 """
 
+import re
 import string
 
 TASKS = ("add", "sub", "reverse", "sort", "count", "copy")
@@ -70,13 +71,23 @@ def generate(task, difficulty, rng):
     return {"messages": messages, "answer": answer, "task": task, "difficulty": d}
 
 
+def problem_key(example):
+    """What makes two problems the same problem, for holding problems out of training: the prompt,
+    except for addition, where a + b and b + a are one problem (a model trained on 5 + 3 has seen
+    the answer to 3 + 5), so the key is the unordered pair."""
+    if example.get("task") == "add":
+        a, b = (int(n) for n in re.findall(r"\d+", example["messages"][0]["content"]))
+        return ("add", min(a, b), max(a, b))
+    return example["messages"][0]["content"]
+
+
 def n_problems(task, difficulty):
-    """How many distinct problems (prompts) `task` has at `difficulty`: 1-digit sums have only
-    100, so a held-out set must not take most of them."""
+    """How many distinct problems (by problem_key) `task` has at `difficulty`: 1-digit sums have
+    only 55, so a held-out set must not take most of them."""
     d = difficulty
     numbers = 10 if d == 1 else 9 * 10 ** (d - 1)
     if task == "add":
-        return numbers**2
+        return numbers * (numbers + 1) // 2  # unordered pairs
     if task == "sub":
         return numbers * (numbers + 1) // 2  # pairs with a >= b
     if task == "reverse":
