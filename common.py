@@ -337,11 +337,20 @@ def lr_at(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True
 
 
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then rename over the old one: a crash mid-save leaves the
-    previous checkpoint intact."""
+    """torch.save to a temporary file, flushed to disk, then renamed over the old one, and the
+    rename flushed too: a crash or a power loss mid-save leaves the previous checkpoint intact
+    (without the fsyncs the rename can reach the disk before the data does)."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def load_checkpoint(path):
@@ -431,6 +440,50 @@ def model_from_checkpoint(ckpt, path, train_args=None):
     return model
 
 
+def load_start(init_from, out_dir):
+    """The checkpoint a stage starts from: out_dir/ckpt.pt when init_from is "resume", else the
+    checkpoint init_from names. -> (checkpoint, its path, resumed). Exits with a one-line message
+    when it is missing or damaged."""
+    resumed = init_from == "resume"
+    path = os.path.join(out_dir, "ckpt.pt") if resumed else init_from
+    try:
+        return load_checkpoint(path), path, resumed
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"init_from={init_from}: {e}")
+
+
+def save_weights(path, ddp, model, **info):
+    """The plain model, for sampling and the next stage (best.pt, merged.pt): with LoRA the adapters
+    are folded in and model_args says lora_rank 0, so it loads like any other checkpoint. info
+    (iter_num, config, meta, stage ...) goes in beside it. Only the master writes."""
+    if not ddp.master:
+        return
+    cfg = model.config.to_dict()
+    if cfg["lora_rank"] > 0:
+        state, cfg = model.merged_state_dict(), dict(cfg, lora_rank=0)
+    else:
+        state = model.state_dict()
+    save_checkpoint({"model": state, "model_args": cfg, **info, "git": git_commit()}, path)
+
+
+@torch.no_grad()
+def mean_loss(model, batches, ctx, ddp, weight=None):
+    """The mean of model(X, Y)'s loss over fixed (X, Y) batches, in eval mode, over every process's
+    batches: each batch weighted by weight(Y) (its number of loss tokens, say), else equally."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=ddp.device)  # (weighted sum of losses, sum of weights)
+    for X, Y in batches:
+        with ctx:
+            _, loss = model(X, Y)
+        w = weight(Y).float() if weight else torch.ones((), device=ddp.device)
+        total += torch.stack((loss.float() * w, w))
+    if ddp.enabled:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
 def catch_ctrl_c():
     """Make the first Ctrl-C a request to stop: the training loop polls stop["requested"],
     finishes its iteration, saves a checkpoint and exits. A second Ctrl-C aborts at once."""
@@ -484,6 +537,21 @@ def tokenizer_from_meta(meta):
     import bpe
 
     return bpe.Tokenizer.from_state(meta["tokenizer_state"])
+
+
+def describe_tokenizer(meta):
+    state = meta.get("tokenizer_state") or {}
+    merges = state.get("merges")
+    size = f", {len(merges)} merges" if merges else ""
+    return f"{meta.get('tokenizer', state.get('kind', '?'))} ({meta.get('n_vocab', '?')} ids{size})"
+
+
+def check_same_tokenizer(meta_a, name_a, meta_b, name_b):
+    """Two models, or a model and a dataset, must map text to the same ids: compare the tokenizer
+    states their metas carry. Raises ValueError naming both when they differ."""
+    if meta_a.get("tokenizer_state") != meta_b.get("tokenizer_state"):
+        raise ValueError(f"{name_a} uses the {describe_tokenizer(meta_a)} tokenizer but {name_b} uses the "
+                         f"{describe_tokenizer(meta_b)} tokenizer: the ids mean different things")
 
 
 # -----------------------------------------------------------------------------
@@ -544,6 +612,228 @@ def read_conversations(path, require_assistant=True):
     except UnicodeDecodeError:
         raise ValueError(f"{path} line {n + 1}: not UTF-8 text") from None
     return rows, blank
+
+
+# -----------------------------------------------------------------------------
+# the frame of every training loop
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+class Loop:
+    """The part of a training loop that is the same in every stage: the iteration counter, when to
+    evaluate and save, the step lines (loss, ms, tok_s, mfu, eta), the stop on a non-finite loss,
+    Ctrl-C, and the closing lines. The stage keeps its own loop and calls this at four places:
+
+        loop = common.Loop(config, ddp, resume_from, checkpoint, save_best)
+        while True:
+            if loop.eval_due():
+                ... evaluate, loop.log("eval", val_loss=...) ...
+                loop.evaluated(val_loss)      # best_val_loss, ckpt.pt and best.pt
+            if loop.done():
+                break
+            ... the stage's training step ...
+            if loop.step_done(loss, tokens=n, flops=f, grad_norm=g, lr=lr, **more):
+                break                         # a non-finite loss, or Ctrl-C (checkpoint saved)
+        loop.close(raw_model)
+
+    config is the stage's resolved settings: out_dir, max_iters, eval_interval, log_interval,
+    eval_only, always_save_checkpoint and the wandb_* keys are read from it by name. checkpoint()
+    and save_best() write out_dir/ckpt.pt (with **loop.state() in it) and out_dir/best.pt.
+    resume_from is the checkpoint being resumed, or None.
+
+    Exact resume: the checkpoint records the last evaluated iteration (a Ctrl-C checkpoint is
+    written after the iteration counter moved on, possibly onto an eval boundary that was not
+    evaluated yet) and the loss accumulated since the last step line, so a resumed run logs,
+    evaluates and saves exactly what the uninterrupted run would have.
+    """
+
+    def __init__(self, config, ddp, resume_from, checkpoint, save_best):
+        self.ddp, self.checkpoint, self.save_best = ddp, checkpoint, save_best
+        self.max_iters, self.eval_interval = config["max_iters"], config["eval_interval"]
+        self.log_interval, self.eval_only = config["log_interval"], config["eval_only"]
+        self.always_save = config["always_save_checkpoint"]
+        self.out_dir = config["out_dir"]
+        state = resume_from or {}
+        self.iter_num = state.get("iter_num", 0)
+        self.best_val_loss = state.get("best_val_loss", float("inf"))
+        # older checkpoints were always written right after an eval, except Ctrl-C ones
+        self.last_eval_iter = state.get("last_eval_iter", self.iter_num if resume_from else -1)
+        pending = state.get("pending_loss", (0.0, 0))
+        self.loss_sum = torch.tensor(float(pending[0]), device=ddp.device)
+        self.steps_since_log = pending[1]
+        self.tokens = self.flops = 0.0
+        self.start_iter, self.t_start, self.t_log = self.iter_num, time.time(), time.time()
+        self.nonfinite = False
+        # a resumed run, or a lone evaluation, appends to the log; a fresh run starts it anew
+        self.logger = Logger(self.out_dir, ddp.master, config.get("wandb_log", False), config.get("wandb_project"),
+                             config.get("wandb_run_name"), config, resume=resume_from is not None or self.eval_only)
+        self.peak = peak_flops(ddp.device_type) if ddp.master else 1.0
+        self.stop = catch_ctrl_c()
+
+    def log(self, prefix, **values):
+        self.logger.log(self.iter_num, prefix, iter=self.iter_num, **values)
+
+    def eval_due(self):
+        if self.eval_only:
+            return True
+        boundary = self.iter_num % self.eval_interval == 0 or self.iter_num == self.max_iters
+        return boundary and self.iter_num != self.last_eval_iter
+
+    def evaluated(self, val_loss):
+        """After an eval: keep the best val loss; save ckpt.pt (always_save_checkpoint, a new best
+        or the last iteration) and best.pt (a new best), except at iteration 0 and in eval_only.
+        -> whether val_loss is a new best."""
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        self.last_eval_iter = self.iter_num
+        if not self.eval_only and self.iter_num > 0:
+            if self.always_save or improved or self.iter_num == self.max_iters:
+                self.checkpoint()
+            if improved:
+                self.save_best()
+        return improved
+
+    def done(self):
+        return self.eval_only or self.iter_num >= self.max_iters
+
+    def state(self):
+        """What a checkpoint needs of the loop. Every process must call it (a collective)."""
+        pending = self.ddp.all_reduce_mean(self.loss_sum.detach().clone())
+        return dict(iter_num=self.iter_num, best_val_loss=self.best_val_loss, last_eval_iter=self.last_eval_iter,
+                    pending_loss=(pending.item(), self.steps_since_log))
+
+    def step_done(self, loss, tokens=0, flops=0.0, **metrics):
+        """After the optimizer step: count the iteration, and at every log_interval print and log
+        the mean loss since the last line (over the processes), timing and the stage's metrics
+        (floats or one-element tensors, logged as they are now). tokens and flops are this
+        process's for this iteration; tok_s and mfu add up every process's. Then the stops:
+        a non-finite loss ends the run keeping the last good checkpoint; Ctrl-C (polled every
+        iteration alone, every log_interval under DDP, where polling costs an all-reduce) saves
+        ckpt.pt. -> True when the run must stop."""
+        self.iter_num += 1
+        self.steps_since_log += 1
+        self.loss_sum += loss.detach() if torch.is_tensor(loss) else loss
+        self.tokens += tokens
+        self.flops += flops
+        at_log = self.iter_num % self.log_interval == 0 or self.iter_num == self.max_iters
+        if at_log:
+            n = self.steps_since_log
+            totals = torch.tensor([self.loss_sum.item() / n, self.tokens, self.flops], dtype=torch.float64,
+                                  device=self.ddp.device)
+            loss_avg, tokens_all, flops_all = (self.ddp.all_reduce_mean(totals) * torch.tensor(
+                [1.0, self.ddp.world_size, self.ddp.world_size], dtype=torch.float64, device=self.ddp.device)).tolist()
+            dt = (time.time() - self.t_log) / n
+            self.loss_sum.zero_()
+            self.steps_since_log, self.tokens, self.flops, self.t_log = 0, 0.0, 0.0, time.time()
+            if not math.isfinite(loss_avg):
+                self.nonfinite = True
+                self.log("stop", loss=loss_avg)
+                if self.ddp.master:
+                    print(f"the loss is {loss_avg} at iter {self.iter_num}: stopping. The last good checkpoint is "
+                          f"{os.path.join(self.out_dir, 'ckpt.pt')}; try a lower learning_rate or a grad_clip.")
+                return True
+            rates = step_rates(tokens_all, flops_all, dt * n, self.ddp.world_size, self.peak)
+            values = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+            self.log(None, loss=loss_avg, **values, ms=dt * 1000, **rates,
+                     eta=f"{(self.max_iters - self.iter_num) * dt / 60:.1f}m")
+        if (at_log or not self.ddp.enabled) and self.ddp.any(self.stop["requested"]):
+            self.checkpoint()
+            if self.ddp.master:
+                print(f"saved {os.path.join(self.out_dir, 'ckpt.pt')} at iter {self.iter_num}; "
+                      "resume with --init_from=resume")
+            return True
+        return False
+
+    def close(self, model):
+        """The end of the run: the processes must agree on the weights; the closing line; exit 1
+        after a non-finite loss."""
+        self.ddp.check_in_sync(model)
+        if self.ddp.master and not self.nonfinite and not self.eval_only:
+            print(f"done: {self.iter_num - self.start_iter} iterations in {time.time() - self.t_start:.1f}s, "
+                  f"best val loss {self.best_val_loss:.4f}")
+        self.logger.close()
+        self.ddp.close()
+        if self.nonfinite:
+            sys.exit(1)
+
+
+def step_rates(tokens, flops, seconds, world_size, peak):
+    """tokens and flops done by all world_size processes in `seconds` -> tok_s, and mfu against
+    world_size devices of `peak` FLOP/s each (omitted where no flops were counted)."""
+    rates = {"tok_s": round(tokens / seconds) if tokens else None}
+    rates["mfu"] = flops / seconds / (world_size * peak) if flops else None
+    return rates
+
+
+# -----------------------------------------------------------------------------
+# answering held-out prompts (the eval of SFT and of every post-training stage)
+
+
+def held_out_prompts(rows, n, tok):
+    """Up to n conversations (rows of read_conversations) as prompts with reference answers, taken
+    round-robin over the (task, difficulty) cells so that every cell is measured even in a small
+    eval. The prompt is the conversation up to its last assistant message, rendered by the chat
+    template; the reference is the answer field, else that message. -> a list of examples, dicts
+    with prompt (ids), answer, question and, where the row has them, task and difficulty."""
+    cells = {}
+    for row in rows:
+        cells.setdefault((row.get("task"), row.get("difficulty")), []).append(row)
+    picked = [c[k] for k in range(max(map(len, cells.values()), default=0)) for c in cells.values() if k < len(c)][:n]
+    out = []
+    for row in picked:
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        history = row["messages"][:last]
+        ex = {"prompt": tok.render_prompt(history), "answer": row.get("answer", row["messages"][last]["content"]),
+              "question": next((m["content"] for m in reversed(history) if m["role"] == "user"), "")}
+        ex.update({k: row[k] for k in ("task", "difficulty") if k in row})
+        out.append(ex)
+    return out
+
+
+@torch.no_grad()
+def answer_prompts(model, examples, tok, ctx, ddp, batch_size, max_new_tokens, temperature=0.0, num_samples=1,
+                   seed=0):
+    """Answers of `model` to examples (held_out_prompts'), batched, each process a share, each
+    answer ending at <|end|> (not included). temperature 0: greedy, one answer per example, a list
+    of strings. Otherwise num_samples sampled answers per example (the samples of a prompt share
+    its prefill), drawn from generators seeded by (seed, batch), a list of lists of strings."""
+    end = tok.special_id("<|end|>")
+    mine = sorted(range(ddp.rank, len(examples), ddp.world_size), key=lambda i: len(examples[i]["prompt"]))
+    per_batch = max(1, batch_size // num_samples)
+    answers = {}
+    for k in range(0, len(mine), per_batch):  # similar lengths together: less left padding
+        idx = mine[k : k + per_batch]
+        prompts = [torch.tensor(examples[i]["prompt"], device=ddp.device) for i in idx]
+        g = torch.Generator(ddp.device).manual_seed(hash((seed, idx[0])) % 2**63)
+        with ctx:
+            out = model.complete(prompts, max_new_tokens, num_samples, temperature, stop_tokens=end, generator=g,
+                                 vocab_limit=tok.n_vocab)
+        texts = [tok.decode(row[m & (row != end)].tolist()) for row, m in zip(out.idx, out.mask)]
+        for j, i in enumerate(idx):
+            group = texts[j * num_samples : (j + 1) * num_samples]
+            answers[i] = group[0] if temperature == 0 else group
+    for part in ddp.gather_objects(answers):
+        answers.update(part)
+    return [answers[i] for i in range(len(examples))]
+
+
+def write_samples(path, examples, answers, iter_num, n_show, exact_match):
+    """Append n_show (prompt, reference, answer) examples, the same ones at every eval, to path."""
+    import random
+
+    shown = random.Random(0).sample(range(len(examples)), min(n_show, len(examples)))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"=== iter {iter_num}\n")
+        for i in sorted(shown):
+            ex = examples[i]
+            f.write(f"[{ex.get('task', 'all')}/{ex.get('difficulty', 'all')}] prompt: {ex['question']!r}\n"
+                    f"  reference: {ex['answer']!r}\n  answer:    {answers[i]!r}"
+                    f"{'  (exact)' if exact_match(ex, answers[i]) else ''}\n")
 
 
 # -----------------------------------------------------------------------------

@@ -31,13 +31,21 @@ written in place; keys are stored with RoPE already applied. Position p lives in
 sliding window in a rolling buffer of S = n_sink + W slots: the sinks keep slots 0..n_sink-1
 forever and position p >= n_sink goes to slot n_sink + (p - n_sink) % W. The ring then always
 holds exactly the last W positions, so at decode time "slot s was written" is the whole mask.
+
+Positions stay absolute, sinks included: a query at position 10,000 sees sink 0 at distance
+10,000, which no training sequence of block_size tokens showed it. StreamingLLM instead renumbers
+positions inside the cache so that distances stay within what training saw; we keep the rule
+above so that the rolling cache computes exactly what a full forward under the same mask
+computes, at any length (tested at 16 x block_size), and leave renumbering to a future switch.
 """
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -77,10 +85,18 @@ class GPTConfig:
         def fail(msg):
             raise ValueError(f"GPTConfig: {msg}")
 
-        for f in fields(self):
+        for f in fields(self):  # types first: sliding_window=4.0 must fail here, not deep in generate
             v = getattr(self, f.name)
-            if f.type is int and f.default is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            if v is None and f.default is None:
+                continue  # an optional field left unset
+            if f.type is int and (not isinstance(v, int) or isinstance(v, bool)):
                 fail(f"{f.name} must be an int, got {v!r}")
+            if f.type is float:
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    fail(f"{f.name} must be a number, got {v!r}")
+                setattr(self, f.name, float(v))
+            if f.type in (bool, str) and not isinstance(v, f.type):
+                fail(f"{f.name} must be a {f.type.__name__}, got {v!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 fail(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -266,12 +282,20 @@ class Attention(nn.Module):
         if cache is not None:
             # prefill attends to its own fresh keys; a decode step to everything cached so far
             k, v = cache.update(self.layer_idx, k, v)
+        gqa = self.n_kv_head != self.n_head
+        if gqa and q.is_cuda and not isinstance(mask, bool):
+            # On CUDA the kernel that takes a mask (memory-efficient attention) has no GQA, so
+            # enable_gqa with a mask would fall back to the math kernel and its O(T^2) memory;
+            # repeating each kv head for its group of query heads keeps the efficient kernel
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            gqa = False
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=None if isinstance(mask, bool) else mask,
             is_causal=mask is True,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
+            enable_gqa=gqa,
         )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -443,6 +467,13 @@ class KVCache:
             return k, v
         return self.k[layer][:, :, : self.visible], self.v[layer][:, :, : self.visible]
 
+    def repeat_interleave(self, n):
+        """After prefill: n copies of every row, row b becoming rows b*n .. b*n + n-1, so that n
+        samples continue each prompt from one prefill (the cache is copied, not recomputed)."""
+        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+        self.batch_size *= n
+
     def nbytes(self):
         return 0 if self.k is None else sum(2 * t.numel() * t.element_size() for t in self.k)
 
@@ -455,6 +486,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     """Pick one token per row from logits (B, vocab_size). temperature 0 is greedy; top_k keeps
     the k most likely tokens, top_p the smallest set whose probability reaches p (nucleus).
     vocab_limit: only ids below it are drawn (the ids above pad the vocab to a round size)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be None or >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:  # top_p = 0 would keep no token at all
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
     if vocab_limit is not None and vocab_limit < logits.size(-1):
         logits = logits[:, :vocab_limit]
     if temperature == 0:
@@ -474,6 +511,24 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+LOGPROB_CHUNK = 2**24  # float32 logits (64 MB) per chunk in GPT.head_logprobs
+
+
+@dataclass
+class Completions:
+    """Sampled completions of a batch of prompts, as GPT.complete returns them (see there)."""
+
+    idx: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    truncated: torch.Tensor
+    prompt_len: int
+
+    def targets(self):
+        """The next-token targets of idx[:, :-1]: the completion tokens, -1 everywhere else."""
+        return self.idx[:, 1:].masked_fill(~self.mask[:, 1:], -1)
+
+
 def left_pad(prompts, pad_id=0):
     """A list of 1-D prompts -> idx (B, L) padded on the left and pos (B, L), negative on padding.
     Left padding lines up every row's newest token in the last column, so decoding stays batched."""
@@ -489,15 +544,42 @@ def left_pad(prompts, pad_id=0):
 # -----------------------------------------------------------------------------
 # LoRA
 
-# A target names linear layers by a dotted piece of their path: "c_q" is h.*.attn.c_q, "attn" is
-# every linear layer of every attention module, "lm_head" the output head. c_proj alone is
-# ambiguous (attention and MLP both have one), so it is spelled with its module.
+# A target names linear layers by their role. Each linear layer has one: attn.c_q attn.c_k
+# attn.c_v attn.c_proj in attention; mlp.c_fc mlp.c_gate mlp.c_proj in a feed-forward network,
+# which with MoE means every expert's and shared expert's as well as a dense layer's; router, the
+# MoE gate; lm_head. "c_q" is short for attn.c_q, "c_fc" for mlp.c_fc (c_proj alone is ambiguous,
+# so it is spelled with its module); "attn" is all four attention roles, "mlp" all three
+# feed-forward roles. The router is adapted only when named: an adapter there changes which
+# experts a token goes to, which is rarely what fine-tuning the MLPs means.
 LORA_TARGETS = (
     "c_q", "c_k", "c_v", "attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj",  # attention
     "c_fc", "c_gate", "mlp.c_fc", "mlp.c_gate", "mlp.c_proj",  # MLP (c_gate: swiglu only)
+    "router",  # MoE only
     "lm_head",  # untied heads only
-    "attn", "mlp",  # all four attention linears; all MLP linears
+    "attn", "mlp",  # all four attention linears; all MLP linears (dense, experts, shared)
 )
+_LORA_SHORT = {"c_q": "attn.c_q", "c_k": "attn.c_k", "c_v": "attn.c_v", "c_fc": "mlp.c_fc", "c_gate": "mlp.c_gate"}
+
+
+def linear_role(name):
+    """The LoRA role of the linear layer at module path `name` (see LORA_TARGETS), or None.
+    h.3.attn.c_q -> attn.c_q; h.3.mlp.c_fc and h.3.mlp.experts.5.c_fc -> mlp.c_fc;
+    h.3.mlp.router -> router; lm_head -> lm_head."""
+    parts = name.split(".")
+    if name == "lm_head":
+        return "lm_head"
+    if "attn" in parts:
+        return "attn." + parts[-1]
+    if parts[-1] == "router":
+        return "router"
+    if "mlp" in parts:
+        return "mlp." + parts[-1]
+    return None
+
+
+def lora_target_matches(target, role):
+    target = _LORA_SHORT.get(target, target)
+    return role is not None and (target == role or (target in ("attn", "mlp") and role.startswith(target + ".")))
 
 
 class LoRALinear(Linear):
@@ -509,6 +591,12 @@ class LoRALinear(Linear):
     gradients reach B at once (through the random A) and A as soon as B is nonzero. It is built
     around an existing nn.Linear and takes over its weight and bias tensors: the state-dict keys
     stay c_q.weight and c_q.bias, with the adapter beside them as c_q.lora_A and c_q.lora_B.
+
+    Merging folds scale B A into W for inference at the plain cost. It keeps the original W aside,
+    so unmerge restores it bit for bit (W + BA - BA is not W in bf16), and the state dict always
+    holds the original W: a state dict taken while merged loads back to the same model instead
+    of applying the adapters twice. `enabled = False` computes W alone (the reference policy of
+    the RL stages: the same weights, adapters off, no second copy in memory).
     """
 
     def __init__(self, base, rank, alpha, dropout):
@@ -522,12 +610,16 @@ class LoRALinear(Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False  # True while scale * B A is folded into the weight
+        self.enabled = True  # False: the adapter is skipped (GPT.adapters_off)
+        self._base_weight = None  # the original W while merged
         # as nn.Linear initialises its own weight; any nonzero A works, what matters is B = 0
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
+        if self.merged and not self.enabled:
+            return linear(x, self._base_weight, self.bias)
         y = linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         # two thin matmuls through the rank-r bottleneck; B A itself (out x in) is never formed
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
@@ -540,6 +632,7 @@ class LoRALinear(Linear):
     def merge(self):
         if self.merged:
             raise RuntimeError("LoRA: the adapters are already merged into the weights")
+        self._base_weight = self.weight.detach().clone()
         # add in float32 and round once, not once per operand, when the weights are bf16
         self.weight.copy_(upcast(self.weight) + self.delta_weight())
         self.merged = True
@@ -548,8 +641,14 @@ class LoRALinear(Linear):
     def unmerge(self):
         if not self.merged:
             raise RuntimeError("LoRA: the adapters are not merged")
-        self.weight.copy_(upcast(self.weight) - self.delta_weight())  # W again, up to rounding
+        self.weight.copy_(self._base_weight)  # exactly W again: subtracting B A would round
+        self._base_weight = None
         self.merged = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # the state dict holds W, never W + scale B A beside the adapters
+            destination[prefix + "weight"] = self._base_weight
 
     def extra_repr(self):
         return f"{super().extra_repr()}, rank={self.rank}, scale={self.scale:g}, merged={self.merged}"
@@ -616,7 +715,9 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
 
         targets (B, T): next-token ids, -1 where no loss is taken; the loss is their mean
-            cross-entropy (plus any auxiliary losses of the architecture).
+            cross-entropy. That is all the loss is, so that it can be logged and compared across
+            architectures; a MoE model's load-balancing terms come from aux_loss(), which the
+            training step adds.
         pos (B, T): each token's position; None means 0..T-1 in every row. Negative = padding.
         cache: a KVCache to fill (prefill, the whole prompt) or to extend (one token per row).
         hidden: return the final hidden states (B, T, n_embd) after the last norm instead of
@@ -652,14 +753,20 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(upcast(logits).view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
-            moe = self.moe_layers()
-            if moe:  # the auxiliary losses, each averaged over the MoE layers
-                loss = loss + cfg.moe_aux_coef * sum(m.aux_loss for m in moe) / len(moe)
-                loss = loss + cfg.moe_z_coef * sum(m.z_loss for m in moe) / len(moe)
         return logits, loss
 
     def moe_layers(self):
         return [block.mlp for block in self.h if isinstance(block.mlp, MoE)]
+
+    def aux_loss(self):
+        """The auxiliary training losses of the last forward: for MoE, moe_aux_coef times the
+        load-balancing loss plus moe_z_coef times the router z-loss, each averaged over the MoE
+        layers (a tensor with grad); 0.0 for a dense model. Training steps add it to their loss."""
+        moe = self.moe_layers()
+        if not moe or moe[0].aux_loss is None:
+            return 0.0
+        cfg = self.config
+        return (cfg.moe_aux_coef * sum(m.aux_loss for m in moe) + cfg.moe_z_coef * sum(m.z_loss for m in moe)) / len(moe)
 
     def moe_stats(self):
         """Routing statistics of the last forward, for logging; None for a dense model (or before
@@ -675,13 +782,50 @@ class GPT(nn.Module):
                     z_loss=sum(m.z_loss.item() for m in moe) / len(moe),
                     load=load, load_cv=cv.mean().item())
 
-    def logprobs(self, idx, targets, pos=None):
-        """Per-token log-probabilities (B, T) of targets under the model, 0 where targets == -1.
-        The RL stages score completions with this: log p(targets[:, t] | idx[:, :t+1])."""
-        logits, _ = self(idx, pos=pos)
-        B, T = targets.shape
-        nll = F.cross_entropy(upcast(logits).view(B * T, -1), targets.reshape(B * T), ignore_index=-1, reduction="none")
-        return -nll.view(B, T)
+    def logprobs(self, idx, targets, pos=None, temperature=1.0, vocab_limit=None):
+        """Per-token log-probabilities (B, T) of targets, 0 where targets == -1:
+
+            logprobs[b, t] = log softmax(logits[b, t, :vocab_limit] / temperature)[targets[b, t]]
+
+        with logits[b, t] the model's prediction after idx[b, :t+1]. The RL stages score their
+        completions with this, and must pass the temperature and vocab_limit they sampled with:
+        the ratio and the KL are then those of the distribution the tokens were drawn from.
+        (top_k / top_p truncate that distribution further; see sample_next.)"""
+        x, _ = self(idx, pos=pos, hidden=True)
+        return self.head_logprobs(x, targets, temperature, vocab_limit)[0]
+
+    def head_logprobs(self, x, targets, temperature=1.0, vocab_limit=None, entropy=False):
+        """logprobs from final hidden states x (B, T, n_embd) -> (logprobs (B, T), entropy (B, T)
+        of the same tempered distribution, or None). The head runs on chunks of rows, so the float32
+        logits of only one chunk exist at a time; with gradients each chunk is recomputed in the
+        backward pass (activation checkpointing) instead of being kept. At this repo's vocab sizes
+        one chunk is the whole batch."""
+        if temperature <= 0:
+            raise ValueError(f"log-probs need the sampling temperature > 0, got {temperature} "
+                             "(greedy decoding has no distribution to score)")
+        B, T, C = x.shape
+        V = self.config.vocab_size if vocab_limit is None else min(vocab_limit, self.config.vocab_size)
+        x, targets = x.reshape(B * T, C), targets.reshape(B * T)
+
+        def chunk(xc, tc):
+            logits = upcast(self.lm_head(xc))[:, :V] / temperature
+            lse = torch.logsumexp(logits, dim=-1)
+            logp = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1) - lse
+            ent = lse - (F.softmax(logits, dim=-1) * logits).sum(-1) if entropy else torch.zeros_like(lse)
+            return logp, ent
+
+        rows = max(1, LOGPROB_CHUNK // V)
+        outs = []
+        for i in range(0, B * T, rows):
+            xc, tc = x[i : i + rows], targets[i : i + rows]
+            if torch.is_grad_enabled() and B * T > rows:
+                outs.append(torch.utils.checkpoint.checkpoint(chunk, xc, tc, use_reentrant=False))
+            else:
+                outs.append(chunk(xc, tc))
+        keep = targets >= 0
+        logp = torch.cat([o[0] for o in outs]).masked_fill(~keep, 0.0).view(B, T)
+        ent = torch.cat([o[1] for o in outs]).masked_fill(~keep, 0.0).view(B, T) if entropy else None
+        return logp, ent
 
     # --- generation ------------------------------------------------------------
 
@@ -709,14 +853,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        use_cache=True, generator=None, pos=None, vocab_limit=None):
-        """Yield (next_token (B,), logits (B, vocab_size)) for each of max_new_tokens steps.
+                        use_cache=True, generator=None, pos=None, vocab_limit=None, num_samples=1):
+        """Yield (next_token (N,), logits (N, vocab_size)) for each of max_new_tokens steps, with
+        N = B * num_samples: sample g of prompt b is row b * num_samples + g.
 
         With use_cache, the prompt is run once (prefill) and each step then runs one token per
-        row against the KV cache. Without it, every step recomputes the whole context: the
-        reference the cached path must match. Past block_size, without a rolling cache, both
-        crop the context to the last block_size tokens, as nanoGPT does, which means a full
-        recompute per step.
+        row against the KV cache; num_samples copies of each prompt's cache then continue it, so
+        a group of samples pays for one prefill. Without the cache, every step recomputes the
+        whole context: the reference the cached path must match. Past block_size, without a
+        rolling cache, both crop the context to the last block_size tokens, as nanoGPT does,
+        which means a full recompute per step.
         """
         cfg = self.config
         compiled = self.compiled_decode_step
@@ -727,6 +873,8 @@ class GPT(nn.Module):
         if pos is None:
             pos = torch.arange(L, device=idx.device)[None].expand(B, L)
         tokens, cache = idx, None
+        if num_samples > 1 and not use_cache:
+            tokens, pos = idx.repeat_interleave(num_samples, 0), pos.repeat_interleave(num_samples, 0)
         try:
             for _ in range(max_new_tokens):
                 T = tokens.size(1)
@@ -737,8 +885,16 @@ class GPT(nn.Module):
                             max_len = min(max_len, cfg.block_size)
                         cache = KVCache(cfg, B, max_len, static=compiled is not None)
                         logits = self.prefill(tokens, pos, cache)
+                        if num_samples > 1:
+                            cache.repeat_interleave(num_samples)
+                            logits = logits.repeat_interleave(num_samples, 0)
+                            tokens, pos = tokens.repeat_interleave(num_samples, 0), pos.repeat_interleave(num_samples, 0)
                     else:
                         logits = decode(tokens[:, -1:], pos[:, -1:], cache)
+                        if compiled is not None:
+                            # with CUDA graphs the output buffer is reused by the next replay:
+                            # the caller may still hold these logits then
+                            logits = logits.clone()
                 else:
                     ctx, ctx_pos = tokens, pos
                     if T > cfg.block_size and not cfg.unbounded_positions:
@@ -754,45 +910,73 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 use_cache=True, eos_token=None, generator=None, vocab_limit=None):
+                 use_cache=True, eos_token=None, generator=None, vocab_limit=None, num_samples=1):
         """Continue prompts by max_new_tokens sampled tokens.
 
-        idx (B, T) LongTensor -> (B, T + max_new_tokens). With eos_token, a row that has produced
-            it is filled with eos_token afterwards, and generation stops once every row has.
+        idx (B, T) LongTensor -> (B * num_samples, T + max_new_tokens). With eos_token (an id, or
+            several: any of them stops a row), a row that has produced it is filled with that
+            token afterwards, and generation stops once every row has.
         idx a list of 1-D LongTensors (mixed lengths, generated together, left-padded) -> a list
-            of 1-D tensors, each its prompt and its completion (up to and including eos_token).
-        temperature 0 is greedy; a torch.Generator makes sampling reproducible; vocab_limit keeps
-        the padding ids of a padded vocabulary (>= the tokenizer's size) from ever being drawn.
+            of 1-D tensors, each its prompt and its completion (up to and including its stop).
+        num_samples: completions per prompt, sample g of prompt b in row (or item) b * num_samples
+            + g, sharing one prefill. temperature 0 is greedy; a torch.Generator makes sampling
+        reproducible; vocab_limit keeps the padding ids of a padded vocabulary (>= the tokenizer's
+        size) from ever being drawn. For RL rollouts, complete() returns the masks as well.
         """
         as_list = isinstance(idx, (list, tuple))
-        if as_list:
-            prompts = idx
-            idx, pos = left_pad(prompts)
-        else:
-            pos = None
-        B = idx.size(0)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        out = []
-        for next_token, _ in self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p,
-                                                  use_cache, generator, pos, vocab_limit):
-            if eos_token is not None:
-                next_token = next_token.masked_fill(done, eos_token)
-                done |= next_token == eos_token
-            out.append(next_token)
-            if eos_token is not None and bool(done.all()):
-                break
-        new = torch.stack(out, dim=1) if out else idx[:, :0]
+        out = self.complete(idx if as_list else list(idx), max_new_tokens, num_samples, temperature, top_k, top_p,
+                            stop_tokens=() if eos_token is None else eos_token, generator=generator,
+                            vocab_limit=vocab_limit, use_cache=use_cache, fill_after_stop=True)
         if not as_list:
-            return torch.cat((idx, new), dim=1)
-        results = []
-        for b, prompt in enumerate(prompts):
-            completion = new[b]
-            if eos_token is not None:
-                hits = (completion == eos_token).nonzero()
-                if len(hits):
-                    completion = completion[: hits[0, 0] + 1]
-            results.append(torch.cat((prompt, completion)))
-        return results
+            return out.idx[:, out.prompt_len - idx.size(1):]  # idx had no padding: drop none of it
+        prompts = [p for p in idx for _ in range(num_samples)]
+        return [torch.cat((p, row[out.prompt_len:][m[out.prompt_len:]]))
+                for p, row, m in zip(prompts, out.idx, out.mask)]
+
+    @torch.no_grad()
+    def complete(self, prompts, max_new_tokens, num_samples=1, temperature=1.0, top_k=None, top_p=None,
+                 stop_tokens=(), generator=None, vocab_limit=None, use_cache=True, fill_after_stop=False):
+        """Sample num_samples completions of each prompt (a list of 1-D LongTensors), all rows in
+        one batch, sharing one prefill per prompt, each row stopping at the first of stop_tokens
+        (an id or several) it draws. -> Completions, what an RL step needs without a second pass:
+
+            idx (N, L + T)  each prompt left-padded to the longest (L), then its completion; the
+                            tokens after a row's stop are filler (its stop token repeated, when
+                            fill_after_stop, else 0)
+            pos (N, L + T)  positions, negative on the left padding
+            mask (N, L + T) True on the completion's tokens up to and including its stop token
+            truncated (N,)  True where max_new_tokens ran out before a stop token
+            prompt_len      L
+
+        with N = len(prompts) * num_samples, sample g of prompt p in row p * num_samples + g, and
+        T the longest completion: generation stops once every row has stopped. The log-probs of
+        the completions are then logprobs(idx[:, :-1], idx[:, 1:] where mask[:, 1:] else -1,
+        pos[:, :-1], temperature, vocab_limit)."""
+        stops = torch.tensor([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens),
+                             dtype=torch.long, device=prompts[0].device)
+        idx, pos = left_pad(prompts)
+        N, L = idx.size(0) * num_samples, idx.size(1)
+        done = torch.zeros(N, dtype=torch.bool, device=idx.device)
+        new, live = [], []
+        for token, _ in self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache,
+                                             generator, pos, vocab_limit, num_samples):
+            live.append(~done)  # this row had not stopped before this token: it is the row's own
+            if fill_after_stop and new:
+                token = torch.where(done, new[-1], token)
+            elif new:
+                token = token.masked_fill(done, 0)
+            new.append(token)
+            done = done | torch.isin(token, stops)
+            if bool(done.all()):
+                break
+        T = len(new)
+        gen = torch.stack(new, dim=1) if new else idx.new_zeros(N, 0)
+        gen_mask = torch.stack(live, dim=1) if live else torch.zeros(N, 0, dtype=torch.bool, device=idx.device)
+        idx = torch.cat((idx.repeat_interleave(num_samples, 0), gen), dim=1)
+        pos = pos.repeat_interleave(num_samples, 0)
+        pos = torch.cat((pos, pos[:, -1:] + 1 + torch.arange(T, device=idx.device)), dim=1)
+        mask = torch.cat((torch.zeros(N, L, dtype=torch.bool, device=idx.device), gen_mask), dim=1)
+        return Completions(idx=idx, pos=pos, mask=mask, truncated=~done, prompt_len=L)
 
     # --- LoRA ------------------------------------------------------------------
 
@@ -804,7 +988,7 @@ class GPT(nn.Module):
         for name, module in list(self.named_modules()):
             if not isinstance(module, nn.Linear):
                 continue
-            hits = [t for t in cfg.lora_targets if f".{t}." in f".{name}."]
+            hits = [t for t in cfg.lora_targets if lora_target_matches(t, linear_role(name))]
             if hits:
                 parent, _, child = name.rpartition(".")
                 lora = LoRALinear(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
@@ -821,15 +1005,30 @@ class GPT(nn.Module):
 
     def merge_lora(self):
         """Fold every adapter into its weight (W += scale B A): the model then runs as a plain GPT,
-        at the plain cost. Merging twice is refused. Train only unmerged: merged, the adapters
-        are bypassed and get no gradient."""
+        at the plain cost (and the memory of one more copy of the adapted weights, kept to undo
+        it). Merging twice is refused. Train only unmerged: merged, the adapters are bypassed and
+        get no gradient. state_dict() is the same merged or not."""
         for layer in self.lora_layers():
             layer.merge()
 
     def unmerge_lora(self):
-        """Undo merge_lora (W -= scale B A), which restores W up to float rounding."""
+        """Undo merge_lora: every adapted weight is restored bit for bit."""
         for layer in self.lora_layers():
             layer.unmerge()
+
+    @contextlib.contextmanager
+    def adapters_off(self):
+        """Inside, the model computes what its base weights alone compute: every LoRA adapter
+        is skipped (merged or not). The RL stages take a LoRA policy's reference this way, at no
+        memory cost. A model without adapters is unchanged."""
+        layers = self.lora_layers()
+        for layer in layers:
+            layer.enabled = False
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.enabled = True
 
     def merged_state_dict(self):
         """The weights of the plain GPT this model computes: adapters folded in, adapter keys
@@ -837,9 +1036,9 @@ class GPT(nn.Module):
         itself is left as it is, merged or not."""
         sd = {k: v for k, v in self.state_dict().items() if not is_lora_key(k)}
         for name, layer in self.named_modules():
-            if isinstance(layer, LoRALinear) and not layer.merged:
-                w = layer.weight.detach()
-                sd[name + ".weight"] = (upcast(w) + layer.delta_weight().detach()).to(w.dtype)
+            if isinstance(layer, LoRALinear):
+                w = layer.weight.detach()  # the merged weight itself when merged
+                sd[name + ".weight"] = w if layer.merged else (upcast(w) + layer.delta_weight().detach()).to(w.dtype)
         return sd
 
     def lora_state_dict(self):

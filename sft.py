@@ -36,9 +36,7 @@ On a CPU, mfu is the fraction of a matmul speed measured at start, a rough guide
 """
 
 import functools
-import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -112,19 +110,14 @@ if master:
 # -----------------------------------------------------------------------------
 # the checkpoint to start from, and its tokenizer
 
-ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
-try:
-    ckpt = common.load_checkpoint(ckpt_path)
-except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"init_from: {e}" + ("; pretrain first, e.g. python train.py config/tiny_shakespeare.py"
-                                  if isinstance(e, FileNotFoundError) else ""))
+ckpt, ckpt_path, resumed = common.load_start(init_from, out_dir)
 if "meta" not in ckpt:
     sys.exit(f"{ckpt_path} carries no tokenizer (meta): SFT needs a checkpoint of this repository")
 meta = ckpt["meta"]
 tok = common.tokenizer_from_meta(meta)
 block_size = ckpt["model_args"]["block_size"]
 end_id, pad_id = tok.special_id("<|end|>"), tok.special_id("<|endoftext|>")
-base = ckpt.get("base", ckpt_path) if init_from == "resume" else init_from  # the pretrained weights under it all
+base = ckpt.get("base", ckpt_path) if resumed else init_from  # the pretrained weights under it all
 
 # -----------------------------------------------------------------------------
 # data: conversations rendered by the chat template, once
@@ -217,16 +210,13 @@ def get_batch(seqs):
 # -----------------------------------------------------------------------------
 # model, optimizer, checkpoint
 
-iter_num, best_val_loss, resumed = 0, float("inf"), init_from == "resume"
 train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
     model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args)
 except ValueError as e:
     sys.exit(f"init_from: {e}")
-if resumed:
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
 if master:
-    print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {iter_num}")
+    print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}")
 if train_embeddings and model.config.lora_rank > 0:
     # Adapters alone cannot fix an embedding the base never learned: tiny shakespeare has no digits
     # and no chat tokens, so their rows were only ever pushed down as outputs and all point the
@@ -237,28 +227,23 @@ if train_embeddings and model.config.lora_rank > 0:
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
                                                               dynamic=True)
+
+
+def checkpoint():
+    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler,
+                                    **loop.state(), config=config, meta=meta, stage="sft", base=base)
+
+
+def save_weights(name):
+    common.save_weights(os.path.join(out_dir, name), ddp, raw_model, iter_num=loop.iter_num,
+                        best_val_loss=loop.best_val_loss, config=config, meta=meta, stage="sft", base=base)
+
+
+loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, lambda: save_weights("best.pt"))
 ckpt = None  # free it
-
-
-def checkpoint(path):
-    common.save_training_checkpoint(path, ddp, raw_model, optimizer, scaler, iter_num=iter_num,
-                                    best_val_loss=best_val_loss, config=config, meta=meta, stage="sft", base=base)
-
-
-def save_weights(path):
-    """The plain model, for sampling and the next stage: with LoRA the adapters are folded in and
-    model_args says lora_rank 0, so it loads like any other checkpoint."""
-    if not master:
-        return
-    cfg = raw_model.config.to_dict()
-    if cfg["lora_rank"] > 0:
-        state, cfg = raw_model.merged_state_dict(), dict(cfg, lora_rank=0)
-    else:
-        state = raw_model.state_dict()
-    common.save_checkpoint({"model": state, "model_args": cfg, "iter_num": iter_num, "best_val_loss": best_val_loss,
-                            "config": config, "meta": meta, "git": common.git_commit(), "stage": "sft",
-                            "base": base}, path)
-
+# a fresh run starts its samples anew; a resumed run or a lone evaluation appends to them
+if master and not (resumed or eval_only):
+    open(os.path.join(out_dir, "samples.txt"), "w").close()
 
 # -----------------------------------------------------------------------------
 # evaluation: assistant-token losses, and greedy answers to held-out prompts
@@ -270,179 +255,70 @@ eval_seqs = {  # fixed batches, the same in every run, so eval losses are compar
 }
 eval_batches = {split: [get_batch(seqs[k : k + batch_size]) for k in range(ddp.rank * batch_size, len(seqs), ddp.world_size * batch_size)]
                 for split, seqs in eval_seqs.items()}
+gen_examples = common.held_out_prompts(val_rows, eval_prompts, tok)
 
 
-@torch.no_grad()
-def estimate_loss():
-    out = {}
-    model.eval()
-    for split, batches in eval_batches.items():
-        total = torch.zeros(2, device=ddp.device)  # (sum of token losses, assistant tokens)
-        for X, Y in batches:
-            with ctx:
-                _, loss = model(X, Y)
-            n = (Y >= 0).sum()
-            total += torch.stack((loss.float() * n, n.float()))
-        if ddp.enabled:
-            torch.distributed.all_reduce(total)
-        out[split] = (total[0] / total[1]).item()
-    model.train()
-    return out
-
-
-def held_out_prompts(rows, n):
-    """Up to n validation conversations as prompts with reference answers, taken round-robin over
-    the (task, difficulty) cells so that every cell is measured even in a small eval. The prompt
-    is the conversation up to its last assistant message; the reference is the answer field, else
-    that message."""
-    cells = {}
-    for row in rows:
-        cells.setdefault((row.get("task"), row.get("difficulty")), []).append(row)
-    picked = [c[k] for k in range(max(map(len, cells.values()))) for c in cells.values() if k < len(c)][:n]
-    out = []
-    for row in picked:
-        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        history = row["messages"][:last]
-        ex = {"prompt": tok.render_prompt(history), "answer": row.get("answer", row["messages"][last]["content"]),
-              "question": next((m["content"] for m in reversed(history) if m["role"] == "user"), "")}
-        ex.update({k: row[k] for k in ("task", "difficulty") if k in row})
-        out.append(ex)
-    return out
-
-
-gen_examples = held_out_prompts(val_rows, eval_prompts)
-
-
-@torch.no_grad()
-def answer_prompts():
-    """Greedy answers to gen_examples, batched (each process a share), until <|end|>."""
-    mine = sorted(range(ddp.rank, len(gen_examples), ddp.world_size), key=lambda i: len(gen_examples[i]["prompt"]))
-    answers = {}
-    for k in range(0, len(mine), batch_size):  # similar lengths together: less left padding
-        idx = mine[k : k + batch_size]
-        prompts = [torch.tensor(gen_examples[i]["prompt"], device=ddp.device) for i in idx]
-        with ctx:
-            outs = raw_model.generate(prompts, eval_max_new_tokens, temperature=0, eos_token=end_id,
-                                      vocab_limit=tok.n_vocab)
-        for i, p, o in zip(idx, prompts, outs):
-            new = o[len(p):].tolist()
-            answers[i] = tok.decode(new[:-1] if new and new[-1] == end_id else new)
-    for part in ddp.gather_objects(answers):
-        answers.update(part)
-    return [answers[i] for i in range(len(gen_examples))]
-
-
-def write_samples(answers):
-    shown = random.Random(0).sample(range(len(gen_examples)), min(eval_show, len(gen_examples)))
-    with open(os.path.join(out_dir, "samples.txt"), "a", encoding="utf-8") as f:
-        f.write(f"=== iter {iter_num}\n")
-        for i in sorted(shown):
-            ex = gen_examples[i]
-            f.write(f"[{ex.get('task', 'all')}/{ex.get('difficulty', 'all')}] prompt: {ex['question']!r}\n"
-                    f"  reference: {ex['answer']!r}\n  answer:    {answers[i]!r}"
-                    f"{'  (exact)' if exact_match(ex, answers[i]) else ''}\n")
+def n_loss_tokens(Y):
+    return (Y >= 0).sum()
 
 
 # -----------------------------------------------------------------------------
 # training loop
 
-# a resumed run, or a lone evaluation, appends to the log and the samples; a fresh run starts them anew
-logger = common.Logger(out_dir, master, wandb_log, wandb_project, wandb_run_name, config, resume=resumed or eval_only)
-if master and not (resumed or eval_only):
-    open(os.path.join(out_dir, "samples.txt"), "w").close()
-peak = common.peak_flops(ddp.device_type) if master else 1.0
-stop = common.catch_ctrl_c()
-start_iter, t_start = iter_num, time.time()
-t0, loss_acc, steps_since_log, nonfinite = time.time(), torch.zeros((), device=ddp.device), 0, False
-counts = torch.zeros(4, dtype=torch.float64)  # since the last log line: real tokens, padded tokens, FLOPs, level sum
 while True:
-    lr = common.lr_at(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-    if (iter_num % eval_interval == 0 and not (resumed and iter_num == start_iter)) or iter_num == max_iters or eval_only:
-        losses = estimate_loss()
-        improved = losses["val"] < best_val_loss
-        best_val_loss = min(best_val_loss, losses["val"])
-        logger.log(iter_num, "eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
+    lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
+                                                decay_lr))
+    if loop.eval_due():
+        losses = {split: common.mean_loss(model, batches, ctx, ddp, n_loss_tokens) for split, batches in eval_batches.items()}
+        loop.log("eval", train_loss=losses["train"], val_loss=losses["val"], lr=lr)
         if gen_examples:
             t_gen = time.time()
-            answers = answer_prompts()
-            logger.log(iter_num, "answers", iter=iter_num, **metrics(gen_examples, answers), s=time.time() - t_gen)
+            answers = common.answer_prompts(raw_model, gen_examples, tok, ctx, ddp, batch_size, eval_max_new_tokens)
+            loop.log("answers", **metrics(gen_examples, answers), s=time.time() - t_gen)
             if master and eval_show:
-                write_samples(answers)
-        if eval_only:
-            break
-        if iter_num > start_iter and (always_save_checkpoint or improved or iter_num == max_iters):
-            checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        if iter_num > start_iter and improved:
-            save_weights(os.path.join(out_dir, "best.pt"))
-    if iter_num >= max_iters:
+                common.write_samples(os.path.join(out_dir, "samples.txt"), gen_examples, answers, loop.iter_num,
+                                     eval_show, exact_match)
+        loop.evaluated(losses["val"])
+    if loop.done():
         break
 
     # ---- the training step --------------------------------------------------------------
-    indices = [train_indices(iter_num, m) for m in range(grad_accum)]
+    indices = [train_indices(loop.iter_num, m) for m in range(grad_accum)]
     batches = [get_batch([train_seqs[i] for i in idx]) for idx in indices]
     # the loss is the mean over every assistant token of the iteration, across micro-steps and
     # processes: each micro-step's mean is weighted by its share of the tokens (DDP averages the
     # gradients over processes, hence the mean count per process in the denominator)
-    n_mean = ddp.all_reduce_mean(sum((Y >= 0).sum() for _, Y in batches).float())
+    n_mean = ddp.all_reduce_mean(sum(n_loss_tokens(Y) for _, Y in batches).float())
+    ce = torch.zeros((), device=ddp.device)
+    real = padded = flops = level_sum = 0
     for micro_step, (X, Y) in enumerate(batches):
         if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with ctx:
             _, loss = model(X, Y)  # <- SFT: Y is -1 on every token that is not the assistant's
-            loss = loss * ((Y >= 0).sum() / n_mean)
+            loss = loss * (n_loss_tokens(Y) / n_mean)
+            ce += loss.detach()
+            loss = loss + raw_model.aux_loss() / grad_accum  # MoE: plus its load-balancing terms
         scaler.scale(loss).backward()
-        loss_acc += loss.detach()
-        real = sum(len(train_seqs[i][0]) - 1 for i in indices[micro_step])
-        counts += torch.tensor([real, X.numel(), raw_model.flops_per_token(X.size(1)) * X.numel(),
-                                sum(levels[i] for i in indices[micro_step])], dtype=torch.float64)
+        real += sum(len(train_seqs[i][0]) - 1 for i in indices[micro_step])
+        padded += X.numel()
+        flops += raw_model.flops_per_token(X.size(1)) * X.numel()
+        level_sum += sum(levels[i] for i in indices[micro_step])
     grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
     # --------------------------------------------------------------------------------------
 
-    iter_num += 1
-    steps_since_log += 1
-    if iter_num % log_interval == 0 or iter_num == max_iters:
-        n, steps_since_log = steps_since_log, 0
-        loss_avg = ddp.all_reduce_mean(loss_acc / n).item()
-        # tokens and FLOPs summed over the processes: the mean times their number
-        real, padded, flops, level_sum = (ddp.all_reduce_mean(counts.to(ddp.device)) * ddp.world_size).tolist()
-        loss_acc.zero_()
-        counts.zero_()
-        dt = (time.time() - t0) / n
-        t0 = time.time()
-        if not math.isfinite(loss_avg):
-            nonfinite = True
-            logger.log(iter_num, "stop", iter=iter_num, loss=loss_avg)
-            if master:
-                print(f"the loss is {loss_avg} at iter {iter_num}: stopping. The last good checkpoint is "
-                      f"{os.path.join(out_dir, 'ckpt.pt')}; try a lower learning_rate or a grad_clip.")
-            break
-        eta = (max_iters - iter_num) * dt
-        logger.log(iter_num, None, iter=iter_num, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), ms=dt * 1000,
-                   tok_s=round(real / n / dt), pad=1 - real / padded, mfu=flops / n / dt / peak,
-                   level=level_sum / (n * gradient_accumulation_steps * batch_size) if curriculum != "none" else None, eta=f"{eta / 60:.1f}m")
-    if ddp.any(stop["requested"]):
-        checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        if master:
-            print(f"saved {os.path.join(out_dir, 'ckpt.pt')} at iter {iter_num}; resume with --init_from=resume")
+    if loop.step_done(ce, tokens=real, flops=flops, lr=lr, grad_norm=grad_norm, pad=1 - real / padded,
+                      level=level_sum / (grad_accum * batch_size) if curriculum != "none" else None):
         break
 
-ddp.check_in_sync(raw_model)
-if raw_model.config.lora_rank > 0 and not eval_only and not nonfinite and master:
-    save_weights(os.path.join(out_dir, "merged.pt"))
+if raw_model.config.lora_rank > 0 and not eval_only and not loop.nonfinite and master:
+    save_weights("merged.pt")
     adapters = {"lora": raw_model.lora_state_dict()}
     if raw_model.wte.weight.requires_grad:  # trained with them: it goes with them
         adapters["embedding"] = raw_model.wte.weight.detach().clone()
-    common.save_checkpoint({**adapters, "model_args": raw_model.config.to_dict(), "iter_num": iter_num,
+    common.save_checkpoint({**adapters, "model_args": raw_model.config.to_dict(), "iter_num": loop.iter_num,
                             "config": config, "git": common.git_commit(), "stage": "sft", "base": base},
                            os.path.join(out_dir, "lora.pt"))
     print(f"saved {os.path.join(out_dir, 'merged.pt')} (adapters merged) and {os.path.join(out_dir, 'lora.pt')} "
           f"(the adapters{' and the embedding' if 'embedding' in adapters else ''}, for the base {base})")
-if master and not nonfinite and not eval_only:
-    print(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}")
-logger.close()
-ddp.close()
-if nonfinite:
-    sys.exit(1)
+loop.close(raw_model)

@@ -18,7 +18,8 @@ Resume, or fine-tune from a checkpoint (with LoRA, say):
     python train.py config/tiny_shakespeare.py --init_from=resume
     python train.py --init_from=out/ckpt.pt --lora_rank=8 --learning_rate=1e-3 --out_dir=out-lora
 
-A healthy run prints the resolved config, then lines such as
+A healthy run prints the resolved config, then lines such as (loss is the cross-entropy; a MoE
+model adds its aux_loss, z_loss and load_cv beside it)
     iter=100 loss=2.4012 lr=0.0010 grad_norm=0.5123 ms=105.2 tok_s=18700 mfu=0.21 eta=4.1m
 and at every eval_interval
     eval iter=250 train_loss=1.9803 val_loss=2.0712 val_ppl=7.9363
@@ -28,7 +29,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from dataclasses import fields
 
 import numpy as np
@@ -98,9 +98,8 @@ config = common.configure(globals())
 ddp, grad_accum, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed,
                                                     gradient_accumulation_steps, out_dir)
 master = ddp.master
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master:
-    print(f"tokens per iteration: {tokens_per_iter:,} ({ddp.world_size} processes x {grad_accum} "
+    print(f"tokens per iteration: {gradient_accumulation_steps * batch_size * block_size:,} ({ddp.world_size} processes x {grad_accum} "
           f"micro-steps x {batch_size} x {block_size}); device {ddp.device}, dtype {dtype}")
 
 # -----------------------------------------------------------------------------
@@ -142,35 +141,40 @@ def train_generator(it, micro_step):
 # -----------------------------------------------------------------------------
 # model, optimizer, checkpoint
 
-iter_num, best_val_loss, resumed = 0, float("inf"), False
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
 model_args["vocab_size"] = meta["vocab_size"]
-ckpt = None
+ckpt, resumed = None, False
 if init_from == "scratch":
     try:
         model = GPT(GPTConfig(**model_args))
     except ValueError as e:
         sys.exit(f"config error: {e}")
 else:
-    path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    ckpt, path, resumed = common.load_start(init_from, out_dir)
     try:
-        ckpt = common.load_checkpoint(path)
-        model = common.model_from_checkpoint(ckpt, path, None if init_from == "resume" else model_args)
-    except (FileNotFoundError, ValueError) as e:
+        if "meta" in ckpt:  # the checkpoint's ids must mean what the dataset's ids mean
+            common.check_same_tokenizer(ckpt["meta"], f"init_from={path}", meta, f"dataset {dataset}")
+        model = common.model_from_checkpoint(ckpt, path, None if resumed else model_args)
+    except ValueError as e:
         sys.exit(f"init_from={init_from}: {e}")
-    if init_from == "resume":
-        iter_num, best_val_loss, resumed = ckpt["iter_num"], ckpt["best_val_loss"], True
     if master:
-        print(f"{'resuming' if resumed else 'starting'} from {path} at iter {iter_num}")
+        print(f"{'resuming' if resumed else 'starting'} from {path} at iter {ckpt.get('iter_num', 0) if resumed else 0}")
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None)
+
+
+def checkpoint():
+    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler,
+                                    **loop.state(), config=config, meta=meta, stage="pretrain")
+
+
+def save_best():
+    common.save_weights(os.path.join(out_dir, "best.pt"), ddp, raw_model, iter_num=loop.iter_num,
+                        best_val_loss=loop.best_val_loss, config=config, meta=meta, stage="pretrain")
+
+
+loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best)
 ckpt = None  # free it
-
-
-def checkpoint(path):
-    common.save_training_checkpoint(path, ddp, raw_model, optimizer, scaler, iter_num=iter_num,
-                                    best_val_loss=best_val_loss, config=config, meta=meta, stage="pretrain")
-
 
 # -----------------------------------------------------------------------------
 # evaluation
@@ -179,23 +183,6 @@ eval_batches = {  # fixed batches, the same in every run, so eval losses are com
     split: [get_batch(split, torch.Generator().manual_seed(1000 + k)) for k in range(ddp.rank, eval_iters, ddp.world_size)]
     for split in ("train", "val")
 }
-
-
-@torch.no_grad()
-def estimate_loss():
-    out = {}
-    model.eval()
-    for split, batches in eval_batches.items():
-        total = torch.zeros(2, device=ddp.device)  # (sum of losses, number of batches)
-        for X, Y in batches:
-            with ctx:
-                _, loss = model(X, Y)
-            total += torch.stack((loss.float(), torch.ones((), device=ddp.device)))
-        if ddp.enabled:
-            torch.distributed.all_reduce(total)
-        out[split] = (total[0] / total[1]).item()
-    model.train()
-    return out
 
 
 def sample_text(n_tokens):
@@ -209,80 +196,38 @@ def sample_text(n_tokens):
 # -----------------------------------------------------------------------------
 # training loop
 
-# a resumed run, or a lone evaluation, appends to the log; a fresh run starts it anew
-logger = common.Logger(out_dir, master, wandb_log, wandb_project, wandb_run_name, config, resume=resumed or eval_only)
-peak = common.peak_flops(ddp.device_type) if master else 1.0
-stop = common.catch_ctrl_c()
-start_iter, t_start = iter_num, time.time()
-t0, loss_acc, steps_since_log, nonfinite = time.time(), torch.zeros((), device=ddp.device), 0, False
+tokens_per_step = grad_accum * batch_size * block_size  # this process's, per iteration
+flops_per_step = raw_model.flops_per_token(block_size) * tokens_per_step
 while True:
-    lr = common.lr_at(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-    if (iter_num % eval_interval == 0 and not (resumed and iter_num == start_iter)) or iter_num == max_iters or eval_only:
-        losses = estimate_loss()
-        improved = losses["val"] < best_val_loss
-        best_val_loss = min(best_val_loss, losses["val"])
-        logger.log(iter_num, "eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
-                   val_ppl=math.exp(min(losses["val"], 50.0)), lr=lr)
+    lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
+                                                decay_lr))
+    if loop.eval_due():
+        losses = {split: common.mean_loss(model, batches, ctx, ddp) for split, batches in eval_batches.items()}
+        loop.log("eval", train_loss=losses["train"], val_loss=losses["val"],
+                 val_ppl=math.exp(min(losses["val"], 50.0)), lr=lr)
         if eval_sample_tokens and master:
             print(sample_text(eval_sample_tokens))
-        if eval_only:
-            break
-        if iter_num > start_iter and (always_save_checkpoint or improved or iter_num == max_iters):
-            checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        if iter_num > start_iter and improved and master:
-            common.save_checkpoint({"model": raw_model.state_dict(), "model_args": raw_model.config.to_dict(),
-                                    "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
-                                    "meta": meta, "git": common.git_commit(), "stage": "pretrain"},
-                                   os.path.join(out_dir, "best.pt"))
-    if iter_num >= max_iters:
+        loop.evaluated(losses["val"])
+    if loop.done():
         break
 
     # ---- the training step --------------------------------------------------------------
+    ce = torch.zeros((), device=ddp.device)
     for micro_step in range(grad_accum):
-        X, Y = get_batch("train", train_generator(iter_num, micro_step))
+        X, Y = get_batch("train", train_generator(loop.iter_num, micro_step))
         if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with ctx:
             _, loss = model(X, Y)
-            loss = loss / grad_accum  # the accumulated gradient is the mean over micro-steps
+            ce += loss.detach() / grad_accum  # the accumulated gradient is the mean over micro-steps
+            loss = (loss + raw_model.aux_loss()) / grad_accum  # MoE: plus its load-balancing terms
         scaler.scale(loss).backward()
-        loss_acc += loss.detach()
     grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
     # --------------------------------------------------------------------------------------
 
-    iter_num += 1
-    steps_since_log += 1
-    if iter_num % log_interval == 0 or iter_num == max_iters:
-        n, steps_since_log = steps_since_log, 0
-        loss_avg = ddp.all_reduce_mean(loss_acc / n).item()
-        loss_acc.zero_()
-        dt = (time.time() - t0) / n
-        t0 = time.time()
-        if not math.isfinite(loss_avg):
-            nonfinite = True
-            logger.log(iter_num, "stop", iter=iter_num, loss=loss_avg)
-            if master:
-                print(f"the loss is {loss_avg} at iter {iter_num}: stopping. The last good checkpoint is "
-                      f"{os.path.join(out_dir, 'ckpt.pt')}; try a lower learning_rate or a grad_clip.")
-            break
-        tok_s = tokens_per_iter / dt
-        eta = (max_iters - iter_num) * dt
-        logger.log(iter_num, None, iter=iter_num, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(),
-                   ms=dt * 1000, tok_s=round(tok_s), mfu=raw_model.flops_per_token(block_size) * tok_s / peak,
-                   eta=f"{eta / 60:.1f}m")
-    if ddp.any(stop["requested"]):
-        checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        if master:
-            print(f"saved {os.path.join(out_dir, 'ckpt.pt')} at iter {iter_num}; resume with --init_from=resume")
+    moe = raw_model.moe_stats()
+    if loop.step_done(ce, tokens=tokens_per_step, flops=flops_per_step, lr=lr, grad_norm=grad_norm,
+                      aux_loss=moe and moe["aux_loss"], z_loss=moe and moe["z_loss"], load_cv=moe and moe["load_cv"]):
         break
 
-ddp.check_in_sync(raw_model)
-if master and not nonfinite and not eval_only:
-    print(f"done: {iter_num - start_iter} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}")
-logger.close()
-ddp.close()
-if nonfinite:
-    sys.exit(1)
+loop.close(raw_model)

@@ -312,7 +312,7 @@ def test_save_load_roundtrip(tok, tmp_path):
     same(bpe.Tokenizer.load(path), tok, varied_text(7) + "<|user|>")
     vocab = (tmp_path / "t.vocab").read_text(encoding="utf-8").splitlines()
     a, b = tok.merges[0]
-    assert any(line.startswith(f"256 [") and f"<- {a} [" in line for line in vocab)
+    assert any(line.startswith("256 [") and f"<- {a} [" in line for line in vocab)
     assert any(line.endswith("special") and "<|endoftext|>" in line for line in vocab)
     byte = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
     byte.save(str(tmp_path / "byte.tok"))

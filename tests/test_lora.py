@@ -147,9 +147,15 @@ def test_merged_equals_unmerged_and_unmerge_restores(kw, targets):
     plain.load_state_dict(model.merged_state_dict())  # strict
     torch.testing.assert_close(plain(idx)[0], unmerged, atol=1e-5, rtol=0)
 
+    # a state dict taken while merged holds the original weights: it loads back to the same model
+    # (it used to hold W + BA beside the adapters, which then applied twice)
+    again = GPT(model.config).eval()
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again(idx)[0], unmerged, atol=1e-5, rtol=0)
+
     model.unmerge_lora()
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=0)
+        assert torch.equal(v, weights[k]), k  # exactly: the original weights were kept
     torch.testing.assert_close(model(idx)[0], unmerged, atol=1e-6, rtol=0)
     with pytest.raises(RuntimeError, match="not merged"):
         model.unmerge_lora()
@@ -272,3 +278,59 @@ def test_flops_count_frozen_weights_at_four_per_weight():
     n_frozen = sum(p.numel() for p in lora.parameters() if not p.requires_grad)
     n_adapter = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert lora.flops_per_token() == base.flops_per_token() + 6 * n_adapter - 2 * n_frozen
+
+
+def test_merge_and_unmerge_in_bf16_restore_the_base_bit_for_bit():
+    # W + BA - BA rounds in bf16 (about 13% of the adapted weights moved by an ulp before): a
+    # "frozen reference" taken after an unmerge would not have been the reference
+    torch.manual_seed(0)
+    base = GPT(tiny()).to(torch.bfloat16)
+    model = train(lora_on(base, dtype=torch.bfloat16, lora_targets=("attn", "mlp")), lr=3e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.merge_lora()
+    assert any(not torch.equal(layer.weight, before[name + ".weight"])
+               for name, layer in model.named_modules() if isinstance(layer, LoRALinear))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # merged or not
+    model.unmerge_lora()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            assert torch.equal(layer.weight, before[name + ".weight"]), name
+
+
+@pytest.mark.parametrize("moe_every", [1, 2])
+def test_moe_targets_by_role(moe_every):
+    # "mlp" adapts every feed-forward linear, dense or expert or shared, and never the router
+    cfg = tiny(n_layer=2, n_expert=4, n_expert_active=2, n_shared_expert=1, moe_every=moe_every,
+               lora_rank=4, lora_targets=("mlp",))
+    model = GPT(cfg)
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = {n for n in linears if ".mlp." in f".{n}" and not n.endswith("router")}
+    assert adapted == expected
+    assert any(".experts.3.c_fc" in n for n in adapted) and any(".shared.c_proj" in n for n in adapted)
+    if moe_every == 2:
+        assert "h.0.mlp.c_fc" in adapted  # the dense layer of a hybrid stack
+    assert not any(n.endswith("router") for n in adapted)
+    # mlp.c_fc names the role in experts too; the router only when named
+    model = GPT(dataclasses.replace(cfg, lora_targets=("mlp.c_fc", "router")))
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert adapted == {n for n in linears if n.endswith(".c_fc") or n.endswith("router")}
+
+
+def test_lora_on_moe_trains_only_adapters_and_matches_when_merged():
+    torch.manual_seed(0)
+    base = GPT(tiny(n_expert=4, n_expert_active=2, moe_every=1))
+    model = train(lora_on(base, lora_targets=("attn", "mlp")))
+    idx = torch.randint(0, 37, (2, 12))
+    for k, v in base.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    unmerged = model(idx)[0]
+    assert (unmerged - base.eval()(idx)[0]).abs().max() > 1e-3
+    model.merge_lora()
+    torch.testing.assert_close(model(idx)[0], unmerged, atol=1e-5, rtol=0)
+    model.unmerge_lora()
+    a = model.generate(idx[:, :4], 10, temperature=0, use_cache=True)
+    b = model.generate(idx[:, :4], 10, temperature=0, use_cache=False)
+    assert torch.equal(a, b)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build, tiny
-from model import GPT, GPTConfig, KVCache, left_pad, sample_next
+from model import GPT, KVCache, left_pad, sample_next
 
 
 CONFIGS = [

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import build as build_model
 from conftest import tiny
-from model import GPT, GPTConfig, MoE
+from model import GPT, MoE
 
 
 def build(config, **kw):
@@ -114,7 +114,9 @@ def test_unselected_expert_gets_zero_gradient_not_none():
     assert moe.experts[1].c_fc.weight.grad.any() and not moe.experts[2].c_fc.weight.grad.any()
 
 
-def test_loss_adds_the_aux_losses_and_logprobs_does_not():
+def test_loss_is_the_cross_entropy_and_aux_loss_holds_the_rest():
+    # the loss forward returns (and every stage logs) is the plain cross-entropy, so MoE and dense
+    # runs compare; the load-balancing and z terms come from aux_loss(), which training adds
     model = build(tiny(n_expert=4, n_expert_active=2, moe_every=1, moe_aux_coef=0.3, moe_z_coef=0.05))
     idx, targets = torch.randint(0, 37, (2, 9)), torch.randint(0, 37, (2, 9))
     logits, loss = model(idx, targets)
@@ -123,7 +125,9 @@ def test_loss_adds_the_aux_losses_and_logprobs_does_not():
     per_layer = [(m.aux_loss.item(), m.z_loss.item()) for m in model.moe_layers()]
     assert stats["aux_loss"] == pytest.approx(sum(a for a, _ in per_layer) / 2)
     assert stats["z_loss"] == pytest.approx(sum(z for _, z in per_layer) / 2)
-    torch.testing.assert_close(loss.item(), ce.item() + 0.3 * stats["aux_loss"] + 0.05 * stats["z_loss"])
+    assert loss.item() == ce.item()
+    torch.testing.assert_close(model.aux_loss().item(), 0.3 * stats["aux_loss"] + 0.05 * stats["z_loss"])
+    assert model.aux_loss().requires_grad and build(tiny()).aux_loss() == 0.0
     torch.testing.assert_close(-model.logprobs(idx, targets).mean(), ce)
     assert stats["load"].shape == (2, 4)
     torch.testing.assert_close(stats["load"].sum(-1), torch.ones(2, dtype=stats["load"].dtype))
@@ -221,6 +225,7 @@ def train_load_cv(moe_aux_coef, steps=60, seed=0):
     for _ in range(steps):
         x = batch(16)
         _, loss = model(x[:, :-1], x[:, 1:])
+        loss = loss + model.aux_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,6 +1,5 @@
 """sample.py: checkpoints of ours and of nanoGPT, streaming, and clear errors."""
 
-import os
 import pickle
 
 import torch

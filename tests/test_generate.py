@@ -1,0 +1,162 @@
+"""What the RL stages read from model.py: log-probs of the distribution that was sampled, completions
+with their masks, groups of samples sharing one prefill, and the reference with adapters off."""
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_module
+from conftest import build, tiny
+from model import GPT, sample_next
+
+
+def test_logprobs_are_those_of_the_tempered_truncated_distribution():
+    model = build(tiny(), sharpen=3.0)
+    idx = torch.randint(0, 37, (2, 6), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(1))
+    targets[0, 2] = -1
+    logits, _ = model(idx)
+    for temperature, vocab_limit in ((1.0, None), (0.7, None), (1.3, 30)):
+        want = F.log_softmax(logits[..., :vocab_limit] / temperature, dim=-1)
+        want = want.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).masked_fill(targets < 0, 0.0)
+        got = model.logprobs(idx, targets, temperature=temperature, vocab_limit=vocab_limit)
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="temperature"):
+        model.logprobs(idx, targets, temperature=0.0)
+
+
+def test_entropy_and_chunked_head_agree_with_one_chunk(monkeypatch):
+    model = build(tiny(), dtype=torch.float32, sharpen=3.0)
+    idx = torch.randint(0, 37, (3, 8), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 37, (3, 8), generator=torch.Generator().manual_seed(1))
+    x, _ = model(idx, hidden=True)
+    logp, ent = model.head_logprobs(x, targets, temperature=0.9, entropy=True)
+    p = F.softmax(model.lm_head(x) / 0.9, dim=-1)
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1))
+    # chunks of 5 rows (24 rows in all), with gradients: checkpointed chunks, same values and grads
+    monkeypatch.setattr(model_module, "LOGPROB_CHUNK", 5 * 37)
+    x1 = x.detach().requires_grad_()
+    logp1, _ = model.head_logprobs(x1, targets, temperature=0.9)
+    logp1.sum().backward()
+    monkeypatch.setattr(model_module, "LOGPROB_CHUNK", 2**24)
+    x2 = x.detach().requires_grad_()
+    logp2, _ = model.head_logprobs(x2, targets, temperature=0.9)
+    logp2.sum().backward()
+    torch.testing.assert_close(logp1, logp2)
+    torch.testing.assert_close(logp1, logp.detach())
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_completion_mask_stops_at_and_includes_the_stop_token():
+    model = build(tiny(tie_weights=False), sharpen=3.0)  # a tied head just repeats the last token
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7, 8, 9])]
+    # the free continuations (no stop), to know where each row's stop falls; a row's draws depend
+    # only on its own history, so the same generator gives the same tokens up to each stop
+    sample = dict(temperature=1.0, top_k=8)
+    free = model.complete(prompts, 12, generator=torch.Generator().manual_seed(0), **sample)
+    free = [row[free.prompt_len:] for row in free.idx]
+    row0 = free[0].tolist()
+    first = next(i for i in range(2, 12) if row0[i] not in row0[:i])  # a token new at position i
+    stop = row0[first]  # becomes a stop token: row 0 must stop right after it
+    out = model.complete(prompts, 12, stop_tokens=(stop, 36), generator=torch.Generator().manual_seed(0), **sample)
+    L = out.prompt_len
+    assert L == 4 and out.idx.shape[0] == 3
+    for b, p in enumerate(prompts):
+        gen = free[b].tolist()
+        hits = [i for i, t in enumerate(gen) if t in (stop, 36)]
+        n = hits[0] + 1 if hits else len(gen)
+        assert out.mask[b].tolist() == [False] * L + [True] * n + [False] * (out.idx.size(1) - L - n)
+        assert out.idx[b, L : L + n].tolist() == gen[:n]
+        assert out.idx[b, L - len(p) : L].tolist() == p.tolist()  # left-padded prompt
+        assert bool(out.truncated[b]) == (not hits)
+    assert out.mask[0, L : L + first + 1].all() and not out.mask[0, L + first + 1 :].any()  # at and including
+    # positions: negative on the padding, then counting on from each prompt's end
+    assert out.pos[1].tolist()[:4] == [-2, -1, 0, 1] and out.pos[1, 4].item() == 2
+    # targets are the completion tokens only, and their log-probs are the greedy path's
+    t = out.targets()
+    assert ((t >= 0) == out.mask[:, 1:]).all()
+
+
+def test_truncated_rows_are_flagged():
+    model = build(tiny())
+    out = model.complete([torch.tensor([1, 2])], 5, temperature=0, stop_tokens=())
+    assert out.truncated.tolist() == [True] and out.mask[0, 2:].all() and out.idx.shape == (1, 7)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_group_samples_share_one_prefill_and_equal_repeated_prompts(use_cache):
+    model = build(tiny(pos_emb="rope", n_kv_head=2), sharpen=2.0)
+    prompts = [torch.tensor([3, 4, 5]), torch.tensor([6, 7])]
+    G = 4
+    a = model.complete(prompts, 10, num_samples=G, temperature=1.0, stop_tokens=5,
+                       generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+    repeated = [p for p in prompts for _ in range(G)]
+    b = model.complete(repeated, 10, temperature=1.0, stop_tokens=5, generator=torch.Generator().manual_seed(0),
+                       use_cache=use_cache)
+    assert torch.equal(a.idx, b.idx) and torch.equal(a.mask, b.mask) and torch.equal(a.pos, b.pos)
+    assert len({tuple(r) for r in a.idx[:G].tolist()}) > 1  # the samples of a group differ
+
+
+def test_shared_prefill_runs_the_prompts_once():
+    model = build(tiny())
+    seen = []
+    prefill = model.prefill
+    model.prefill = lambda idx, pos, cache: (seen.append(idx.shape), prefill(idx, pos, cache))[1]
+    model.complete([torch.tensor([1, 2, 3]), torch.tensor([4])], 4, num_samples=8, temperature=1.0)
+    assert seen == [(2, 3)]
+
+
+def test_generate_takes_several_stop_tokens_and_num_samples():
+    model = build(tiny())
+    idx = torch.tensor([[1, 2, 3]])
+    free = model.generate(idx, 10, temperature=0)[0, 3:].tolist()
+    stops = (free[2], 36)
+    out = model.generate(idx, 10, temperature=0, eos_token=stops)
+    first = next(i for i, t in enumerate(free) if t in stops)
+    assert out[0, 3 : 3 + first + 1].tolist() == free[: first + 1]
+    assert (out[0, 3 + first :] == free[first]).all()  # filled with the stop token after it
+    lists = model.generate([idx[0], idx[0, 1:]], 10, temperature=0, eos_token=stops, num_samples=2)
+    assert len(lists) == 4 and torch.equal(lists[0], lists[1]) and lists[0].tolist() == idx[0].tolist() + free[: first + 1]
+
+
+def test_sample_next_refuses_impossible_settings():
+    logits = torch.zeros(1, 5)
+    for kw, msg in ((dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"),
+                    (dict(temperature=-1.0), "temperature")):
+        with pytest.raises(ValueError, match=msg):
+            sample_next(logits, **{"temperature": 1.0, **kw})
+
+
+def test_adapters_off_is_the_base_model():
+    torch.manual_seed(0)
+    base = GPT(tiny()).double().eval()
+    lora = GPT(tiny(lora_rank=4, lora_targets=("attn", "mlp"))).double().eval()
+    lora.load_base_weights(base.state_dict())
+    with torch.no_grad():
+        for layer in lora.lora_layers():
+            layer.lora_B.normal_()
+    idx = torch.randint(0, 37, (2, 9))
+    assert not torch.allclose(lora(idx)[0], base(idx)[0])
+    with lora.adapters_off():
+        torch.testing.assert_close(lora(idx)[0], base(idx)[0], rtol=0, atol=0)
+    lora.merge_lora()
+    with lora.adapters_off():  # merged too: the kept original weights
+        torch.testing.assert_close(lora(idx)[0], base(idx)[0], rtol=0, atol=0)
+    lora.unmerge_lora()
+    assert not torch.allclose(lora(idx)[0], base(idx)[0])
+
+
+def test_rolling_cache_at_sixteen_times_block_size_follows_the_stated_rule():
+    # the rule (model.py's docstring): query i sees key j when 0 <= j <= i and (i - j < W or
+    # j < n_sink), at absolute positions, rope included. The uncached path recomputes the whole
+    # sequence under that mask at every step, so the rolling cache must give the same tokens
+    # however far past block_size it runs.
+    cfg = tiny(pos_emb="rope", sliding_window=6, n_sink=2, block_size=8, tie_weights=False)
+    model = build(cfg, sharpen=3.0)  # float64: sampling the same logits draws the same tokens
+    idx = torch.randint(0, 37, (1, 3), generator=torch.Generator().manual_seed(3))
+    n = 16 * cfg.block_size
+    cached = model.generate(idx, n, generator=torch.Generator().manual_seed(0), use_cache=True)
+    reference = model.generate(idx, n, generator=torch.Generator().manual_seed(0), use_cache=False)
+    assert torch.equal(cached, reference) and cached.size(1) == 3 + n
+    assert len(set(cached[0, -64:].tolist())) > 1  # not stuck on one token
