@@ -313,3 +313,29 @@ def test_metrics_with_worked_solutions():
     assert m["em/count/1"] == pytest.approx(2 / 3) and m["fmt/count/1"] == pytest.approx(1 / 3)
     assert m["em/add/1"] == 1.0 and m["fmt/add/1"] == 1.0 and m["fmt"] == pytest.approx(2 / 4)
     assert not any(k.startswith("fmt") for k in metrics(examples[3:], responses[3:]))  # direct only: as before
+
+
+def test_prepare_cot_is_deterministic_holds_out_val_and_matches_direct(tmp_path):
+    args = ["data/tasks/prepare.py", "--train_per_cell=30", "--val_per_cell=10", "--difficulties=1,2",
+            "--tasks=add,sort,count,copy", "--task_weights=add=2"]
+    run_script(*args, "--cot=True", f"--out_dir={tmp_path / 'a'}")
+    res = run_script(*args, "--cot=True", f"--out_dir={tmp_path / 'b'}")
+    assert "train 300 conversations, val 120 (4 tasks x 2 difficulties, val also 4; worked solutions)" in res.stdout
+    for name in ("train.jsonl", "val.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    train, val = read(tmp_path / "a" / "train.jsonl"), read(tmp_path / "a" / "val.jsonl")
+    assert {ex["difficulty"] for ex in train} == {1, 2} and {ex["difficulty"] for ex in val} == {1, 2, 4}
+    assert len({problem_key(ex) for ex in val}) == len(val)  # distinct
+    assert not {problem_key(ex) for ex in val} & {problem_key(ex) for ex in train}  # held out
+    for ex in train + val:
+        assert ex["format"] == "cot" and replay(ex) == ex["answer"]
+        assert score(ex, ex["messages"][-1]["content"]) == 1.0 and follows_format(ex, ex["messages"][-1]["content"])
+    # direct files of the same seed, validated to level 4 too, hold the same problems with the same
+    # answers in the same order: direct and worked-solution models are measured on the same questions
+    run_script(*args, "--val_difficulties=1,2,4", f"--out_dir={tmp_path / 'd'}")
+    d_train, d_val = read(tmp_path / "d" / "train.jsonl"), read(tmp_path / "d" / "val.jsonl")
+    same = [(ex["messages"][0], ex["answer"], ex["task"], ex["difficulty"]) for ex in d_train + d_val]
+    assert same == [(ex["messages"][0], ex["answer"], ex["task"], ex["difficulty"]) for ex in train + val]
+    assert all("format" not in ex and ex["messages"][1]["content"] == ex["answer"] for ex in d_train + d_val)
+    res = run_script(*args, "--val_difficulties=1", f"--out_dir={tmp_path / 'c'}", check=False)
+    assert res.returncode != 0 and "must hold every level of difficulties" in res.stderr
