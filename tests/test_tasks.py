@@ -339,3 +339,30 @@ def test_prepare_cot_is_deterministic_holds_out_val_and_matches_direct(tmp_path)
     assert all("format" not in ex and ex["messages"][1]["content"] == ex["answer"] for ex in d_train + d_val)
     res = run_script(*args, "--val_difficulties=1", f"--out_dir={tmp_path / 'c'}", check=False)
     assert res.returncode != 0 and "must hold every level of difficulties" in res.stderr
+
+
+def test_sft_tasks_cot_config_runs_on_a_tiny_model(tmp_path):
+    # config/sft_tasks_cot.py, with only its scale overridden, on a random base of block_size 128
+    from conftest import save_byte_checkpoint
+    from model import GPTConfig
+
+    base = str(tmp_path / "base.pt")
+    save_byte_checkpoint(base, GPTConfig(vocab_size=320, block_size=128, n_layer=1, n_head=2, n_embd=32))
+    rng = random.Random(0)
+    data = tmp_path / "tasks_cot"
+    data.mkdir()
+    for name, levels in (("train", (1, 2, 3)), ("val", (1, 4))):
+        with open(data / f"{name}.jsonl", "w") as f:
+            for task in ("add", "sort", "count"):
+                for d in levels:
+                    f.write(json.dumps(generate(task, d, rng, cot=True)) + "\n")
+    out = tmp_path / "out"
+    res = run_script("sft.py", "config/sft_tasks_cot.py", f"--init_from={base}", f"--sft_dataset={data}",
+                     f"--out_dir={out}", "--max_iters=2", "--lr_decay_iters=2", "--warmup_iters=1", "--eval_interval=2",
+                     "--eval_iters=1", "--eval_prompts=6", "--batch_size=4", "--log_interval=1")
+    assert "eval_max_new_tokens=96" in res.stdout and "dropped 0 longer than block_size" in res.stdout
+    answers = [r for r in read(out / "log.jsonl") if "em" in r]
+    assert [r["iter"] for r in answers] == [0, 2] and {"em/add/1", "em/sort/4", "em/count/4"} <= answers[-1].keys()
+    if "fmt" not in answers[-1]:  # the examples sft.py grades carry no "format" field: graded as direct answers
+        pytest.xfail("sft.py's held_out_prompts does not copy the format field yet (issue 19 hook)")
+    assert 0.0 <= answers[-1]["fmt"] <= 1.0
