@@ -779,7 +779,7 @@ def held_out_prompts(rows, n, tok):
     round-robin over the (task, difficulty) cells so that every cell is measured even in a small
     eval. The prompt is the conversation up to its last assistant message, rendered by the chat
     template; the reference is the answer field, else that message. -> a list of examples, dicts
-    with prompt (ids), answer, question and, where the row has them, task and difficulty."""
+    with prompt (ids), answer, question and, where the row has them, task, difficulty and format."""
     cells = {}
     for row in rows:
         cells.setdefault((row.get("task"), row.get("difficulty")), []).append(row)
@@ -790,8 +790,8 @@ def held_out_prompts(rows, n, tok):
         history = row["messages"][:last]
         ex = {"prompt": tok.render_prompt(history), "answer": row.get("answer", row["messages"][last]["content"]),
               "question": next((m["content"] for m in reversed(history) if m["role"] == "user"), "")}
-        ex.update({k: row[k] for k in ("task", "difficulty") if k in row})
-        out.append(ex)
+        ex.update({k: row[k] for k in ("task", "difficulty", "format") if k in row})  # format: cot is graded
+        out.append(ex)                                                                 # by its Answer: line
     return out
 
 

@@ -5,7 +5,7 @@ Reads a checkpoint (init_from: train.py's, or an earlier SFT's) and data/<sft_da
 val}.jsonl, one conversation per line: {"messages": [{"role": "user", "content": ...}, {"role":
 "assistant", "content": ...}, ...]} or {"prompt": ..., "completion": ...}, optionally with
 "answer", "task" and "difficulty" fields (data/tasks/prepare.py writes such a task mix, and is run
-for you when sft_dataset is "tasks" and its files are missing). Each conversation is rendered by
+for you when sft_dataset is "tasks", or "tasks_cot" for worked solutions, and its files are missing). Each conversation is rendered by
 the tokenizer's chat template (bpe.Tokenizer.render_conversation) and the loss is taken on the
 assistant's tokens only, each reply's closing <|end|> included. Writes to out_dir: ckpt.pt (the
 latest state, for resume, the same format as train.py's, so sample.py loads it), best.pt (the
@@ -126,10 +126,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 data_dir = sft_dataset if os.path.isabs(sft_dataset) else os.path.join(ROOT, "data", sft_dataset)
 paths = {split: os.path.join(data_dir, f"{split}.jsonl") for split in ("train", "val")}
 if not all(os.path.isfile(p) for p in paths.values()):
-    if master and sft_dataset == "tasks":
-        print("data/tasks is missing: generating it")
-        if subprocess.run([sys.executable, os.path.join(data_dir, "prepare.py")]).returncode != 0:
-            sys.exit("could not generate data/tasks; see the message above")
+    prepare_args = {"tasks": [], "tasks_cot": ["--cot=True"]}.get(sft_dataset)  # what data/tasks/prepare.py writes
+    if master and prepare_args is not None:
+        print(f"data/{sft_dataset} is missing: generating it")
+        prepare = os.path.join(ROOT, "data", "tasks", "prepare.py")
+        if subprocess.run([sys.executable, prepare, *prepare_args]).returncode != 0:
+            sys.exit(f"could not generate data/{sft_dataset}; see the message above")
     ddp.barrier()
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
