@@ -48,6 +48,11 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
+# scaled_dot_product_attention's enable_gqa came in torch 2.5; say so at import rather than fail in
+# the middle of a forward with a TypeError about an unexpected keyword
+if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
+    raise ImportError(f"this repository needs torch >= 2.5 (found {torch.__version__}): pip install -r requirements.txt")
+
 
 @dataclass
 class GPTConfig:

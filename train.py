@@ -156,7 +156,7 @@ else:
             common.check_same_tokenizer(ckpt["meta"], f"init_from={path}", meta, f"dataset {dataset}")
         model = common.model_from_checkpoint(ckpt, path, None if resumed else model_args)
     except ValueError as e:
-        sys.exit(f"init_from={init_from}: {e}")
+        sys.exit(f"error: {e}")
     if master:
         print(f"{'resuming' if resumed else 'starting'} from {path} at iter {ckpt.get('iter_num', 0) if resumed else 0}")
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,

@@ -7,15 +7,19 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import common
-from conftest import ROOT, run_script
+from conftest import ROOT, TEXT, run_script
 from model import GPT, GPTConfig
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--device=cpu", "--compile=false"]
+
+
+TEXT_FOR_BPE = TEXT * 3
 
 
 def read_log(out_dir):
@@ -152,6 +156,59 @@ def test_ctrl_c_saves_a_checkpoint(byte_dataset, tmp_path):
     assert proc.returncode == 0, stderr
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["iter_num"] > 0 and "resume with --init_from=resume" in stdout
+
+
+def interrupt_and_resume(args, out):
+    """Run train.py with args into out, Ctrl-C it once it has logged a few steps, then resume it to
+    the end. -> its log rows."""
+    cmd = [sys.executable, "train.py", *args, f"--out_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and sum("loss" in r for r in read_log(out)) >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "resume with --init_from=resume" in stdout, stderr
+    stopped = common.load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"]
+    run_script(*cmd[1:], "--init_from=resume")
+    return read_log(out), stopped
+
+
+@pytest.mark.parametrize("eval_interval, log_interval", [(1, 1), (1000, 3)], ids=["at-eval", "off-eval-and-log"])
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run(byte_dataset, tmp_path, eval_interval, log_interval):
+    # eval_interval 1: the Ctrl-C checkpoint always lands on an eval boundary not yet evaluated;
+    # 1000: off every boundary, and log_interval 3 leaves a partial loss average to carry over
+    args = [*TINY, f"--dataset={byte_dataset}", "--max_iters=60", "--lr_decay_iters=60", "--dropout=0.1",
+            f"--eval_interval={eval_interval}", f"--log_interval={log_interval}", "--eval_iters=1"]
+    run_script("train.py", *args, f"--out_dir={tmp_path / 'straight'}")
+    split, stopped = interrupt_and_resume(args, str(tmp_path / "split"))
+    assert 0 < stopped < 60
+    timing = ("ms", "tok_s", "mfu", "eta")
+    rows = lambda log: [{k: v for k, v in r.items() if k not in timing} for r in log]  # noqa: E731
+    assert rows(split) == rows(read_log(str(tmp_path / "straight")))
+    a = common.load_checkpoint(str(tmp_path / "straight" / "best.pt"))
+    b = common.load_checkpoint(str(tmp_path / "split" / "best.pt"))
+    assert a["iter_num"] == b["iter_num"] and a["best_val_loss"] == b["best_val_loss"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_init_from_a_checkpoint_of_another_tokenizer_is_refused(byte_dataset, tmp_path):
+    import bpe
+
+    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=1", f"--out_dir={tmp_path / 'byte'}")
+    other = tmp_path / "bpe"
+    other.mkdir()
+    tok = bpe.train(TEXT_FOR_BPE, 300, special_tokens=bpe.SPECIAL_TOKENS)
+    np.array(tok.encode_ordinary(TEXT_FOR_BPE), dtype=np.uint16).tofile(other / "train.bin")
+    np.array(tok.encode_ordinary(TEXT_FOR_BPE), dtype=np.uint16).tofile(other / "val.bin")
+    bpe.write_meta(str(other), tok, 64, 1, 1)
+    res = run_script("train.py", *TINY, f"--dataset={other}", f"--init_from={tmp_path / 'byte' / 'ckpt.pt'}",
+                     f"--out_dir={tmp_path / 'out'}", "--max_iters=1", check=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "byte/ckpt.pt uses the byte (261 ids) tokenizer but dataset" in res.stderr
+    assert f"bpe uses the bpe (300 ids, {len(tok.merges)} merges) tokenizer" in res.stderr
 
 
 def test_lora_fine_tune_from_a_checkpoint_changes_only_adapters(byte_dataset, tmp_path):

@@ -1,0 +1,138 @@
+"""common.Loop, the frame every stage's training loop runs in: rates over all processes, when it
+evaluates and saves, what it keeps for an exact resume, when it polls for Ctrl-C; and checkpoints
+that survive a power loss."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import common
+
+
+class FakeDDP:
+    """world_size processes that all hold the same numbers (so a mean over them is the number)."""
+
+    def __init__(self, world_size=1):
+        self.enabled, self.world_size, self.rank, self.master = world_size > 1, world_size, 0, True
+        self.device, self.device_type = "cpu", "cpu"
+        self.polls = 0
+
+    def all_reduce_mean(self, x):
+        return x
+
+    def any(self, flag):
+        self.polls += 1
+        return flag
+
+    def check_in_sync(self, model):
+        pass
+
+    def close(self):
+        pass
+
+
+def make_loop(tmp_path, ddp, state=None, **settings):
+    config = dict(out_dir=str(tmp_path), max_iters=10, eval_interval=5, log_interval=2, eval_only=False,
+                  always_save_checkpoint=True)
+    config.update(settings)
+    saved = []
+    loop = common.Loop(config, ddp, state, lambda: saved.append(("ckpt", loop.iter_num)),
+                       lambda: saved.append(("best", loop.iter_num)))
+    return loop, saved
+
+
+def log_rows(tmp_path):
+    with open(tmp_path / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_rates_count_every_process_and_every_device(tmp_path, monkeypatch):
+    # 2 processes, each doing 100 tokens and 1e9 FLOPs per iteration at 1 s per iteration, on
+    # devices of 1e9 FLOP/s: 200 tokens/s in all and an MFU of exactly 1 (it used to read 2)
+    monkeypatch.setattr(common, "peak_flops", lambda device_type: 1e9)
+    now = [0.0]
+    monkeypatch.setattr(common.time, "time", lambda: now[0])
+    loop, _ = make_loop(tmp_path, FakeDDP(world_size=2))
+    for _ in range(2):
+        now[0] += 1.0
+        loop.step_done(torch.tensor(3.0), tokens=100, flops=1e9)
+    row = log_rows(tmp_path)[-1]
+    assert row["iter"] == 2 and row["loss"] == 3.0
+    assert row["tok_s"] == 200 and row["mfu"] == pytest.approx(1.0)
+    assert common.step_rates(100, 1e9, 1.0, 1, 1e9) == {"tok_s": 100, "mfu": 1.0}
+
+
+def test_ctrl_c_is_polled_every_iteration_alone_and_every_log_interval_under_ddp(tmp_path):
+    alone, ddp = FakeDDP(1), FakeDDP(2)
+    for d in (alone, ddp):
+        loop, _ = make_loop(tmp_path, d, log_interval=4)
+        for _ in range(8):
+            loop.step_done(torch.tensor(1.0))
+    assert alone.polls == 8 and ddp.polls == 2  # polling under DDP is an all-reduce and a host sync
+
+
+def test_eval_cadence_and_saves(tmp_path):
+    loop, saved = make_loop(tmp_path, FakeDDP())
+    evals = []
+    while True:
+        if loop.eval_due():
+            evals.append(loop.iter_num)
+            loop.evaluated(10.0 - loop.iter_num)  # improves every time
+        if loop.done():
+            break
+        loop.step_done(torch.tensor(1.0))
+    assert evals == [0, 5, 10]
+    assert saved == [("ckpt", 5), ("best", 5), ("ckpt", 10), ("best", 10)]  # nothing at iteration 0
+
+
+def test_a_checkpoint_off_an_eval_resumes_with_that_eval(tmp_path):
+    # Ctrl-C after iteration 5 saves with iter_num 5 but the eval of 5 not done: the resumed run
+    # must do it (it used to skip it, so best_val_loss, best.pt and the log diverged)
+    loop, _ = make_loop(tmp_path, FakeDDP())
+    loop.evaluated(3.0)  # at 0
+    for _ in range(5):
+        loop.step_done(torch.tensor(2.0))
+    state = loop.state()
+    assert state["iter_num"] == 5 and state["last_eval_iter"] == 0
+    resumed, _ = make_loop(tmp_path, FakeDDP(), state=state)
+    assert resumed.eval_due() and resumed.best_val_loss == 3.0
+    # a checkpoint written at an eval resumes without repeating it
+    resumed.evaluated(2.5)
+    again, _ = make_loop(tmp_path, FakeDDP(), state=resumed.state())
+    assert not again.eval_due()
+    # older checkpoints (no last_eval_iter) were written at their eval
+    old, _ = make_loop(tmp_path, FakeDDP(), state={"iter_num": 5, "best_val_loss": 1.0})
+    assert not old.eval_due()
+
+
+def test_the_loss_since_the_last_line_survives_a_resume(tmp_path):
+    straight, _ = make_loop(tmp_path / "a", FakeDDP(), log_interval=4)
+    for loss in (1.0, 2.0, 3.0, 6.0):
+        straight.step_done(torch.tensor(loss))
+    split, _ = make_loop(tmp_path / "b", FakeDDP(), log_interval=4)
+    for loss in (1.0, 2.0, 3.0):
+        split.step_done(torch.tensor(loss))
+    resumed, _ = make_loop(tmp_path / "b", FakeDDP(), state=split.state(), log_interval=4)
+    resumed.step_done(torch.tensor(6.0))
+    assert log_rows(tmp_path / "a")[-1]["loss"] == log_rows(tmp_path / "b")[-1]["loss"] == 3.0
+
+
+def test_a_nonfinite_loss_stops(tmp_path):
+    loop, saved = make_loop(tmp_path, FakeDDP(), log_interval=1)
+    assert loop.step_done(torch.tensor(float("nan"))) and loop.nonfinite and saved == []
+    with pytest.raises(SystemExit):
+        loop.close(None)
+
+
+def test_checkpoints_are_flushed_to_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", b)), real_replace(a, b)))
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint({"model": {}, "model_args": {}}, path)
+    assert calls == [("fsync", path + ".tmp"), ("replace", path), ("fsync", str(tmp_path))]
+    assert common.load_checkpoint(path) == {"model": {}, "model_args": {}}
