@@ -425,17 +425,21 @@ def prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate, be
 
 def model_from_checkpoint(ckpt, path, train_args=None):
     """The GPT a checkpoint holds. The architecture is the checkpoint's; of train_args (a script's
-    model settings) only what is training-only may change it: dropout and the lora_* fields, so
-    a plain checkpoint can be fine-tuned with adapters. A resume passes none."""
+    model settings) only what is training-only may change it: dropout, the lora_* fields (a plain
+    checkpoint fine-tuned with adapters) and scalar_head (an SFT model becoming a reward model,
+    with a fresh head). A resume passes none."""
     from model import GPT, GPTConfig
 
     model_args = dict(ckpt["model_args"])
     for k, v in (train_args or {}).items():
-        if k == "dropout" or k.startswith("lora_"):
+        if k in ("dropout", "scalar_head") or k.startswith("lora_"):
             model_args[k] = v
     model = GPT(GPTConfig(**model_args))
-    missing, unexpected = model.load_state_dict(clean_state_dict(ckpt["model"]), strict=False)
-    if unexpected or any("lora_" not in k for k in missing):  # only fresh adapters may be missing
+    state = clean_state_dict(ckpt["model"])
+    if not model.config.scalar_head:  # a reward model used as a policy: its head is not needed
+        state = {k: v for k, v in state.items() if not k.startswith("score_head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any("lora_" not in k and not k.startswith("score_head.") for k in missing):
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
     return model
 
@@ -482,6 +486,32 @@ def mean_loss(model, batches, ctx, ddp, weight=None):
         dist.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1]).item()
+
+
+class RewardModel:
+    """A reward.py checkpoint as a frozen scorer for the RL stages:
+
+        rm = common.RewardModel("out-reward/ckpt.pt", device, policy_meta=meta)
+        rewards = rm(idx, last, pos)   # (N,), normalised
+
+    scores each row of a batch of rendered conversations at its last real token (last, see
+    model.last_index) and returns (r - reward_mean) / reward_std with the statistics the
+    checkpoint stores, so that rewards are about unit-sized whatever the reward model's scale.
+    policy_meta: the policy's tokenizer must be the reward model's (checked)."""
+
+    def __init__(self, path, device, policy_meta=None):
+        ckpt = load_checkpoint(path)
+        if ckpt.get("stage") != "reward" or not ckpt["model_args"].get("scalar_head"):
+            raise ValueError(f"{path} is not a reward model (stage {ckpt.get('stage')!r}): train one with reward.py")
+        if policy_meta is not None:
+            check_same_tokenizer(ckpt["meta"], f"reward model {path}", policy_meta, "the policy")
+        self.model = model_from_checkpoint(ckpt, path).to(device).eval().requires_grad_(False)
+        self.mean, self.std = ckpt.get("reward_mean", 0.0), ckpt.get("reward_std", 1.0)
+        self.path = path
+
+    @torch.no_grad()
+    def __call__(self, idx, last, pos=None):
+        return (self.model.sequence_scores(idx, last, pos).float() - self.mean) / max(self.std, 1e-6)
 
 
 def catch_ctrl_c():
@@ -571,28 +601,45 @@ def read_conversations(path, require_assistant=True):
     of blank lines skipped. A line that is neither format raises ValueError naming the file and
     the line, as does a conversation with no assistant message when require_assistant."""
 
-    def messages_of(obj):
-        if not isinstance(obj, dict):
-            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-        if "messages" in obj:
-            messages = obj["messages"]
-            if not isinstance(messages, list) or not messages:
-                raise ValueError("'messages' must be a non-empty list")
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict) or set(m) != {"role", "content"}:
-                    raise ValueError(f"message {i} must be an object with exactly 'role' and 'content', got {m!r:.80}")
-                if m["role"] not in CHAT_ROLES:
-                    raise ValueError(f"message {i} has role {m['role']!r}, expected one of {', '.join(CHAT_ROLES)}")
-                if not isinstance(m["content"], str):
-                    raise ValueError(f"message {i} has a content that is not a string: {m['content']!r:.80}")
-            return messages
-        if "prompt" in obj and "completion" in obj:
-            if not isinstance(obj["prompt"], str) or not isinstance(obj["completion"], str):
-                raise ValueError("'prompt' and 'completion' must be strings")
-            return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
-        raise ValueError(f"expected a 'messages' list or 'prompt' and 'completion', found keys {sorted(obj)}")
+    def parse(obj):
+        obj["messages"] = messages_of(obj)
+        if require_assistant and not any(m["role"] == "assistant" for m in obj["messages"]):
+            raise ValueError("no assistant message, so nothing to learn from")
+        return obj
 
+    return _read_jsonl(path, parse)
+
+
+def messages_of(obj):
+    """The messages of one conversation object, in either format of read_conversations, checked:
+    roles from CHAT_ROLES, string contents. Raises ValueError saying what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or set(m) != {"role", "content"}:
+                raise ValueError(f"message {i} must be an object with exactly 'role' and 'content', got {m!r:.80}")
+            if m["role"] not in CHAT_ROLES:
+                raise ValueError(f"message {i} has role {m['role']!r}, expected one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(m["content"], str):
+                raise ValueError(f"message {i} has a content that is not a string: {m['content']!r:.80}")
+        return messages
+    if "prompt" in obj and "completion" in obj:
+        if not isinstance(obj["prompt"], str) or not isinstance(obj["completion"], str):
+            raise ValueError("'prompt' and 'completion' must be strings")
+        return [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
+    raise ValueError(f"expected a 'messages' list or 'prompt' and 'completion', found keys {sorted(obj)}")
+
+
+def _read_jsonl(path, parse):
+    """parse(obj) of every non-blank line of a JSONL file -> (rows, blank lines). Any error, JSON or
+    parse's ValueError, is raised as a ValueError naming the file and the line."""
     rows, blank, n = [], 0, 0
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file {path}")
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -600,18 +647,125 @@ def read_conversations(path, require_assistant=True):
                     blank += 1
                     continue
                 try:
-                    obj = json.loads(line)
-                    obj["messages"] = messages_of(obj)
+                    rows.append(parse(json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
                 except ValueError as e:
                     raise ValueError(f"{path} line {n}: {e}") from None
-                if require_assistant and not any(m["role"] == "assistant" for m in obj["messages"]):
-                    raise ValueError(f"{path} line {n}: no assistant message, so nothing to learn from")
-                rows.append(obj)
     except UnicodeDecodeError:
         raise ValueError(f"{path} line {n + 1}: not UTF-8 text") from None
     return rows, blank
+
+
+def read_preferences(path):
+    """The preference pairs of a JSONL file, one per line, in TRL's formats:
+
+        {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}   explicit prompt
+        {"chosen": [messages], "rejected": [messages]}                        implicit: the common
+                                                                              prefix is the prompt
+    chosen and rejected are assistant replies: strings, or (explicit form) a list of one assistant
+    message; in the implicit form each must end in exactly one assistant message after the shared
+    prefix. Optional: margin (a number), task, difficulty, answer. -> (rows, blank), each row
+    {"prompt": [messages], "chosen": str, "rejected": str, ...the optional fields}. A malformed
+    line raises ValueError naming the file and the line."""
+
+    def reply(value, what):
+        if isinstance(value, str):
+            return value
+        if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+                and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)):
+            return value[0]["content"]
+        raise ValueError(f"'{what}' must be a string or a list of one assistant message, got {value!r:.80}")
+
+    def parse(obj):
+        if not isinstance(obj, dict):
+            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        if "chosen" not in obj or "rejected" not in obj:
+            raise ValueError(f"expected 'chosen' and 'rejected', found keys {sorted(obj)}")
+        if "prompt" in obj:
+            prompt = obj["prompt"]
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            messages_of({"messages": prompt})  # checks roles and contents
+            chosen, rejected = reply(obj["chosen"], "chosen"), reply(obj["rejected"], "rejected")
+        else:
+            c, r = messages_of({"messages": obj["chosen"]}), messages_of({"messages": obj["rejected"]})
+            n = 0
+            while n < min(len(c), len(r)) and c[n] == r[n]:
+                n += 1
+            if len(c) != n + 1 or len(r) != n + 1 or c[n]["role"] != "assistant" or r[n]["role"] != "assistant":
+                raise ValueError("implicit pairs must share every message but a final assistant reply")
+            prompt, chosen, rejected = c[:n], c[n]["content"], r[n]["content"]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        margin = obj.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+            raise ValueError(f"'margin' must be a number, got {margin!r:.40}")
+        row = {k: obj[k] for k in ("margin", "task", "difficulty", "answer") if k in obj}
+        return {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    return _read_jsonl(path, parse)
+
+
+def render_pairs(rows, tok, max_len):
+    """Preference rows -> (pairs, report): each pair the chosen and the rejected conversation rendered
+    by the chat template, (ids, reply mask) each, beside its row; report counts what was left out,
+    so that it can be printed: pairs whose replies are equal, and pairs longer than max_len tokens."""
+    pairs, same, long = [], 0, 0
+    for row in rows:
+        if row["chosen"] == row["rejected"]:
+            same += 1
+            continue
+        c = tok.render_conversation(row["prompt"] + [{"role": "assistant", "content": row["chosen"]}])
+        r = tok.render_conversation(row["prompt"] + [{"role": "assistant", "content": row["rejected"]}])
+        if max(len(c[0]), len(r[0])) > max_len:
+            long += 1
+            continue
+        pairs.append((c, r, row))
+    return pairs, {"identical": same, "too_long": long}
+
+
+class EpochStream:
+    """The order in which training visits n examples: a fresh shuffle per epoch, so example k of
+    the run's stream is position k % n of epoch k // n. The batch of (iteration, micro-step, rank)
+    depends only on those and the seed, so a resumed run draws exactly the batches an
+    uninterrupted one would have, with no state to carry. first_epoch (a key per example) orders
+    the first epoch by it, shuffled within equal keys: a curriculum."""
+
+    def __init__(self, n, seed, batch_size, grad_accum, ddp, first_epoch=None):
+        self.n, self.seed, self.batch_size, self.grad_accum = n, seed, batch_size, grad_accum
+        self.rank, self.world_size = ddp.rank, ddp.world_size
+        self.first_epoch = first_epoch
+        self._orders = {}
+
+    def order(self, epoch):
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+            if self.first_epoch is not None and epoch == 0:
+                order.sort(key=lambda i: self.first_epoch[i])  # stable: the shuffle survives within a key
+            self._orders = {epoch: order, **{e: o for e, o in self._orders.items() if e == epoch - 1}}
+        return self._orders[epoch]
+
+    def indices(self, it, micro_step):
+        start = ((it * self.grad_accum + micro_step) * self.world_size + self.rank) * self.batch_size
+        return [self.order(k // self.n)[k % self.n] for k in range(start, start + self.batch_size)]
+
+
+def pair_batch(pairs, pad_id, device):
+    """Pairs (render_pairs') -> the 2B conversations, chosen ones first, in one right-padded batch:
+    idx (2B, T), reply mask (2B, T) True on the reply's tokens and its <|end|>, lengths (2B,).
+    One forward over both halves: the reward model reads idx at lengths - 1, DPO scores the reply
+    tokens of idx with logprobs."""
+    seqs = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
+    T = max(len(ids) for ids, _ in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for b, (ids, m) in enumerate(seqs):
+        idx[b, : len(ids)] = torch.tensor(ids)
+        mask[b, : len(ids)] = torch.tensor(m, dtype=torch.bool)
+    lengths = torch.tensor([len(ids) for ids, _ in seqs])
+    return idx.to(device), mask.to(device), lengths.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -834,6 +988,62 @@ def write_samples(path, examples, answers, iter_num, n_show, exact_match):
             f.write(f"[{ex.get('task', 'all')}/{ex.get('difficulty', 'all')}] prompt: {ex['question']!r}\n"
                     f"  reference: {ex['answer']!r}\n  answer:    {answers[i]!r}"
                     f"{'  (exact)' if exact_match(ex, answers[i]) else ''}\n")
+
+
+# -----------------------------------------------------------------------------
+# statistics of the evaluations
+
+
+def ranks(x):
+    """Ranks 1..n of the values x (a list), ties given the mean of the ranks they span."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    out = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x, y):
+    """Spearman's rank correlation: Pearson's correlation of the ranks (ties averaged), in [-1, 1];
+    nan when either side is constant."""
+    rx, ry = ranks(list(x)), ranks(list(y))
+    n = len(rx)
+    mx, my = sum(rx) / n, sum(ry) / n
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx, sy = math.sqrt(sum((a - mx) ** 2 for a in rx)), math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx > 0 and sy > 0 else float("nan")
+
+
+def calibration(probs, outcomes, bins=10):
+    """How well predicted probabilities match outcome frequencies. probs and outcomes (0 or 1) are
+    lists; the probabilities are cut into equal-width bins. -> (ece, table): the expected
+    calibration error sum over bins of (n_b / n) |accuracy_b - mean probability_b|, and per
+    non-empty bin (low, high, n, mean probability, accuracy)."""
+    n, ece, table = len(probs), 0.0, []
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, p in enumerate(probs) if lo <= p < hi or (b == bins - 1 and p == 1.0)]
+        if not idx:
+            continue
+        conf = sum(probs[i] for i in idx) / len(idx)
+        acc = sum(outcomes[i] for i in idx) / len(idx)
+        ece += len(idx) / n * abs(acc - conf)
+        table.append((lo, hi, len(idx), conf, acc))
+    return ece, table
+
+
+def pass_at_k(n, c, k):
+    """The unbiased estimator of pass@k from n samples of which c are correct (Chen et al. 2021):
+    1 - C(n - c, k) / C(n, k), the chance that k samples drawn from the n hold a correct one."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 # -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ The one GPT of this repository: a decoder-only transformer whose variants are sw
     mixture-of-experts    n_expert > 0 routes each token to the top n_expert_active expert MLPs, in
                           every moe_every-th layer, plus n_shared_expert experts every token uses
     low-rank adapters     lora_rank > 0 trains LoRA adapters on the layers in lora_targets
+    scalar head           scalar_head adds a linear head to one number per position (reward, value)
 
 Every stage imports it: train.py and sft.py call forward(idx, targets); sample.py and the RL stages
 call generate() with a pre-allocated KV cache; reward modelling and PPO read per-token log-probs
@@ -85,6 +86,9 @@ class GPTConfig:
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the input of the adapter branch only
     lora_targets: tuple = ("c_q", "c_v")  # linear layers that get adapters, see LORA_TARGETS
+    # a linear head r = w . h + b on the final hidden states, beside the LM head: a reward model
+    # reads it at the last real token of a sequence, PPO's value function at every completion token
+    scalar_head: bool = False
 
     def __post_init__(self):
         def fail(msg):
@@ -534,6 +538,12 @@ class Completions:
         return self.idx[:, 1:].masked_fill(~self.mask[:, 1:], -1)
 
 
+def last_index(mask):
+    """The index of the last True in each row of mask (B, T) -> (B,) (0 for a row with none)."""
+    T = mask.size(1)
+    return T - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)
+
+
 def left_pad(prompts, pad_id=0):
     """A list of 1-D prompts -> idx (B, L) padded on the left and pos (B, L), negative on padding.
     Left padding lines up every row's newest token in the last column, so decoding stays batched."""
@@ -680,6 +690,7 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
+        self.score_head = nn.Linear(config.n_embd, 1, bias=True) if config.scalar_head else None
         self.apply(self._init_weights)
         # GPT-2: the projections that write into the residual stream (two per layer) are scaled
         # by 1/sqrt(2 n_layer), so the stream's variance does not grow with depth
@@ -831,6 +842,28 @@ class GPT(nn.Module):
         logp = torch.cat([o[0] for o in outs]).masked_fill(~keep, 0.0).view(B, T)
         ent = torch.cat([o[1] for o in outs]).masked_fill(~keep, 0.0).view(B, T) if entropy else None
         return logp, ent
+
+    # --- the scalar head ---------------------------------------------------------
+
+    def head_scores(self, x):
+        """The scalar head on final hidden states x (B, T, n_embd) -> (B, T), in at least float32."""
+        if self.score_head is None:
+            raise RuntimeError("this model has no scalar head (GPTConfig.scalar_head=False)")
+        return upcast(self.score_head(x)).squeeze(-1)
+
+    def scores(self, idx, pos=None):
+        """The scalar head at every position (B, T): PPO's values, read at each completion token.
+        Position t's score sees idx[:, :t+1] only, so padding after a sequence never changes it."""
+        x, _ = self(idx, pos=pos, hidden=True)
+        return self.head_scores(x)
+
+    def sequence_scores(self, idx, last, pos=None):
+        """A reward model's reading: the scalar head at the last real token of each row, whose
+        index is last (B,) -> (B,). For a right-padded batch last is the length - 1; for left
+        padding (prompts) followed by completions, last_index(mask). That token is the one that
+        has seen the whole sequence: for a reply rendered by the chat template, its <|end|>."""
+        x, _ = self(idx, pos=pos, hidden=True)
+        return self.head_scores(x[torch.arange(idx.size(0), device=idx.device), last][:, None])[:, 0]
 
     # --- generation ------------------------------------------------------------
 
@@ -1003,7 +1036,8 @@ class GPT(nn.Module):
         if unmatched:
             raise ValueError(f"LoRA: lora_targets {unmatched} name no nn.Linear in this model")
         for name, p in self.named_parameters():
-            p.requires_grad = is_lora_key(name)
+            # a scalar head is new to the model, so it trains in full beside the adapters
+            p.requires_grad = is_lora_key(name) or name.startswith("score_head.")
 
     def lora_layers(self):
         return [m for m in self.modules() if isinstance(m, LoRALinear)]

@@ -35,7 +35,6 @@ and edit-similarity score, overall and per task and difficulty:
 On a CPU, mfu is the fraction of a matmul speed measured at start, a rough guide only.
 """
 
-import functools
 import os
 import subprocess
 import sys
@@ -173,25 +172,9 @@ if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in leve
     sys.exit("data error: the difficulty field must be a number in every training conversation")
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(epoch):
-    """The order in which an epoch visits the training conversations: a fresh shuffle per epoch.
-    With a curriculum the first epoch goes from easy to hard, shuffled within each level (the
-    sort is stable, so the shuffle survives inside a level); later epochs are plain shuffles."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(train_seqs), generator=g).tolist()
-    if curriculum != "none" and epoch == 0:
-        order.sort(key=lambda i: levels[i])
-    return order
-
-
-def train_indices(it, micro_step):
-    # conversation k of the run's stream is position k % N of epoch k // N; an iteration's batches
-    # depend only on (seed, iteration, micro-step, rank), so a resumed run draws exactly the
-    # batches an uninterrupted one would have, with no state to carry
-    N = len(train_seqs)
-    start = ((it * grad_accum + micro_step) * ddp.world_size + ddp.rank) * batch_size
-    return [epoch_order(k // N)[k % N] for k in range(start, start + batch_size)]
+# the first epoch of a curriculum runs from easy to hard, later epochs are plain shuffles
+stream = common.EpochStream(len(train_seqs), seed, batch_size, grad_accum, ddp,
+                            first_epoch=levels if curriculum != "none" else None)
 
 
 def get_batch(seqs):
@@ -285,7 +268,7 @@ while True:
         break
 
     # ---- the training step --------------------------------------------------------------
-    indices = [train_indices(loop.iter_num, m) for m in range(grad_accum)]
+    indices = [stream.indices(loop.iter_num, m) for m in range(grad_accum)]
     batches = [get_batch([train_seqs[i] for i in idx]) for idx in indices]
     # the loss is the mean over every assistant token of the iteration, across micro-steps and
     # processes: each micro-step's mean is weighted by its share of the tokens (DDP averages the

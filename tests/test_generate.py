@@ -160,3 +160,43 @@ def test_rolling_cache_at_sixteen_times_block_size_follows_the_stated_rule():
     reference = model.generate(idx, n, generator=torch.Generator().manual_seed(0), use_cache=False)
     assert torch.equal(cached, reference) and cached.size(1) == 3 + n
     assert len(set(cached[0, -64:].tolist())) > 1  # not stuck on one token
+
+
+def test_scalar_head_reads_the_last_real_token_with_either_padding():
+    from model import last_index, left_pad
+
+    model = build(tiny(scalar_head=True, pos_emb="rope"))
+    seqs = [torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2]), torch.tensor([6, 5, 3, 5])]
+    alone = torch.stack([model.sequence_scores(s[None], torch.tensor([len(s) - 1]))[0] for s in seqs])
+    # right padding: last = length - 1
+    right = torch.zeros(3, 5, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        right[b, : len(s)] = s
+    got = model.sequence_scores(right, torch.tensor([len(s) - 1 for s in seqs]))
+    torch.testing.assert_close(got, alone, rtol=0, atol=1e-12)
+    # left padding with positions: the last column, found from the mask of real tokens
+    idx, pos = left_pad(seqs)
+    got = model.sequence_scores(idx, last_index(pos >= 0), pos=pos)
+    torch.testing.assert_close(got, alone, rtol=0, atol=1e-12)
+    # values at every position equal each prefix scored alone
+    values = model.scores(seqs[0][None])[0]
+    for t in range(5):
+        torch.testing.assert_close(values[t], model.sequence_scores(seqs[0][None, : t + 1], torch.tensor([t]))[0])
+
+
+def test_scalar_head_trains_under_lora_and_a_plain_checkpoint_gains_one():
+    import common
+
+    cfg = tiny(lora_rank=4, scalar_head=True)
+    model = GPT(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"score_head.weight", "score_head.bias"} <= trainable
+    assert all("lora_" in n or n.startswith("score_head.") for n in trainable)
+    plain = GPT(tiny())
+    ckpt = {"model": plain.state_dict(), "model_args": plain.config.to_dict()}
+    rm = common.model_from_checkpoint(ckpt, "plain.pt", {"scalar_head": True})
+    assert rm.score_head is not None and torch.equal(rm.wte.weight, plain.wte.weight)
+    back = common.model_from_checkpoint({"model": rm.state_dict(), "model_args": plain.config.to_dict()}, "rm.pt")
+    assert back.score_head is None  # a reward checkpoint read as a policy drops the head
+    with pytest.raises(RuntimeError, match="no scalar head"):
+        back.scores(torch.zeros(1, 3, dtype=torch.long))

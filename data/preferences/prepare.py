@@ -1,0 +1,185 @@
+"""
+Preference pairs for the task family of data/tasks: for each prompt a better and a worse reply, in
+the format reward.py and dpo.py read (TRL's, so other people's files work too), one pair per line:
+
+    {"prompt": [{"role": "user", "content": "What is 59 + 63?"}], "chosen": "122", "rejected": "112",
+     "margin": 0.3333, "task": "add", "difficulty": 2, "answer": "122"}
+
+margin is the checker's score of chosen minus that of rejected (data/tasks/tasks.py score), answer
+the reference. The prompts are data/tasks's own (generated first when missing): train pairs from
+its train.jsonl, val pairs from its val.jsonl, so the split by prompt is the task split, and the
+held-out problems of SFT stay held out here.
+
+Two sources:
+    rules    chosen is the reference answer, rejected a plausible wrong one: off by one or ten, a
+             changed, dropped, doubled or swapped digit or letter, the word unreversed, a near-miss
+             sort, a truncated copy. Deterministic; no model needed.
+    policy   on-policy pairs: k answers per prompt sampled from an SFT model (temperature 1, all
+             of a prompt's samples sharing one prefill), scored by the checker; the best is paired
+             with the worst. A prompt whose k answers all score the same gives no pair. These are
+             the mistakes the policy really makes.
+
+    python data/preferences/prepare.py --source=rules
+    python data/preferences/prepare.py --source=policy --init_from=out-sft/ckpt.pt
+    python data/preferences/prepare.py --source=policy --init_from=out-sft/ckpt.pt \\
+        --cells=add/3,sub/2,sub/3,sort/2,sort/3 --out_dir=data/preferences/policy_rl
+
+Writes out_dir/train.jsonl and out_dir/val.jsonl (default data/preferences/<source>). A healthy run
+prints, per split, how many prompts it read and how many gave a usable pair:
+    train: 3600 prompts, 2917 usable pairs (81%) ...
+"""
+
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402  (the repo root is on the path now)
+from data.tasks.tasks import score  # noqa: E402
+
+# -----------------------------------------------------------------------------
+source = "rules"  # rules | policy
+out_dir = ""  # empty: data/preferences/<source>
+tasks_dir = "tasks"  # the prompts: a folder under data/ (or an absolute path) with train.jsonl, val.jsonl
+cells = ()  # task/difficulty cells to keep, e.g. add/3,sub/2 (empty: all)
+train_prompts_per_cell = 500  # training prompts per cell (val: every held-out prompt of the cell)
+seed = 1337
+# policy
+init_from = "out-sft/ckpt.pt"  # the SFT checkpoint that answers
+samples_per_prompt = 8  # k answers per prompt
+temperature = 1.0
+max_new_tokens = 32
+batch_size = 256  # sampled rows per generate call
+device = "auto"
+dtype = "auto"
+# -----------------------------------------------------------------------------
+
+
+def perturb(ex, rng):
+    """A plausible wrong reply to a task example: a near miss of the reference answer."""
+    answer, task = ex["answer"], ex["task"]
+    if task in ("add", "sub", "count"):
+        n = int(answer)
+        digits = list(answer)
+        options = [str(n + 1), str(max(n - 1, 0)), str(n + 10), str(max(n - 10, 0))]
+        if task == "count":
+            options = [str(n + 1), str(max(n - 1, 0)), str(n + 2)]
+        if len(digits) > 1:
+            i = rng.randrange(len(digits))
+            options.append("".join(digits[:i] + digits[i + 1:]))  # a dropped digit
+            j = rng.randrange(len(digits) - 1)
+            options.append("".join(digits[:j] + [digits[j + 1], digits[j]] + digits[j + 2:]))  # swapped
+        i = rng.randrange(len(digits))
+        options.append("".join(digits[:i] + [rng.choice(string.digits)] + digits[i + 1:]))  # changed
+        options.append("".join(digits[: i + 1] + [digits[i]] + digits[i + 1:]))  # doubled
+        options = [o for o in options if o and (o == "0" or not o.startswith("0"))]
+    else:
+        alphabet = string.ascii_lowercase + (string.digits if task in ("copy", "sort") else "")
+        chars = list(answer)
+        i = rng.randrange(len(chars))
+        options = ["".join(chars[:i] + [rng.choice(alphabet)] + chars[i + 1:]),  # a changed letter
+                   "".join(chars[:i] + chars[i + 1:]),  # a dropped letter
+                   "".join(chars[:i] + [chars[i]] + chars[i:])]  # a doubled letter
+        if len(chars) > 1:
+            j = rng.randrange(len(chars) - 1)
+            options.append("".join(chars[:j] + [chars[j + 1], chars[j]] + chars[j + 2:]))  # a swap
+        word = ex["messages"][0]["content"].split()[-1]
+        if task == "reverse":
+            options.append(word)  # not reversed at all
+        if task == "sort":
+            options.append(word)  # not sorted
+        if task == "copy":
+            options.append(answer[: max(1, len(answer) * 2 // 3)])  # stopped early
+    options = [o for o in options if o != answer]
+    return rng.choice(options)
+
+
+def read_prompts(split, rng):
+    path = os.path.join(data_dir, f"{split}.jsonl")
+    rows, _ = common.read_conversations(path)
+    wanted = {tuple(c.split("/")) for c in cells}
+    by_cell = {}
+    for row in rows:
+        key = (row.get("task"), str(row.get("difficulty")))
+        if not wanted or key in wanted:
+            by_cell.setdefault(key, []).append(row)
+    if wanted - set(by_cell):
+        raise ValueError(f"cells {sorted('/'.join(c) for c in wanted - set(by_cell))} are not in {path}")
+    picked = []
+    for key in sorted(by_cell):
+        group = by_cell[key]
+        if split == "train":
+            group = rng.sample(group, min(train_prompts_per_cell, len(group)))
+        picked += group
+    return picked
+
+
+def pair(row, chosen, rejected):
+    user = [m for m in row["messages"] if m["role"] != "assistant"]
+    return {"prompt": user, "chosen": chosen, "rejected": rejected,
+            "margin": round(score(row, chosen) - score(row, rejected), 4),
+            "task": row.get("task"), "difficulty": row.get("difficulty"), "answer": row["answer"]}
+
+
+def rules_pairs(rows, rng):
+    return [pair(row, row["answer"], perturb(row, rng)) for row in rows]
+
+
+def policy_pairs(rows, rng):
+    ckpt = common.load_checkpoint(init_from)
+    model = common.model_from_checkpoint(ckpt, init_from)
+    tok = common.tokenizer_from_meta(ckpt["meta"])
+    dev = common.pick_device(device)
+    device_type = "cuda" if dev.startswith("cuda") else dev
+    ctx = common.autocast(device_type, common.pick_dtype(dtype, device_type))
+    model.to(dev).eval()
+    examples = common.held_out_prompts(rows, len(rows), tok)
+    ddp = common.Distributed(dev)  # one process: answer_prompts shares work out over processes
+    answers = common.answer_prompts(model, examples, tok, ctx, ddp, batch_size, max_new_tokens, temperature,
+                                    samples_per_prompt, seed=seed)
+    out = []
+    for ex, samples in zip(examples, answers):
+        scored = sorted(((score(ex, a), a) for a in set(samples)), key=lambda s: s[0])
+        if scored[-1][0] > scored[0][0]:
+            best = [a for s, a in scored if s == scored[-1][0]]
+            worst = [a for s, a in scored if s == scored[0][0]]
+            row = {"messages": [{"role": "user", "content": ex["question"]}], "answer": ex["answer"],
+                   "task": ex.get("task"), "difficulty": ex.get("difficulty")}
+            out.append(pair(row, rng.choice(sorted(best)), rng.choice(sorted(worst))))
+    return out
+
+
+def main():
+    if source not in ("rules", "policy"):
+        raise ValueError(f"source must be rules | policy, got {source!r}")
+    out = out_dir or os.path.join(ROOT, "data", "preferences", source)
+    if not all(os.path.isfile(os.path.join(data_dir, f"{s}.jsonl")) for s in ("train", "val")):
+        if tasks_dir != "tasks":
+            raise ValueError(f"no train.jsonl and val.jsonl in {data_dir}")
+        print("data/tasks is missing: generating it")
+        subprocess.run([sys.executable, os.path.join(ROOT, "data", "tasks", "prepare.py")], check=True)
+    os.makedirs(out, exist_ok=True)
+    for split in ("train", "val"):
+        rng = random.Random(f"{seed}-{split}")
+        rows = read_prompts(split, rng)
+        t0 = time.time()
+        pairs = rules_pairs(rows, rng) if source == "rules" else policy_pairs(rows, rng)
+        with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+            for p in pairs:
+                f.write(json.dumps(p) + "\n")
+        print(f"{split}: {len(rows)} prompts, {len(pairs)} usable pairs ({len(pairs) / max(len(rows), 1):.0%}), "
+              f"{time.time() - t0:.1f}s -> {os.path.relpath(os.path.join(out, f'{split}.jsonl'))}")
+
+
+if __name__ == "__main__":
+    common.configure(globals())
+    data_dir = tasks_dir if os.path.isabs(tasks_dir) else os.path.join(ROOT, "data", tasks_dir)
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

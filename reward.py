@@ -1,0 +1,298 @@
+"""
+Reward modelling: learn a scalar score of how good a reply is from pairs of replies where one was
+preferred, the first stage of RLHF after SFT.
+
+Reads a checkpoint to start from (init_from: sft.py's, the normal case, or any of this repository)
+and preference pairs: the train.jsonl and val.jsonl of each folder in preference_dataset, one pair per
+line in TRL's format ({"prompt", "chosen", "rejected"}, optional "margin", "task", "difficulty",
+"answer"; data/preferences/prepare.py writes them for the task family). The model is the GPT
+backbone with a scalar head (GPTConfig.scalar_head) read at the last real token of each rendered
+conversation, the assistant's closing <|end|>, the one token that has seen the whole reply: a
+causal backbone read at its last token, as InstructGPT and TRL build reward models (the seed
+curriculum calls the reward model an encoder; this is the design we build). Chosen and rejected
+replies of a batch go through the model in one forward.
+
+Writes to out_dir: ckpt.pt (for resume, stage "reward"), best.pt (the weights with the best val
+loss), log.jsonl. Both store reward_mean and reward_std, the reward's mean and std over training
+answers, so the RL stages can normalise it: common.RewardModel loads a checkpoint as a scorer.
+
+A tiny run on a laptop CPU (about 5 minutes, after sft.py config/sft_tasks.py and the pairs):
+    python data/preferences/prepare.py --source=rules
+    python data/preferences/prepare.py --source=policy --init_from=out-sft/ckpt.pt
+    python reward.py config/reward_tasks.py
+One GPU, or several:
+    python reward.py --init_from=out-sft/ckpt.pt --preference_dataset=my_pairs --batch_size=64
+    torchrun --standalone --nproc_per_node=8 reward.py config/reward_tasks.py --gradient_accumulation_steps=8
+Resume, or measure any reward checkpoint on any pair files:
+    python reward.py config/reward_tasks.py --init_from=resume
+    python reward.py --init_from=out-reward/ckpt.pt --eval_only=True --preference_dataset=preferences/policy \\
+        --out_dir=out-reward
+
+A healthy run prints the pairs it read (and what it left out), then
+    iter=100 loss=0.2113 acc=0.9375 gap=2.8180 lr=0.0003 grad_norm=3.1415 ms=95.0 tok_s=21000 eta=3.2m
+and at every eval, over the held-out pairs of each folder: the loss, pairwise accuracy (overall
+and per task and difficulty), mean reward gap r_c - r_r, Spearman correlation between the reward
+and the checker's score of every held-out answer, and the expected calibration error of
+sigmoid(r_c - r_r) as the probability that chosen wins:
+    eval iter=1000 val_loss=0.1402 acc=0.9612 gap=4.1200 spearman=0.8512 ece=0.0311 rules/acc=0.98 ...
+"""
+
+import math
+import os
+import sys
+import time
+
+import torch
+
+import common
+import losses
+from data.tasks.tasks import score
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out-reward"
+init_from = "out-sft/ckpt.pt"  # a checkpoint to start from (sft.py's, normally) | resume (from out_dir/ckpt.pt)
+eval_interval = 250  # iterations between evaluations (and checkpoints)
+log_interval = 10  # iterations between log lines
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # write ckpt.pt at every eval, not only when val loss improves
+wandb_log = False
+wandb_project = "llm"
+wandb_run_name = "reward"
+# data
+preference_dataset = ("preferences/rules",)  # folders under data/ (or absolute) with train.jsonl, val.jsonl
+gradient_accumulation_steps = 1  # micro-steps per iteration, summed over all processes
+batch_size = 32  # pairs per micro-step per process (each pair is two conversations)
+# model: only GPTConfig's training-only fields; the architecture is the checkpoint's
+dropout = 0.0
+lora_rank = 0  # > 0: train low-rank adapters (and the scalar head) only
+lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
+lora_dropout = 0.0
+lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+# reward
+loss = "bt"  # bt (Bradley-Terry) | margin_ranking | bt_margin (Bradley-Terry with a margin, Llama 2)
+margin = 1.0  # the margin m of a pair without a margin field (margin_ranking, bt_margin)
+center_coef = 0.0  # adds center_coef * mean((r_c + r_r)^2), keeping rewards centred (0 = off)
+eval_pairs = 2000  # held-out pairs per folder measured at each eval (0 = all)
+calibration_bins = 10  # bins of sigmoid(r_c - r_r) for the calibration error
+stats_pairs = 1000  # training pairs whose answers give the reward's mean and std for the checkpoint
+# optimizer
+learning_rate = 3e-4  # peak
+max_iters = 1000  # total iterations
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+# schedule
+decay_lr = True  # linear warmup, then cosine to min_lr
+warmup_iters = 50
+lr_decay_iters = 1000  # usually max_iters
+min_lr = 3e-5  # usually learning_rate / 10
+# system
+backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo otherwise) | nccl | gloo
+device = "auto"  # auto | cpu | cuda | cuda:1 | mps
+dtype = "auto"  # auto | float32 | bfloat16 | float16
+compile = True  # torch.compile the model (skipped on CPU and MPS)
+seed = 1337
+# -----------------------------------------------------------------------------
+config = common.configure(globals())
+# -----------------------------------------------------------------------------
+
+if loss not in ("bt", "margin_ranking", "bt_margin"):
+    sys.exit(f"config error: loss must be bt | margin_ranking | bt_margin, got {loss!r}")
+if batch_size < 1 or eval_pairs < 0 or calibration_bins < 1 or center_coef < 0:
+    sys.exit("config error: need batch_size >= 1, eval_pairs >= 0, calibration_bins >= 1, center_coef >= 0")
+ddp, grad_accum, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed,
+                                                    gradient_accumulation_steps, out_dir)
+master = ddp.master
+
+# -----------------------------------------------------------------------------
+# the checkpoint to start from, and the pairs rendered by its chat template
+
+ckpt, ckpt_path, resumed = common.load_start(init_from, out_dir)
+if "meta" not in ckpt:
+    sys.exit(f"{ckpt_path} carries no tokenizer (meta): a reward model needs a checkpoint of this repository")
+meta = ckpt["meta"]
+tok = common.tokenizer_from_meta(meta)
+block_size = ckpt["model_args"]["block_size"]
+pad_id = tok.special_id("<|endoftext|>")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_pairs(folder, split):
+    path = os.path.join(folder if os.path.isabs(folder) else os.path.join(ROOT, "data", folder), f"{split}.jsonl")
+    rows, blank = common.read_preferences(path)
+    pairs, left_out = common.render_pairs(rows, tok, block_size)
+    if master:
+        print(f"{path}: {len(pairs)} pairs; left out {left_out['identical']} with chosen == rejected and "
+              f"{left_out['too_long']} longer than block_size = {block_size} tokens; {blank} blank lines")
+    return pairs
+
+
+try:
+    names = [os.path.basename(os.path.normpath(f)) for f in preference_dataset]
+    train_pairs = [] if eval_only else [p for f in preference_dataset for p in load_pairs(f, "train")]
+    val_pairs = {name: load_pairs(f, "val")[: eval_pairs or None] for name, f in zip(names, preference_dataset)}
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"data error: {e}")
+if not eval_only and not train_pairs:
+    sys.exit("data error: no training pairs left")
+stream = common.EpochStream(len(train_pairs), seed, batch_size, grad_accum, ddp)
+
+
+def pair_margins(pairs):
+    return torch.tensor([row.get("margin", margin) for _, _, row in pairs], dtype=torch.float32, device=ddp.device)
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer, checkpoint
+
+train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
+try:
+    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else {**train_args, "scalar_head": True})
+except ValueError as e:
+    sys.exit(f"init_from: {e}")
+if not model.config.scalar_head:
+    sys.exit(f"{ckpt_path} is a resume checkpoint without a scalar head: not a reward model")
+if master:
+    print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}")
+base = ckpt.get("base", ckpt_path) if resumed else init_from
+raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
+                                                              (beta1, beta2), resume_from=ckpt if resumed else None,
+                                                              dynamic=True)
+
+
+@torch.no_grad()
+def rewards_of(pairs):
+    """(r_chosen, r_rejected) of pairs, in eval mode, batched."""
+    raw_model.eval()
+    rc, rr = [], []
+    for k in range(0, len(pairs), batch_size):
+        idx, _, lengths = common.pair_batch(pairs[k : k + batch_size], pad_id, ddp.device)
+        with ctx:
+            r = raw_model.sequence_scores(idx, lengths - 1)
+        n = r.size(0) // 2
+        rc.append(r[:n].float())
+        rr.append(r[n:].float())
+    raw_model.train()
+    return torch.cat(rc), torch.cat(rr)
+
+
+def reward_stats():
+    """The mean and std of the reward over the answers of the first stats_pairs training pairs, for
+    the RL stages to normalise by (the same pairs every time, so the numbers compare)."""
+    if not train_pairs:
+        return {}
+    rc, rr = rewards_of(train_pairs[:stats_pairs])
+    r = torch.cat((rc, rr))
+    return {"reward_mean": r.mean().item(), "reward_std": r.std().item() if r.numel() > 1 else 1.0}
+
+
+def checkpoint():
+    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler,
+                                    **loop.state(), **reward_stats(), config=config, meta=meta, stage="reward",
+                                    base=base)
+
+
+def save_best():
+    common.save_weights(os.path.join(out_dir, "best.pt"), ddp, raw_model, iter_num=loop.iter_num,
+                        best_val_loss=loop.best_val_loss, **reward_stats(), config=config, meta=meta,
+                        stage="reward", base=base)
+
+
+loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best)
+ckpt = None  # free it
+
+# -----------------------------------------------------------------------------
+# evaluation: accuracy, reward gap, rank correlation with the checker, calibration
+
+
+def pair_loss(r_c, r_r, m):
+    """The ranking loss of this run, plus the centring term: the objective, whether training or not."""
+    if loss == "bt":
+        out = losses.bradley_terry_loss(r_c, r_r)
+    elif loss == "bt_margin":
+        out = losses.bradley_terry_loss(r_c, r_r, m)
+    else:
+        out = losses.margin_ranking_loss(r_c, r_r, m)
+    return out + center_coef * losses.center_loss(r_c, r_r) if center_coef else out
+
+
+def evaluate():
+    """Every folder's held-out pairs (each process a share): -> the flat dict the log takes."""
+    out, all_loss, all_n = {}, 0.0, 0
+    for name, pairs in val_pairs.items():
+        mine = pairs[ddp.rank :: ddp.world_size]
+        rc, rr = rewards_of(mine) if mine else (torch.zeros(0), torch.zeros(0))
+        part = [(rc[i].item(), rr[i].item(), row) for i, (_, _, row) in enumerate(mine)]
+        part = [x for chunk in ddp.gather_objects(part) for x in chunk]
+        if not part:
+            continue
+        rc = torch.tensor([a for a, _, _ in part])
+        rr = torch.tensor([b for _, b, _ in part])
+        rows = [row for _, _, row in part]
+        m = torch.tensor([row.get("margin", margin) for row in rows])
+        n = len(rows)
+        stats = {"val_loss": pair_loss(rc, rr, m).item(), "acc": (rc > rr).float().mean().item(),
+                 "gap": (rc - rr).mean().item()}
+        cells = {}
+        for a, b, row in part:
+            if "task" in row:
+                cells.setdefault(f"{row['task']}/{row.get('difficulty')}", []).append(a > b)
+        stats.update({f"acc/{cell}": sum(v) / len(v) for cell, v in sorted(cells.items())})
+        # Spearman: the reward of every held-out answer against the checker's score of it
+        graded = [(r, score(row, reply)) for a, b, row in part if "answer" in row
+                  for r, reply in ((a, row["chosen"]), (b, row["rejected"]))]
+        if graded:
+            stats["spearman"] = common.spearman([g[0] for g in graded], [g[1] for g in graded])
+        # calibration of sigmoid(r_c - r_r), each pair in both orders, so outcomes are 1 and 0
+        p = torch.sigmoid(rc - rr).tolist()
+        stats["ece"], _ = common.calibration(p + [1 - x for x in p], [1] * n + [0] * n, calibration_bins)
+        prefix = f"{name}/" if len(val_pairs) > 1 else ""
+        out.update({prefix + k: v for k, v in stats.items()})
+        all_loss, all_n = all_loss + stats["val_loss"] * n, all_n + n
+    if len(val_pairs) > 1:  # the pooled loss is the one best.pt follows
+        out = {"val_loss": all_loss / max(all_n, 1), **out}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+while True:
+    lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
+                                                decay_lr))
+    if loop.eval_due():
+        t_eval = time.time()
+        stats = evaluate()
+        loop.log("eval", **stats, lr=lr, s=time.time() - t_eval)
+        loop.evaluated(stats.get("val_loss", math.inf))
+    if loop.done():
+        break
+
+    # ---- the training step --------------------------------------------------------------
+    total, correct, gap, n_tokens = torch.zeros((), device=ddp.device), 0.0, 0.0, 0
+    for micro_step in range(grad_accum):
+        pairs = [train_pairs[i] for i in stream.indices(loop.iter_num, micro_step)]
+        idx, _, lengths = common.pair_batch(pairs, pad_id, ddp.device)
+        if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
+            model.require_backward_grad_sync = micro_step == grad_accum - 1
+        with ctx:
+            x, _ = model(idx, hidden=True)  # chosen and rejected in one forward
+            r = raw_model.head_scores(x)[torch.arange(idx.size(0), device=ddp.device), lengths - 1]
+            r_c, r_r = r[: len(pairs)], r[len(pairs):]
+            objective = pair_loss(r_c, r_r, pair_margins(pairs)) / grad_accum  # <- the ranking loss
+            total += objective.detach()
+            objective = objective + raw_model.aux_loss() / grad_accum  # MoE: plus its load-balancing terms
+        scaler.scale(objective).backward()
+        correct += (r_c > r_r).float().mean().item() / grad_accum
+        gap += (r_c - r_r).mean().item() / grad_accum
+        n_tokens += int(lengths.sum())
+    grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
+    # --------------------------------------------------------------------------------------
+
+    flops = raw_model.flops_per_token(idx.size(1)) * n_tokens
+    if loop.step_done(total, tokens=n_tokens, flops=flops, acc=correct, gap=gap, lr=lr, grad_norm=grad_norm):
+        break
+
+loop.close(raw_model)
