@@ -265,9 +265,11 @@ def compile_works(device):
 
 def setup(device, backend, dtype, compile, seed, gradient_accumulation_steps, out_dir):
     """The start of every training script: processes, device, precision, seeds, out_dir.
-    -> (ddp, micro-steps of this process, the resolved dtype, its autocast context, compile)."""
+    -> (ddp, micro-steps of this process, the resolved dtype, its autocast context, compile).
+    gradient_accumulation_steps is summed over the processes; None for a stage that has none
+    (the RL stages cut their batch into minibatches instead), which then gets None back."""
     ddp = Distributed(device, backend)
-    if gradient_accumulation_steps % ddp.world_size:
+    if gradient_accumulation_steps is not None and gradient_accumulation_steps % ddp.world_size:
         sys.exit(f"config error: gradient_accumulation_steps={gradient_accumulation_steps} is not divisible "
                  f"by the {ddp.world_size} processes")
     dtype = pick_dtype(dtype, ddp.device_type)
@@ -279,7 +281,8 @@ def setup(device, backend, dtype, compile, seed, gradient_accumulation_steps, ou
         torch.backends.cudnn.allow_tf32 = True
     if ddp.master:
         os.makedirs(out_dir, exist_ok=True)
-    return ddp, gradient_accumulation_steps // ddp.world_size, dtype, autocast(ddp.device_type, dtype), compile
+    micro_steps = None if gradient_accumulation_steps is None else gradient_accumulation_steps // ddp.world_size
+    return ddp, micro_steps, dtype, autocast(ddp.device_type, dtype), compile
 
 
 def peak_flops(device_type):
@@ -988,6 +991,106 @@ def write_samples(path, examples, answers, iter_num, n_show, exact_match):
             f.write(f"[{ex.get('task', 'all')}/{ex.get('difficulty', 'all')}] prompt: {ex['question']!r}\n"
                     f"  reference: {ex['answer']!r}\n  answer:    {answers[i]!r}"
                     f"{'  (exact)' if exact_match(ex, answers[i]) else ''}\n")
+
+
+# -----------------------------------------------------------------------------
+# the RL stages' prompts, rewards and evaluation (grpo.py and ppo.py share them)
+
+
+def cell_rows(rows, cells):
+    """The rows of read_conversations whose task/difficulty is one of cells ("add/3", ...; empty:
+    all). Raises ValueError naming the cells that have no rows."""
+    if not cells:
+        return list(rows)
+    wanted = set(cells)
+    kept = [r for r in rows if f"{r.get('task')}/{r.get('difficulty')}" in wanted]
+    missing = wanted - {f"{r.get('task')}/{r.get('difficulty')}" for r in kept}
+    if missing:
+        raise ValueError(f"no prompts for the cells {sorted(missing)}")
+    return kept
+
+
+def parse_weights(spec, names):
+    """("score", "model=0.5") -> {"score": 1.0, "model": 0.5}: weighted terms by name, each one of
+    names. Raises ValueError on anything else."""
+    out = {}
+    for item in spec:
+        name, sep, w = item.partition("=")
+        try:
+            out[name] = float(w) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"expected name or name=weight, got {item!r}") from None
+        if name not in names:
+            raise ValueError(f"unknown reward {name!r}, expected {' | '.join(names)}")
+    if not out:
+        raise ValueError("no reward named")
+    return out
+
+
+class TaskReward:
+    """The sequence reward of sampled completions (model.Completions), the sum of weighted terms:
+
+        score   the checker's score of the answer, in [0, 1] with partial credit (tasks.score)
+        exact   1 for an exact match, else 0
+        model   a reward model's score, normalised by its stored mean and std (RewardModel)
+        format  1 when the response follows its task's format (tasks.follows_format)
+
+    then missing_end_penalty subtracted from a completion that ran out of tokens without <|end|>.
+    reward: the terms as parse_weights reads them, e.g. ("score",) or ("exact", "model=0.5")."""
+
+    TERMS = ("score", "exact", "model", "format")
+
+    def __init__(self, reward, tok, device, policy_meta, reward_model="", missing_end_penalty=0.0):
+        from data.tasks import tasks
+
+        self.tasks, self.tok = tasks, tok
+        self.weights = parse_weights(reward, self.TERMS)
+        self.end = tok.special_id("<|end|>")
+        self.penalty = missing_end_penalty
+        self.model = RewardModel(reward_model, device, policy_meta) if "model" in self.weights else None
+
+    def texts(self, out):
+        """The completions as text, without their <|end|>."""
+        return [self.tok.decode(row[m & (row != self.end)].tolist()) for row, m in zip(out.idx, out.mask)]
+
+    def __call__(self, examples, out):
+        """examples: one per row of out (each row's task example, with answer, task, format ...).
+        -> (rewards (N,) float32, the mean of each term for the log, the completions' texts)."""
+        from model import last_index
+
+        texts = self.texts(out)
+        device = out.idx.device
+        parts = {}
+        for name, fn in (("score", self.tasks.score), ("exact", self.tasks.exact_match),
+                         ("format", lambda ex, t: float(self.tasks.follows_format(ex, t)))):
+            if name in self.weights:
+                parts[name] = torch.tensor([fn(ex, t) for ex, t in zip(examples, texts)], device=device)
+        if self.model is not None:
+            # the reward model reads the completion's last real token: its <|end|>, or the last
+            # token it had when it ran out
+            parts["model"] = self.model(out.idx, last_index(out.mask), out.pos)
+        rewards = sum(self.weights[k] * v.float() for k, v in parts.items())
+        rewards = rewards - self.penalty * out.truncated.float()
+        return rewards, {f"reward_{k}": v.float().mean().item() for k, v in parts.items()}, texts
+
+
+def evaluate_policy(model, examples, pass_examples, tok, ctx, ddp, batch_size, max_new_tokens, pass_samples=8,
+                    seed=0):
+    """The RL stages' eval: greedy exact match and score per task and difficulty on examples
+    (held_out_prompts'), and pass@k for k = 1, 4, 8 (those <= pass_samples) from pass_samples answers
+    at temperature 1 on pass_examples, with the unbiased estimator. -> the dict the log takes."""
+    from data.tasks.tasks import exact_match, metrics
+
+    answers = answer_prompts(model, examples, tok, ctx, ddp, batch_size, max_new_tokens)
+    out = metrics(examples, answers)
+    if pass_examples and pass_samples > 0:
+        samples = answer_prompts(model, pass_examples, tok, ctx, ddp, batch_size, max_new_tokens, 1.0, pass_samples,
+                                 seed=seed)
+        correct = [int(sum(exact_match(ex, a) for a in group)) for ex, group in zip(pass_examples, samples)]
+        for k in (1, 4, 8):
+            if k <= pass_samples:
+                out[f"pass@{k}"] = sum(pass_at_k(pass_samples, c, k) for c in correct) / len(correct)
+    return out, answers
 
 
 # -----------------------------------------------------------------------------

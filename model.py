@@ -537,6 +537,12 @@ class Completions:
         """The next-token targets of idx[:, :-1]: the completion tokens, -1 everywhere else."""
         return self.idx[:, 1:].masked_fill(~self.mask[:, 1:], -1)
 
+    def loss_mask(self, drop_truncated=False):
+        """(N, L + T - 1), aligned with targets(): True on the completion tokens that carry a loss;
+        with drop_truncated none of a completion that ran out of tokens (DAPO's overlong filter)."""
+        mask = self.mask[:, 1:]
+        return mask & ~self.truncated[:, None] if drop_truncated else mask
+
 
 def last_index(mask):
     """The index of the last True in each row of mask (B, T) -> (B,) (0 for a row with none)."""

@@ -78,10 +78,22 @@ def test_completion_mask_stops_at_and_includes_the_stop_token():
     assert ((t >= 0) == out.mask[:, 1:]).all()
 
 
-def test_truncated_rows_are_flagged():
-    model = build(tiny())
+def test_truncated_rows_are_flagged_and_mask_truncated_drops_exactly_them():
+    model = build(tiny(tie_weights=False), sharpen=3.0)
     out = model.complete([torch.tensor([1, 2])], 5, temperature=0, stop_tokens=())
     assert out.truncated.tolist() == [True] and out.mask[0, 2:].all() and out.idx.shape == (1, 7)
+    # four samples, some stopping within 6 tokens, some not
+    prompts = [torch.tensor([1, 2, 3])] * 4
+    out = model.complete(prompts, 6, temperature=1.0, top_k=4, stop_tokens=(5, 9, 11),
+                         generator=torch.Generator().manual_seed(4))
+    kept = out.loss_mask(drop_truncated=True)
+    assert torch.equal(out.loss_mask(), out.mask[:, 1:])
+    assert 0 < int(out.truncated.sum()) < 4, out.truncated
+    for b in range(4):
+        if out.truncated[b]:
+            assert not kept[b].any()
+        else:
+            assert torch.equal(kept[b], out.mask[b, 1:]) and kept[b].any()
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

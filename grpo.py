@@ -1,0 +1,318 @@
+"""
+GRPO, Group Relative Policy Optimization: reinforcement learning on rewards that can be checked.
+For each prompt sample a group of G completions, score them, and push up the ones that beat their
+group, with PPO's clipped ratio and an explicit KL to a frozen reference, and no value function.
+
+Reads a checkpoint to start from (init_from: sft.py's, normally) and prompts with reference answers
+(prompt_dataset: conversations with an "answer" field, data/tasks's format), of which rl_tasks picks
+the task/difficulty cells to train on. Each iteration:
+
+    rollout     prompts_per_iter prompts x group_size samples, all in one batched generate with the
+                KV cache (a group shares its prompt's prefill), each stopping at <|end|>; the
+                completion mask covers the sampled tokens up to and including <|end|>
+    reward      r_i from the checker (score: partial credit, exact: 0 or 1), a reward model, or a
+                weighted sum; minus missing_end_penalty where a completion ran out of tokens
+    advantage   A_i = (r_i - mean of its group) / (std + 1e-4), the std the group's, the batch's
+                or 1 (scale_rewards); every token of a completion gets its A_i
+    update      grpo_iterations passes over the batch in minibatches, per completion token:
+                    ratio = exp(logp - old_logp)
+                    loss_t = -min(ratio A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) A)
+                             + kl_coef KL_t,   KL_t = exp(ref - logp) - (ref - logp) - 1   (k3)
+                aggregated by loss_type (grpo | dapo | dr_grpo, see losses.aggregate)
+
+The log-probs are those of the distribution the tokens were sampled from: softmax(logits /
+temperature) over the tokenizer's ids. top_k and top_p truncate that distribution further and are
+not in the log-probs: with them the update is slightly off-policy, so they default off here. With
+grpo_iterations 1 and one minibatch the ratio is exactly 1 (old_logp is the current policy) and
+the gradient is REINFORCE with the group mean as baseline. The reference is a frozen copy of the
+starting policy; with LoRA the same weights with the adapters off; with kl_coef 0, none at all. A
+loss near 0 is normal (advantages are centred): watch reward, kl and the held-out exact match.
+
+Writes to out_dir: ckpt.pt (resume; stage "grpo"; sample.py loads it), best.pt (the policy with
+the best greedy exact match on the held-out prompts of the trained cells), log.jsonl, samples.txt.
+
+A run on a laptop CPU (at most 20 minutes, after sft.py config/sft_tasks.py):
+    python grpo.py config/grpo_tasks.py
+    python grpo.py config/grpo_tasks.py --reward=model --reward_model=out-reward/ckpt.pt --out_dir=out-grpo-rm
+One GPU, or several (each process rolls out whole groups of its own prompts):
+    python grpo.py --init_from=out-sft/ckpt.pt --prompts_per_iter=64 --group_size=16
+    torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_tasks.py
+Resume: python grpo.py config/grpo_tasks.py --init_from=resume
+
+A healthy run prints per iteration (reward rising, kl small and growing, zero_std falling from its
+start as groups stop being all right or all wrong)
+    iter=40 loss=0.0012 reward=0.7431 reward_std=0.2113 em=0.5234 kl=0.0061 clip=0.0031 entropy=0.2817
+        len=4.9 zero_std=0.4375 truncated=0.0000 grad_norm=0.8123 gen_s=0.31 score_s=0.01 update_s=0.62 ...
+and at every eval the greedy answers per task and difficulty and pass@k on held-out prompts:
+    answers iter=50 em=0.8120 score=0.8843 em/add/3=0.8000 ... err_rl=0.2650 pass@1=0.61 pass@8=0.93
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+import common
+import losses
+from data.tasks.tasks import exact_match
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out-grpo"
+init_from = "out-sft/ckpt.pt"  # a checkpoint to start from (sft.py's, normally) | resume (from out_dir/ckpt.pt)
+eval_interval = 25  # iterations between evaluations (and checkpoints)
+log_interval = 1  # iterations between log lines
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # write ckpt.pt at every eval, not only when the eval improves
+wandb_log = False
+wandb_project = "llm"
+wandb_run_name = "grpo"
+# data
+prompt_dataset = "tasks"  # a folder under data/ (or absolute) with train.jsonl, val.jsonl: prompts with answers
+rl_tasks = ("add/3", "sub/2", "sub/3", "sort/2", "sort/3")  # task/difficulty cells to train on (empty: all)
+# model: only GPTConfig's training-only fields; the architecture is the checkpoint's
+dropout = 0.0  # keep 0: the ratio compares forwards of the same weights
+lora_rank = 0  # > 0: train low-rank adapters only; the reference is then the base, adapters off
+lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
+lora_dropout = 0.0
+lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+# rollout
+prompts_per_iter = 16  # P prompts per iteration per process
+group_size = 8  # G completions sampled for each prompt
+max_new_tokens = 16  # the longest completion, in tokens
+temperature = 1.0  # sampling temperature; the log-probs are taken at the same temperature
+top_k = 0  # 0 = off (see the docstring: top_k and top_p make the update off-policy)
+top_p = 1.0  # 1.0 = off
+mask_truncated = True  # completions without <|end|> by max_new_tokens carry no loss (DAPO's overlong filter)
+missing_end_penalty = 0.0  # subtracted from the reward of a completion without <|end|>
+# reward
+reward = ("score",)  # terms score | exact | model | format, optionally weighted: score,model=0.5
+reward_model = "out-reward/ckpt.pt"  # reward.py's checkpoint, for the model term
+# grpo
+scale_rewards = "group"  # group | batch | none: what the centred rewards are divided by
+skip_zero_std = False  # leave groups whose rewards are all equal out of the loss (they have A = 0 anyway)
+loss_type = "grpo"  # grpo | dapo | dr_grpo: how per-token losses are averaged (losses.aggregate)
+clip_eps = 0.2  # the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]
+clip_eps_high = 0.2  # = clip_eps is PPO's clip; larger is DAPO's clip-higher
+kl_coef = 0.04  # weight of the k3 KL to the reference per token (0 = no reference at all)
+grpo_iterations = 1  # mu: optimizer passes over each rollout batch
+num_minibatches = 1  # optimizer steps per pass (the batch of P x G completions is cut into these)
+# eval
+eval_prompts = 1000  # held-out prompts answered greedily at each eval, over every cell (0 = none)
+eval_max_new_tokens = 40  # the longest eval answer
+pass_k_prompts = 100  # held-out prompts of the trained cells for pass@k (0 = none)
+pass_k_samples = 8  # n answers per prompt at temperature 1 for pass@1, 4, 8
+eval_batch_size = 256  # rows per generate call in the eval
+eval_show = 12  # examples appended to out_dir/samples.txt at each eval
+# optimizer
+learning_rate = 3e-5  # peak
+max_iters = 300  # total iterations
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+# schedule
+decay_lr = False  # RL runs usually keep a constant rate after warmup
+warmup_iters = 10
+lr_decay_iters = 300  # usually max_iters
+min_lr = 3e-6
+# system
+backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo otherwise) | nccl | gloo
+device = "auto"  # auto | cpu | cuda | cuda:1 | mps
+dtype = "auto"  # auto | float32 | bfloat16 | float16
+compile = True  # torch.compile the model (skipped on CPU and MPS)
+seed = 1337
+# -----------------------------------------------------------------------------
+config = common.configure(globals())
+# -----------------------------------------------------------------------------
+
+if scale_rewards not in ("group", "batch", "none") or loss_type not in ("grpo", "dapo", "dr_grpo"):
+    sys.exit("config error: scale_rewards must be group | batch | none, loss_type grpo | dapo | dr_grpo")
+if group_size < 2 or prompts_per_iter < 1 or grpo_iterations < 1 or num_minibatches < 1 or temperature <= 0:
+    sys.exit("config error: need group_size >= 2, prompts_per_iter >= 1, grpo_iterations >= 1, "
+             "num_minibatches >= 1, temperature > 0")
+if not 0 < clip_eps < 1 or clip_eps_high < clip_eps or kl_coef < 0:
+    sys.exit("config error: need 0 < clip_eps < 1, clip_eps_high >= clip_eps, kl_coef >= 0")
+ddp, _, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed, None, out_dir)
+master = ddp.master
+
+# -----------------------------------------------------------------------------
+# the policy to start from, its tokenizer, and the prompts
+
+ckpt, ckpt_path, resumed = common.load_start(init_from, out_dir)
+if "meta" not in ckpt:
+    sys.exit(f"{ckpt_path} carries no tokenizer (meta): RL needs a checkpoint of this repository")
+meta = ckpt["meta"]
+tok = common.tokenizer_from_meta(meta)
+end_id = tok.special_id("<|end|>")
+block_size = ckpt["model_args"]["block_size"]
+reference_path = ckpt.get("reference", ckpt_path) if resumed else init_from  # the starting policy
+ROOT = os.path.dirname(os.path.abspath(__file__))
+data_dir = prompt_dataset if os.path.isabs(prompt_dataset) else os.path.join(ROOT, "data", prompt_dataset)
+try:
+    train_rows, _ = common.read_conversations(os.path.join(data_dir, "train.jsonl"))
+    val_rows, _ = common.read_conversations(os.path.join(data_dir, "val.jsonl"))
+    train_examples = common.held_out_prompts(common.cell_rows(train_rows, rl_tasks), len(train_rows), tok)
+    pass_examples = common.held_out_prompts(common.cell_rows(val_rows, rl_tasks), pass_k_prompts, tok)
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"data error: {e}" + ("; run python data/tasks/prepare.py" if isinstance(e, FileNotFoundError) else ""))
+if any("answer" not in row for row in train_rows[:100]):
+    sys.exit(f"data error: {data_dir}/train.jsonl has rows without an 'answer': nothing to check rewards against")
+fits = [ex for ex in train_examples if len(ex["prompt"]) + max_new_tokens <= block_size]
+if master:
+    print(f"prompts: {len(fits)} of the cells {', '.join(rl_tasks) or 'all'} ({len(train_examples) - len(fits)} "
+          f"left out: no room for {max_new_tokens} new tokens in block_size {block_size})")
+train_examples = fits
+eval_examples = common.held_out_prompts(val_rows, eval_prompts, tok)
+stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp)
+
+# -----------------------------------------------------------------------------
+# the policy, its reference, the reward
+
+train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
+try:
+    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args)
+    reference = None
+    if kl_coef > 0 and model.config.lora_rank == 0:  # with LoRA the reference is the policy, adapters off
+        reference = common.model_from_checkpoint(common.load_checkpoint(reference_path), reference_path)
+        reference.to(ddp.device).eval().requires_grad_(False)
+    rewarder = common.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty)
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+if master:
+    print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}; "
+          f"reference: {'none (kl_coef 0)' if kl_coef == 0 else 'the policy with adapters off' if reference is None else reference_path}")
+raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
+                                                              (beta1, beta2), resume_from=ckpt if resumed else None,
+                                                              dynamic=True)
+
+
+def reference_logprobs(inputs, targets, pos):
+    with torch.no_grad(), ctx:
+        if reference is not None:
+            return reference.logprobs(inputs, targets, pos, temperature, tok.n_vocab)
+        with raw_model.adapters_off():
+            return raw_model.logprobs(inputs, targets, pos, temperature, tok.n_vocab)
+
+
+def checkpoint():
+    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler,
+                                    **loop.state(), config=config, meta=meta, stage="grpo", reference=reference_path)
+
+
+def save_best():
+    common.save_weights(os.path.join(out_dir, "best.pt"), ddp, raw_model, iter_num=loop.iter_num,
+                        best_val_loss=loop.best_val_loss, config=config, meta=meta, stage="grpo")
+
+
+loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best)
+ckpt = None  # free it
+if master and not (resumed or eval_only):
+    open(os.path.join(out_dir, "samples.txt"), "w").close()
+
+
+def evaluate():
+    """Greedy answers on every cell's held-out prompts, pass@k on the trained cells'. The number
+    best.pt follows is err_rl, 1 - the mean exact match over the trained cells."""
+    stats, answers = common.evaluate_policy(raw_model, eval_examples, pass_examples, tok, ctx, ddp, eval_batch_size,
+                                            eval_max_new_tokens, pass_k_samples, seed=seed)
+    cells = [f"em/{c}" for c in rl_tasks if f"em/{c}" in stats] or [k for k in ("em",) if k in stats]
+    if cells:  # with no held-out prompts there is nothing to follow: no best.pt
+        stats["err_rl"] = 1 - sum(stats[c] for c in cells) / len(cells)
+    if master and eval_show:
+        common.write_samples(os.path.join(out_dir, "samples.txt"), eval_examples, answers, loop.iter_num, eval_show,
+                             exact_match)
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+N = prompts_per_iter * group_size  # completions per iteration per process
+while True:
+    lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
+                                                decay_lr))
+    if loop.eval_due():
+        t_eval = time.time()
+        stats = evaluate()
+        loop.log("answers", **stats, s=time.time() - t_eval)
+        loop.evaluated(stats.get("err_rl", float("inf")))
+    if loop.done():
+        break
+
+    # ---- rollout: P prompts x G samples in one batched generate ------------------------------
+    t0 = time.time()
+    batch = [train_examples[i] for i in stream.indices(loop.iter_num, 0)]
+    prompts = [torch.tensor(ex["prompt"], device=ddp.device) for ex in batch]
+    g = torch.Generator(ddp.device).manual_seed(hash((seed, ddp.rank, loop.iter_num)) % 2**63)
+    with ctx:
+        out = raw_model.complete(prompts, max_new_tokens, group_size, temperature, top_k or None,
+                                 top_p if top_p < 1 else None, stop_tokens=end_id, generator=g, vocab_limit=tok.n_vocab)
+    t_gen = time.time() - t0
+
+    # ---- rewards and group-relative advantages ------------------------------------------------
+    t0 = time.time()
+    examples = [ex for ex in batch for _ in range(group_size)]  # row p * G + g is sample g of prompt p
+    rewards, reward_parts, texts = rewarder(examples, out)
+    advantages, zero_std = losses.group_advantages(rewards, group_size, scale_rewards)
+    inputs, targets, pos = out.idx[:, :-1], out.targets(), out.pos[:, :-1]
+    # the completion tokens, each a target of the position before it; a completion cut off by
+    # max_new_tokens says little about its answer, and mask_truncated leaves it out
+    mask = out.loss_mask(drop_truncated=mask_truncated)
+    if skip_zero_std:
+        mask = mask & ~zero_std.repeat_interleave(group_size)[:, None]
+    t_score = time.time() - t0
+
+    # ---- old and reference log-probs, once per rollout -----------------------------------------
+    t0 = time.time()
+    reuse_old = grpo_iterations == 1 and num_minibatches == 1  # then old_logp is the policy itself
+    old_logp = None
+    if not reuse_old:
+        with torch.no_grad(), ctx:
+            old_logp = raw_model.logprobs(inputs, targets, pos, temperature, tok.n_vocab)
+    ref_logp = reference_logprobs(inputs, targets, pos) if kl_coef > 0 else None
+
+    # ---- the update: grpo_iterations passes over the batch, num_minibatches steps each -------
+    rows = torch.arange(N, device=ddp.device)
+    clipped_n = kl_sum = ent_sum = tokens_seen = 0.0
+    loss_value, grad_norm = torch.zeros((), device=ddp.device), torch.zeros(())
+    for _ in range(grpo_iterations):
+        for mb in rows.chunk(num_minibatches):
+            m = mask[mb]
+            # the totals of this step over every process: DDP averages the gradients, hence the means
+            n_tokens = ddp.all_reduce_mean(m.sum().float()).item()
+            n_samples = ddp.all_reduce_mean(m.any(dim=1).sum().float()).item()
+            if n_tokens == 0:
+                continue  # nothing to learn from: every completion left out
+            with ctx:
+                x, _ = model(inputs[mb], pos=pos[mb], hidden=True)
+                logp, entropy = raw_model.head_logprobs(x, targets[mb], temperature, tok.n_vocab, entropy=True)
+                old = logp.detach() if reuse_old else old_logp[mb]
+                per_token, clipped = losses.clipped_surrogate(logp, old, advantages[mb], clip_eps, clip_eps_high)
+                if ref_logp is not None:
+                    kl = losses.kl_k3(logp, ref_logp[mb])
+                    per_token = per_token + kl_coef * kl  # <- GRPO: the KL is in the loss, not the reward
+                    kl_sum += (kl.detach() * m).sum().item()
+                loss = losses.aggregate(per_token, m, loss_type, n_samples, n_tokens, max_new_tokens)
+                loss = loss + raw_model.aux_loss()  # MoE: plus its load-balancing terms
+            scaler.scale(loss).backward()
+            grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
+            loss_value = loss.detach()
+            clipped_n += (clipped & m).sum().item()
+            ent_sum += (entropy.detach() * m).sum().item()
+            tokens_seen += m.sum().item()
+    t_update = time.time() - t0
+    # -------------------------------------------------------------------------------------------
+
+    n_gen = out.mask.sum().item()
+    tokens_seen = max(tokens_seen, 1.0)
+    if loop.step_done(loss_value, tokens=n_gen, lr=lr, reward=rewards.mean(), reward_std=rewards.std(),
+                      **reward_parts, em=sum(exact_match(ex, t) for ex, t in zip(examples, texts)) / N,
+                      kl=kl_sum / tokens_seen if ref_logp is not None else None, clip=clipped_n / tokens_seen,
+                      entropy=ent_sum / tokens_seen, len=n_gen / N, zero_std=zero_std.float().mean(),
+                      truncated=out.truncated.float().mean(), grad_norm=grad_norm, gen_s=t_gen, score_s=t_score,
+                      update_s=t_update, rollout_tok_s=n_gen / max(t_gen, 1e-9)):
+        break
+
+loop.close(raw_model)

@@ -1,0 +1,180 @@
+"""grpo.py end to end on tiny models: a toy task whose reward GRPO raises in seconds, the logs and
+checkpoints, exact resume, two processes, the LoRA reference with adapters off, a reward model as
+the reward. The objective's pieces are tested by hand in test_losses.py."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import bpe
+import common
+from conftest import run_script, save_byte_checkpoint
+from data.tasks.tasks import generate
+from model import GPT, GPTConfig
+
+TINY = ["--prompts_per_iter=4", "--group_size=4", "--max_new_tokens=6", "--log_interval=1", "--warmup_iters=1",
+        "--device=cpu", "--compile=false", "--eval_prompts=12", "--pass_k_prompts=4", "--pass_k_samples=4",
+        "--eval_max_new_tokens=6", "--learning_rate=1e-3", "--rl_tasks="]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+@pytest.fixture
+def grpo_setup(tmp_path):
+    """A tiny random SFT-like checkpoint and a few task prompts with answers."""
+    base = str(tmp_path / "sft.pt")
+    save_byte_checkpoint(base, GPTConfig(vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=32))
+    rng = random.Random(0)
+    data = tmp_path / "tasks"
+    data.mkdir()
+    for split, n in (("train", 10), ("val", 3)):
+        write_jsonl(data / f"{split}.jsonl", [generate(t, d, rng) for t in ("add", "copy") for d in (1, 2)
+                                              for _ in range(n)])
+    return base, str(data), tmp_path
+
+
+def grpo(base, data, out, *args, check=True):
+    return run_script("grpo.py", *TINY, f"--init_from={base}", f"--prompt_dataset={data}", f"--out_dir={out}", *args,
+                      check=check)
+
+
+@pytest.fixture
+def ab_setup(tmp_path):
+    """A policy that says a or b at random (a tiny model trained for a few seconds on such text),
+    and one prompt whose answer is eight a's: with partial credit the reward is about the share
+    of a's, a dense signal from the first iteration."""
+    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        x = torch.where(torch.rand(16, 33, generator=g) < 0.5, ord("a"), ord("b"))
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
+    base = str(tmp_path / "ab.pt")
+    common.save_checkpoint({"model": model.state_dict(), "model_args": cfg.to_dict(), "meta": meta}, base)
+    data = tmp_path / "say"
+    data.mkdir()
+    row = {"messages": [{"role": "user", "content": "Say aaaaaaaa"}, {"role": "assistant", "content": "aaaaaaaa"}],
+           "answer": "aaaaaaaa", "task": "say", "difficulty": 1}
+    write_jsonl(data / "train.jsonl", [row] * 4)
+    write_jsonl(data / "val.jsonl", [row])
+    args = [f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=4", "--group_size=8",
+            "--max_new_tokens=8", "--mask_truncated=false", "--warmup_iters=1", "--eval_interval=100",
+            "--eval_prompts=0", "--pass_k_prompts=0", "--device=cpu", "--compile=false"]
+    return base, args, tmp_path
+
+
+def test_a_toy_task_where_grpo_raises_the_reward(ab_setup):
+    base, args, tmp = ab_setup
+    out = str(tmp / "out")
+    run_script("grpo.py", *args, f"--out_dir={out}", "--kl_coef=0", "--learning_rate=1e-2", "--max_iters=12")
+    rewards = [r["reward"] for r in read_log(out) if "reward" in r]
+    assert len(rewards) == 12
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.15, rewards
+
+
+def test_lora_policy_uses_its_base_as_the_reference(ab_setup):
+    base, args, tmp = ab_setup
+    out = str(tmp / "lora")
+    res = run_script("grpo.py", *args, f"--out_dir={out}", "--max_iters=3", "--lora_rank=4", "--lora_targets=attn",
+                     "--learning_rate=1e-2")
+    assert "reference: the policy with adapters off" in res.stdout
+    steps = [r for r in read_log(out) if "reward" in r]
+    assert steps[0]["kl"] == 0.0  # B = 0: the adapted policy is exactly its base
+    assert steps[-1]["kl"] > 0.0  # and it moves away from it as the adapters learn
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    plain = common.load_checkpoint(base)
+    assert all(torch.equal(plain["model"][k], ckpt["model"][k]) for k in plain["model"])  # the base is frozen
+
+
+def test_script_end_to_end(grpo_setup):
+    base, data, tmp = grpo_setup
+    out = str(tmp / "out")
+    res = grpo(base, data, out, "--max_iters=4", "--eval_interval=2")
+    assert "prompts: 40 of the cells all" in res.stdout and "reference: " + base in res.stdout
+    rows = read_log(out)
+    steps = [r for r in rows if "reward" in r]
+    evals = [r for r in rows if "err_rl" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4] and [r["iter"] for r in evals] == [0, 2, 4]
+    assert {"loss", "reward", "reward_std", "reward_score", "em", "kl", "clip", "entropy", "len", "zero_std",
+            "truncated", "grad_norm", "gen_s", "score_s", "update_s", "rollout_tok_s"} <= steps[0].keys()
+    assert {"em", "score", "em/add/1", "em/copy/2", "pass@1", "pass@4", "err_rl"} <= evals[0].keys()
+    assert 0 <= evals[0]["pass@1"] <= evals[0]["pass@4"] <= 1
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts at the reference
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["stage"] == "grpo" and ckpt["reference"] == base and ckpt["iter_num"] == 4
+    assert "=== iter 4" in open(os.path.join(out, "samples.txt")).read()
+    res = run_script("sample.py", f"--out_dir={out}", "--chat=True", "--start=What is 1 + 2?", "--temperature=0",
+                     "--max_new_tokens=4", "--device=cpu")
+    assert res.returncode == 0
+
+
+def test_resume_is_bit_identical_with_several_passes_and_minibatches(grpo_setup):
+    # grpo_iterations 2 and 2 minibatches: old_logp is recorded at rollout, ratios move off 1
+    base, data, tmp = grpo_setup
+    args = ["--grpo_iterations=2", "--num_minibatches=2", "--eval_interval=2", "--eval_prompts=0", "--pass_k_prompts=0"]
+    straight, split = str(tmp / "straight"), str(tmp / "split")
+    grpo(base, data, straight, *args, "--max_iters=4")
+    grpo(base, data, split, *args, "--max_iters=2")
+    grpo(base, data, split, *args, "--max_iters=4", "--init_from=resume")
+    keys = ("iter", "loss", "reward", "kl", "clip")
+    rows = lambda d: [tuple(r.get(k) for k in keys) for r in read_log(d) if "reward" in r]  # noqa: E731
+    assert rows(straight) == rows(split) and len(rows(straight)) == 4
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)
+    assert b["reference"] == base  # the reference stays the starting policy across resumes
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_two_processes_roll_out_their_own_groups_and_stay_in_sync(grpo_setup):
+    base, data, tmp = grpo_setup
+    res = run_script("torchrun", "--standalone", "--nproc_per_node=2", "grpo.py", *TINY, f"--init_from={base}",
+                     f"--prompt_dataset={data}", f"--out_dir={tmp / 'ddp'}", "--max_iters=2", "--eval_interval=2")
+    assert "parameters identical on all 2 processes" in res.stdout
+    assert [r["iter"] for r in read_log(str(tmp / "ddp")) if "reward" in r] == [1, 2]
+
+
+def test_a_reward_model_as_the_reward(grpo_setup):
+    base, data, tmp = grpo_setup
+    ckpt = common.load_checkpoint(base)
+    rm_cfg = GPTConfig(**{**ckpt["model_args"], "scalar_head": True})
+    torch.manual_seed(1)
+    rm = GPT(rm_cfg)
+    path = str(tmp / "rm.pt")
+    common.save_checkpoint({"model": rm.state_dict(), "model_args": rm_cfg.to_dict(), "meta": ckpt["meta"],
+                            "stage": "reward", "reward_mean": 0.5, "reward_std": 2.0}, path)
+    out = str(tmp / "rm-out")
+    grpo(base, data, out, "--max_iters=2", "--eval_interval=2", "--reward=score,model=0.5", f"--reward_model={path}")
+    steps = [r for r in read_log(out) if "reward" in r]
+    assert {"reward_score", "reward_model"} <= steps[0].keys()
+    res = grpo(base, data, str(tmp / "bad"), "--reward=model", f"--reward_model={base}", check=False)
+    assert res.returncode != 0 and "is not a reward model" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_settings_stop_with_a_message(grpo_setup):
+    base, data, tmp = grpo_setup
+    for args, message in ((["--loss_type=ppo"], "loss_type grpo | dapo | dr_grpo"),
+                          (["--group_size=1"], "group_size >= 2"),
+                          (["--reward=scores"], "unknown reward 'scores'"),
+                          (["--rl_tasks=add/9"], "no prompts for the cells ['add/9']")):
+        res = grpo(base, data, str(tmp / "bad"), *args, check=False)
+        assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
