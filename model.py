@@ -2,8 +2,8 @@
 The one GPT of this repository: a decoder-only transformer whose variants are switches in GPTConfig.
 
     positional encoding   pos_emb = learned | sinusoidal | rope | none
-    normalisation         norm = layernorm | rmsnorm
-    feed-forward          mlp = gelu | swiglu
+    normalisation         norm = layernorm | rmsnorm, with norm_eps
+    feed-forward          mlp = gelu | swiglu, of n_inner hidden units (gelu_approximate = tanh: GPT-2's)
     attention             n_kv_head < n_head gives grouped-query attention (1: multi-query);
                           sliding_window = W with n_sink attention sinks
     weight tying          tie_weights
@@ -54,7 +54,10 @@ class GPTConfig:
     pos_emb: str = "rope"  # learned | sinusoidal | rope | none
     rope_theta: float = 10000.0
     norm: str = "rmsnorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5  # the epsilon of every norm (GPT-2 and nanoGPT 1e-5; Llamas 1e-5 or 1e-6)
     mlp: str = "swiglu"  # gelu | swiglu
+    gelu_approximate: str = "none"  # mlp=gelu: none (exact, erf) | tanh (GPT-2's "gelu_new")
+    n_inner: int = None  # MLP hidden size (GPT-2's name); None = 4 n_embd, swiglu 8/3 n_embd up to a multiple of 64
     tie_weights: bool = True  # token embedding and LM head share one matrix
     sliding_window: int = None  # None = full causal attention; W = attend to the last W positions
     n_sink: int = 0  # the first n_sink positions stay visible to every query (attention sinks)
@@ -102,6 +105,15 @@ class GPTConfig:
             fail(f"norm must be layernorm | rmsnorm, got {self.norm!r}")
         if self.mlp not in ("gelu", "swiglu"):
             fail(f"mlp must be gelu | swiglu, got {self.mlp!r}")
+        if not self.norm_eps > 0:
+            fail(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            fail(f"gelu_approximate must be none | tanh, got {self.gelu_approximate!r}")
+        if self.gelu_approximate != "none" and self.mlp != "gelu":
+            fail(f"gelu_approximate={self.gelu_approximate!r} needs mlp=gelu, not mlp={self.mlp}")
+        n_inner = self.n_inner
+        if n_inner is not None and (isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 1):
+            fail(f"n_inner must be None or an int >= 1, got {self.n_inner!r}")
         if not 0.0 <= self.dropout < 1.0:
             fail(f"dropout must be in [0, 1), got {self.dropout}")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -169,6 +181,9 @@ class GPTConfig:
     def mlp_hidden(self):
         # gelu: the classic 4x. swiglu has three matrices instead of two, so 2/3 of 4x keeps the
         # parameter count equal; rounded up to a multiple of 64 for friendlier matmul shapes.
+        # A checkpoint from elsewhere (Llama's intermediate_size) states its own: n_inner.
+        if self.n_inner is not None:
+            return self.n_inner
         if self.mlp == "gelu":
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
@@ -192,8 +207,8 @@ class GPTConfig:
 
 def make_norm(config):
     if config.norm == "layernorm":
-        return nn.LayerNorm(config.n_embd, bias=config.bias)
-    return nn.RMSNorm(config.n_embd, eps=1e-5)
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
 
 
 def rope_cos_sin(pos, head_dim, theta, dtype):
@@ -282,6 +297,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_hidden if hidden is None else hidden  # experts pass their own size
         self.swiglu = config.mlp == "swiglu"
+        self.gelu_approximate = config.gelu_approximate  # "tanh": GPT-2's gelu_new, 0.5 x (1 + tanh(...))
         self.c_fc = Linear(config.n_embd, hidden, bias=config.bias)
         if self.swiglu:
             self.c_gate = Linear(config.n_embd, hidden, bias=config.bias)
@@ -292,7 +308,7 @@ class MLP(nn.Module):
         if self.swiglu:
             h = F.silu(self.c_gate(x)) * self.c_fc(x)
         else:
-            h = F.gelu(self.c_fc(x))
+            h = F.gelu(self.c_fc(x), approximate=self.gelu_approximate)
         return self.dropout(self.c_proj(h))
 
 
@@ -951,3 +967,4 @@ def from_nanogpt(state_dict, model_args):
         else:
             out[k] = v
     return config, out
+
