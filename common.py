@@ -346,7 +346,10 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(path):
     """Load a checkpoint to the CPU (weights_only: no code runs from the file), with errors that
-    say what is wrong instead of a pickle traceback."""
+    say what is wrong instead of a pickle traceback. A Hugging Face model folder (config.json
+    inside) is read as one too, see hf_checkpoint."""
+    if os.path.isfile(os.path.join(path, "config.json")):  # a Hugging Face folder
+        return hf_checkpoint(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -484,6 +487,27 @@ def tokenizer_from_meta(meta):
     import bpe
 
     return bpe.Tokenizer.from_state(meta["tokenizer_state"])
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face model folders
+
+
+def hf_checkpoint(folder):
+    """A Hugging Face model folder (GPT-2 or Llama layout, with its byte-level BPE tokenizer) as a
+    checkpoint of ours: {"model", "model_args", "meta", "stage": "hf"}. meta carries the
+    tokenizer's state, so what a stage writes from it never needs the folder again."""
+    import bpe
+    from model import from_hf
+
+    config, state_dict = from_hf(folder)
+    tok = bpe.from_hf(folder)
+    if tok.n_vocab > config.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {tok.n_vocab} ids, the model only {config.vocab_size}")
+    meta = {"tokenizer": tok.kind, "vocab_size": config.vocab_size, "n_vocab": tok.n_vocab,
+            "special_tokens": tok.special_tokens, "tokenizer_state": tok.state(), "source": os.path.abspath(folder)}
+    return {"model": state_dict, "model_args": config.to_dict(), "meta": meta, "stage": "hf"}
+
 
 
 # -----------------------------------------------------------------------------
