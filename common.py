@@ -509,6 +509,26 @@ def hf_checkpoint(folder):
     return {"model": state_dict, "model_args": config.to_dict(), "meta": meta, "stage": "hf"}
 
 
+def add_chat_tokens(tok, meta, verbose=True):
+    """-> (tokenizer, meta) with the chat template's special tokens (bpe.SPECIAL_TOKENS). Ours
+    reserve them; a tokenizer from elsewhere lacks some, and they are appended. Where the model
+    has no rows for them, meta's vocab_size grows (to a multiple of 64) and the caller grows the
+    model to it with GPT.resize_vocab(meta["vocab_size"])."""
+    import bpe
+
+    new = tok.with_special_tokens(bpe.SPECIAL_TOKENS)
+    if new is tok:
+        return tok, meta
+    vocab_size = max(meta["vocab_size"], bpe.padded_vocab_size(new.n_vocab, 64))
+    if verbose:
+        added = [name for name in new.special_tokens if name not in tok.special_tokens]
+        print(f"tokenizer: appended {' '.join(added)} as ids {tok.n_vocab}..{new.n_vocab - 1}; " +
+              (f"the token embedding (and an untied head) grows from {meta['vocab_size']} to {vocab_size} rows"
+               if vocab_size > meta["vocab_size"] else f"the model's {vocab_size} rows already cover them"))
+    meta = dict(meta, tokenizer=new.kind, vocab_size=vocab_size, n_vocab=new.n_vocab,
+                special_tokens=new.special_tokens, tokenizer_state=new.state())
+    return new, meta
+
 
 # -----------------------------------------------------------------------------
 # conversations (SFT data, RL prompts)

@@ -902,6 +902,33 @@ class GPT(nn.Module):
         self._check_keys("base state dict", sd, own)
         self.load_state_dict(sd, strict=False)
 
+    # --- a larger vocabulary -----------------------------------------------------
+
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size):
+        """Grow the token embedding, and an untied head, to vocab_size rows, for tokens appended
+        to the tokenizer (SFT's chat tokens on a model from elsewhere). Old ids compute exactly
+        what they did. Each new row starts at the mean of the old rows, so a new token begins as
+        an average token, with a logit near the mean logit, rather than as a random direction
+        that may dominate the softmax (Hewitt 2021, "Initializing new word embeddings").
+        A frozen table (LoRA) stays frozen."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"resize_vocab grows the vocabulary: {vocab_size} < {old} rows")
+        if isinstance(self.lm_head, LoRALinear):
+            raise ValueError("resize_vocab: the head has LoRA adapters (lora_targets has lm_head); "
+                             "resize before adding them")
+
+        def grown(w):  # (old, C) -> (vocab_size, C)
+            mean = upcast(w).mean(dim=0, keepdim=True).to(w.dtype)
+            return nn.Parameter(torch.cat((w, mean.expand(vocab_size - old, -1))), requires_grad=w.requires_grad)
+
+        self.wte.weight = grown(self.wte.weight)
+        self.wte.num_embeddings = vocab_size
+        self.lm_head.weight = self.wte.weight if self.config.tie_weights else grown(self.lm_head.weight)
+        self.lm_head.out_features = vocab_size
+        self.config = replace(self.config, vocab_size=vocab_size)
+
     # --- sizes, FLOPs, optimizer -----------------------------------------------
 
     def num_params(self, non_embedding=True, active=False):
