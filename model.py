@@ -1118,7 +1118,7 @@ def read_hf_folder(folder):
     """-> (config.json as a dict, every tensor by its name) of a Hugging Face model folder: from
     model.safetensors, or the shards its index lists, or else the older pytorch_model.bin
     (read with weights_only: no code runs from the file)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # here, not at the top: only folders need the package
 
     path = os.path.join(folder, "config.json")
     try:
@@ -1250,7 +1250,7 @@ def to_hf(model, bos_token_id=None, eos_token_id=None):
 def save_hf(model, folder, bos_token_id=None, eos_token_id=None):
     """Write config.json and model.safetensors, a folder that transformers'
     AutoModelForCausalLM.from_pretrained loads (see to_hf). -> the config written."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # here, not at the top: only folders need the package
 
     hf, tensors = to_hf(model, bos_token_id, eos_token_id)
     os.makedirs(folder, exist_ok=True)

@@ -223,7 +223,7 @@ iter_num, best_val_loss, resumed = 0, float("inf"), init_from == "resume"
 train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
     model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args)
-    if model.config.vocab_size < meta["vocab_size"]:  # chat tokens appended above: rows for them
+    if model.config.vocab_size < tok.n_vocab:  # chat tokens appended above: rows for them
         model.resize_vocab(meta["vocab_size"])
 except ValueError as e:
     sys.exit(f"init_from: {e}")
