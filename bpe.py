@@ -18,11 +18,14 @@ so train("aaabdaaabac", 259).merges == [(97, 97), (256, 97), (257, 98)]. Wikiped
 second: ties are a convention, and ours is that the pair whose first occurrence comes first in the
 text wins, which is what Python's max over a dict of counts filled in text order picks.
 
-Three kinds of tokenizer share one interface (kind, n_vocab, special_tokens, pattern, merges,
-encode, encode_ordinary, decode, decode_bytes, special_id, state, save):
+Four kinds of tokenizer share one interface (kind, n_vocab, special_tokens, pattern, merges,
+encode, encode_ordinary, decode, decode_bytes, special_id, state, save, save_hf):
     byte   256 ids plus special tokens, no merges          byte_tokenizer(SPECIAL_TOKENS)
     bpe    trained here, encoded by tiktoken at its speed  train(text, 4096, "gpt4", SPECIAL_TOKENS)
     gpt2   OpenAI's GPT-2 ranks, fetched by tiktoken       gpt2_tokenizer(SPECIAL_TOKENS)
+    hf     the byte-level BPE of a Hugging Face folder     from_hf("path/to/gpt2")
+           (GPT-2's vocab.json + merges.txt, or a tokenizer.json), kept as its ranks: its ids are
+           the folder's, and GPT-2's first 256 are not the byte values
 
 Special tokens cannot be forged: encode() turns the text "<|endoftext|>" into the ordinary tokens
 for "<", "|", "endoftext" ... unless allowed_special names it (or refuse_special=True, which raises).
@@ -56,7 +59,7 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 FORMAT = "bpe-tokenizer v1"  # first line of a saved tokenizer, and state()["format"]
-KINDS = ("byte", "bpe", "gpt2")
+KINDS = ("byte", "bpe", "gpt2")  # what get_tokenizer (and so a prepare script) builds; from_hf reads "hf"
 
 
 def resolve_pattern(pattern):
@@ -222,25 +225,33 @@ def render_bytes(b):
 # the tokenizer
 
 
-class Tokenizer:
-    """A byte, bpe or gpt2 tokenizer. Ids 0..255 are bytes (for gpt2, tiktoken's own ranks),
-    merged ids follow, special tokens take the highest ids. Encoding runs in tiktoken."""
+# texts whose splits tell the usual pre-tokenizer patterns apart (Tokenizer.same_ids_as)
+_PROBES = ("Hello world, it's 2024! I'll say: don't", "  two  spaces\n\n\tand tabs \r\n", "12345 6789.0 x1y2",
+           "naïve café — 東京 🙂", "CAPS'LL 'S 'd", "a\n b \n\nc", "((x))+= <|endoftext|> ~!")
 
-    def __init__(self, kind, pattern=None, merges=(), special_tokens=None, _ranks=None):
-        if kind not in KINDS:
-            raise ValueError(f"unknown tokenizer kind {kind!r}, expected one of {KINDS}")
-        if kind == "bpe" and not isinstance(pattern, str):
-            raise ValueError(f"a bpe tokenizer needs its split pattern, got {pattern!r}")
+
+class Tokenizer:
+    """A byte, bpe, gpt2 or hf tokenizer. For byte and bpe, ids 0..255 are the byte values and
+    merged ids follow; gpt2 and hf take their ids from their ranks (tiktoken's, or the folder's),
+    where the single bytes need not come first. Special tokens take the highest ids. Encoding runs
+    in tiktoken."""
+
+    def __init__(self, kind, pattern=None, merges=(), special_tokens=None, ranks=None):
+        if kind not in KINDS + ("hf",):
+            raise ValueError(f"unknown tokenizer kind {kind!r}, expected one of {KINDS + ('hf',)}")
+        if kind in ("bpe", "hf") and not isinstance(pattern, str):
+            raise ValueError(f"a {kind} tokenizer needs its split pattern, got {pattern!r}")
         self.kind = kind
         self.pattern = pattern
         self.special_tokens = dict(special_tokens or {})
 
-        if _ranks is not None:  # gpt2: the ranks come from tiktoken, the merges are implicit
+        if ranks is not None:  # gpt2, hf: {token bytes: rank}, which is also the id; merges are implicit
+            if sorted(ranks.values()) != list(range(len(ranks))):
+                raise ValueError(f"the ranks of a {kind} tokenizer must number its tokens 0, 1, ... without gaps")
             self.merges = None
-            vocab = [b""] * len(_ranks)
-            for token, rank in _ranks.items():
+            vocab = [b""] * len(ranks)
+            for token, rank in ranks.items():
                 vocab[rank] = token
-            ranks = _ranks
         else:
             self.merges = [tuple(pair) for pair in merges]
             vocab = [bytes([i]) for i in range(256)]
@@ -272,6 +283,15 @@ class Tokenizer:
             special_tokens=self.special_tokens,
         )
 
+    def same_ids_as(self, other):
+        """Whether two tokenizers map text to the same ids, whatever their kinds (a Hugging Face
+        folder's GPT-2 and tiktoken's gpt2 are one tokenizer): the same bytes behind every id, the
+        same special tokens, and the same ids for a set of probe texts, which catches two split
+        patterns that differ (patterns may be spelled differently and still split alike)."""
+        if self._vocab != other._vocab or self.special_tokens != other.special_tokens:
+            return False
+        return all(self.encode_ordinary(t) == other.encode_ordinary(t) for t in _PROBES)
+
     def __repr__(self):
         merges = "" if self.merges is None else f", {len(self.merges)} merges"
         specials = list(self.special_tokens)
@@ -302,6 +322,18 @@ class Tokenizer:
         if not allowed:
             return self._enc.encode_ordinary(text)
         return self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def with_special_tokens(self, names):
+        """This tokenizer with those of `names` it lacks appended as special tokens, at the next
+        free ids; every id it had keeps its meaning. Itself when nothing is missing. SFT uses it to
+        add the chat template's tokens to a tokenizer from elsewhere."""
+        missing = [name for name in names if name not in self.special_tokens]
+        if not missing:
+            return self
+        state = self.state()
+        for i, name in enumerate(missing):
+            state["special_tokens"][name] = self.n_vocab + i
+        return Tokenizer.from_state(state)
 
     def special_id(self, name):
         if name not in self.special_tokens:
@@ -365,13 +397,16 @@ class Tokenizer:
     def state(self):
         """Everything needed to rebuild this tokenizer, as JSON-serialisable values (checkpoints
         embed it so that sampling never needs the data folder)."""
-        return {
+        state = {
             "format": FORMAT,
             "kind": self.kind,
             "pattern": self.pattern,
             "merges": None if self.merges is None else [list(pair) for pair in self.merges],
             "special_tokens": dict(self.special_tokens),
         }
+        if self.kind == "hf":  # every ordinary token in id order, spelled as GPT-2's files spell it
+            state["ranks"] = [spell(token) for token in self._vocab[: self.n_vocab - len(self.special_tokens)]]
+        return state
 
     @classmethod
     def from_state(cls, state, source="tokenizer state"):
@@ -394,6 +429,15 @@ class Tokenizer:
             if tok.special_tokens != specials:
                 raise bad(f"special tokens {specials} differ from those gpt2 gives them {tok.special_tokens}")
             return tok
+        if kind == "hf":
+            ranks = state.get("ranks")
+            if not isinstance(ranks, list) or not all(isinstance(t, str) for t in ranks):
+                raise bad("an hf tokenizer needs its ranks, a list of tokens spelled as strings")
+            try:
+                return cls("hf", pattern=state["pattern"], special_tokens=specials,
+                           ranks={unspell(t): i for i, t in enumerate(ranks)})
+            except ValueError as e:
+                raise bad(e) from None
         merges = state["merges"]
         if not isinstance(merges, list) or not all(
                 isinstance(m, (list, tuple)) and len(m) == 2 and all(type(x) is int for x in m) for m in merges):
@@ -413,6 +457,8 @@ class Tokenizer:
         lines += [f"{json.dumps(name)} {i}" for name, i in s["special_tokens"].items()]
         lines += [f"merges {len(s['merges'] or [])}"]
         lines += [f"{a} {b}" for a, b in s["merges"] or []]
+        if "ranks" in s:  # hf: one token a line, spelled without whitespace
+            lines += [f"ranks {len(s['ranks'])}", *s["ranks"]]
         lines += ["end"]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
@@ -429,6 +475,51 @@ class Tokenizer:
                     a, b = self.merges[i - 256]
                     line += f" <- {a} [{render_bytes(self._vocab[a])}] + {b} [{render_bytes(self._vocab[b])}]"
                 f.write(line + "\n")
+
+    def save_hf(self, folder, model_max_length=None):
+        """Write tokenizer.json and tokenizer_config.json into folder: transformers' AutoTokenizer
+        (a PreTrainedTokenizerFast) reads them as this tokenizer, with the same ids, and, where the
+        chat tokens exist, with our chat template (apply_chat_template gives render_prompt's ids).
+        The file lists merges: a gpt2 or hf tokenizer's are recovered from its ranks. Raises
+        ValueError where there are none to recover, or two ids spell the same bytes (the file maps
+        each spelling to one id)."""
+        n_base = self.n_vocab - len(self.special_tokens)
+        ordinary = self._vocab[:n_base]
+        if len(set(ordinary)) != n_base:
+            raise ValueError(f"this {self.kind} tokenizer has ids that spell the same bytes, which "
+                             "tokenizer.json cannot express")
+        merges = self.merges if self.merges is not None else merges_from_ranks(ordinary)
+        specials = sorted(self.special_tokens.items(), key=lambda item: item[1])
+        spec = {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for name, i in specials],
+            "normalizer": None,
+            # split by our regex, then spell each chunk's bytes as characters, as GPT-2's files do
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": replace_dollar(self.pattern or GPT4_PATTERN, r"\z")},
+                 "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            # ignore_merges: a chunk that is one token is that token, as tiktoken encodes it
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {spell(token): i for i, token in enumerate(ordinary)},
+                      "merges": [[spell(ordinary[a]), spell(ordinary[b])] for a, b in merges]},
+        }
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        if "<|endoftext|>" in self.special_tokens:
+            config.update(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        if set(SPECIAL_TOKENS) <= set(self.special_tokens):
+            config["chat_template"] = CHAT_TEMPLATE
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(spec, f, ensure_ascii=False)
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
 
     @classmethod
     def load(cls, path):
@@ -475,6 +566,8 @@ class Tokenizer:
             for _ in range(number(take("the merges", "merges "), "a count")):
                 a, _, b = take("a merge").partition(" ")
                 state["merges"].append([number(a, "an id"), number(b, "an id")])
+            if state["kind"] == "hf":
+                state["ranks"] = [take("a token") for _ in range(number(take("the ranks", "ranks "), "a count"))]
             if take("the end line") != "end" or pos != len(lines):
                 raise ValueError(f"{path} line {pos}: expected the last line, 'end' (damaged?)")
         except json.JSONDecodeError as e:
@@ -510,7 +603,188 @@ def gpt2_tokenizer(special_tokens=()):
         specials.setdefault(name, enc.n_vocab + len(specials) - len(enc._special_tokens))
     ranks = enc._mergeable_ranks
     # ranks covers 0..50255; endoftext = 50256 is the first special id, as Tokenizer expects
-    return Tokenizer("gpt2", pattern=enc._pat_str, special_tokens=specials, _ranks=ranks)
+    return Tokenizer("gpt2", pattern=enc._pat_str, special_tokens=specials, ranks=ranks)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face tokenizer files: GPT-2's vocab.json + merges.txt, tokenizer.json
+
+
+def _gpt2_byte_chars():
+    """GPT-2's files spell each byte as one printable character: the 188 bytes that are printable
+    Latin-1 characters stand for themselves, and the other 68 (controls, space, DEL, no-break
+    space, soft hyphen) become chr(256), chr(257), ... in byte order. So b" the" is spelled "Ġthe"
+    (Ġ = chr(256 + 32): space is the 33rd unprintable byte) and b"\n" is "Ċ"."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + n))
+            n += 1
+    return chars
+
+
+BYTE_CHARS = _gpt2_byte_chars()  # byte -> its character
+CHAR_BYTES = {c: b for b, c in enumerate(BYTE_CHARS)}
+
+
+def spell(token):
+    """Token bytes -> the string GPT-2's files write for them: spell(b" the") == "Ġthe"."""
+    return "".join(BYTE_CHARS[b] for b in token)
+
+
+def unspell(s):
+    """The inverse of spell. Raises ValueError for a character that spells no byte."""
+    try:
+        return bytes(CHAR_BYTES[c] for c in s)
+    except KeyError as e:
+        raise ValueError(f"{s!r} is not a byte-level token: {e.args[0]!r} spells no byte") from None
+
+
+def merges_from_ranks(vocab):
+    """The merges that ranks imply: the token of rank r is made from the two pieces that BPE,
+    allowed only tokens ranked below r, leaves of its bytes (how GPT-2's merges.txt and its
+    tiktoken ranks correspond). vocab: token bytes in rank order -> [(id, id)] in rank order.
+    Raises ValueError for a token that no two lower-ranked tokens make."""
+    rank = {token: r for r, token in enumerate(vocab)}
+    merges = []
+    for r, token in enumerate(vocab):
+        if len(token) == 1:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            j = min(range(len(parts) - 1), key=lambda j: rank.get(parts[j] + parts[j + 1], r))
+            if rank.get(parts[j] + parts[j + 1], r) >= r:
+                break
+            parts[j : j + 2] = [parts[j] + parts[j + 1]]
+        if len(parts) != 2 or rank.get(parts[0], r) >= r or rank.get(parts[1], r) >= r:
+            raise ValueError(f"token {r} ({render_bytes(token)!r}) is not the merge of two tokens ranked below it")
+        merges.append((rank[parts[0]], rank[parts[1]]))
+    return merges
+
+
+def replace_dollar(pattern, anchor):
+    r"""pattern with each $ anchor (not escaped, not inside [...]) replaced by anchor. transformers
+    splits with Oniguruma's Ruby syntax, where $ matches at the end of every line; tiktoken and
+    the regex package match it only at the end of the text, which all three spell \z. So
+    "a \n" splits by \s+$ into "a", " ", "\n" there and "a", " \n" here (at |\s*[\r\n])."""
+    out, i, depth = [], 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if c == "[":
+            depth += 1
+        elif c == "]" and depth:
+            depth -= 1
+        elif c == "$" and not depth:
+            c = anchor
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+# our chat template (Tokenizer.render_prompt) in the Jinja of transformers' apply_chat_template
+CHAT_TEMPLATE = ("<|endoftext|>{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
+                 "+ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def from_hf(folder):
+    """The tokenizer of a Hugging Face model folder, if it is a byte-level BPE (GPT-2's, or a
+    tokenizer.json such as Llama 3's), as a Tokenizer of kind hf with the folder's ids: its
+    tokenizer.json, else GPT-2's vocab.json + merges.txt (with GPT-2's split pattern).
+
+    tiktoken merges the adjacent pair whose joined bytes have the lowest rank, which is the id;
+    the files list merges in priority order. The two agree when each merge makes a token of a
+    higher id than the merge before it, which is checked. A vocab token that no merge makes
+    (GPT-2's <|endoftext|>) can only be a special token, and is one. Raises ValueError naming the
+    file and what does not map (a normaliser, byte fallback, a word-piece prefix ...)."""
+    path = os.path.join(folder, "tokenizer.json")
+
+    def refuse(what):
+        raise ValueError(f"{path}: {what}")
+
+    def read_json(p):
+        try:
+            with open(p, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {p}: {e}") from None
+
+    if os.path.isfile(path):
+        spec = read_json(path)
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE":
+            refuse(f"model.type={model.get('type')!r}: expected a byte-level BPE")
+        for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key):
+                refuse(f"model.{key}={model[key]!r}: not part of a byte-level BPE")
+        if spec.get("normalizer") is not None:
+            refuse(f"normalizer={spec['normalizer'].get('type')!r}: text is encoded here as it is, not normalised")
+        pre = spec.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        split, byte_level = (steps[0], steps[-1]) if len(steps) == 2 else (None, steps[-1] if steps else {})
+        if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space"):
+            refuse(f"pre_tokenizer={pre.get('type')!r}: expected ByteLevel without add_prefix_space")
+        if split is None and byte_level.get("use_regex", True):
+            pattern = GPT2_PATTERN  # ByteLevel splits with GPT-2's regex itself
+        elif (split is not None and split.get("type") == "Split" and "Regex" in (split.get("pattern") or {})
+              and split.get("behavior") == "Isolated" and not split.get("invert") and not byte_level.get("use_regex")):
+            pattern = replace_dollar(split["pattern"]["Regex"], r"(?=\n|\z)")  # Oniguruma's end of a line
+        else:
+            refuse("pre_tokenizer: expected ByteLevel, or a Split by a regex (Isolated) then ByteLevel without one")
+        vocab, merges, added = model["vocab"], model["merges"], spec.get("added_tokens") or []
+    else:
+        path = os.path.join(folder, "vocab.json")
+        if not os.path.isfile(path) or not os.path.isfile(os.path.join(folder, "merges.txt")):
+            raise ValueError(f"{folder}: no tokenizer.json, nor vocab.json and merges.txt")
+        vocab, pattern = read_json(path), GPT2_PATTERN
+        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+            merges = [line for line in f.read().splitlines() if line and not line.startswith("#version")]
+        config_path = os.path.join(folder, "tokenizer_config.json")
+        decoder = read_json(config_path).get("added_tokens_decoder", {}) if os.path.isfile(config_path) else {}
+        added = [dict(t, id=int(i)) for i, t in decoder.items()]
+    try:
+        pattern = resolve_pattern(pattern)
+        token = {i: unspell(s) for s, i in vocab.items()}
+        merges = [tuple(unspell(p) for p in (m.split(" ") if isinstance(m, str) else m)) for m in merges]
+    except ValueError as e:
+        refuse(e)
+    ids = {t: i for i, t in token.items()}
+
+    specials = {}
+    for t in added:
+        if t.get("special"):
+            specials[t["content"]] = t["id"]
+        elif token.get(t["id"]) != t["content"].encode("utf-8"):
+            refuse(f"added token {t['content']!r} (id {t['id']}) is not special: transformers splits the text on "
+                   "it before BPE, which tiktoken cannot do")
+    made, last = set(), -1
+    for n, pair in enumerate(merges):
+        joined = b"".join(pair)
+        if len(pair) != 2 or any(p not in ids for p in pair) or joined not in ids:
+            refuse(f"merge {n} {[spell(p) for p in pair]} uses or makes a token that is not in the vocab")
+        if ids[joined] <= last:
+            refuse(f"merge {n} makes id {ids[joined]}, not above the id {last} that merge {n - 1} makes: "
+                   "merge priority and rank would differ")
+        made.add(joined)
+        last = ids[joined]
+    if any(bytes([b]) not in ids for b in range(256)):
+        refuse("not byte-level: some of the 256 single bytes are not in the vocab")
+    special_ids = set(specials.values())
+    for i, t in token.items():
+        if len(t) > 1 and t not in made and i not in special_ids:
+            specials[t.decode("utf-8", errors="replace")] = i  # no merge makes it: only a special token can be it
+            special_ids.add(i)
+    ranks = {t: i for i, t in token.items() if i not in special_ids}
+    try:
+        return Tokenizer("hf", pattern=pattern, ranks=ranks, special_tokens=specials)
+    except ValueError as e:
+        refuse(e)
 
 
 def get_tokenizer(kind, text="", vocab_size=4096, pattern="gpt4", special_tokens=SPECIAL_TOKENS):

@@ -358,7 +358,10 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(path):
     """Load a checkpoint to the CPU (weights_only: no code runs from the file), with errors that
-    say what is wrong instead of a pickle traceback."""
+    say what is wrong instead of a pickle traceback. A Hugging Face model folder (config.json
+    inside) is read as one too, see hf_checkpoint."""
+    if os.path.isfile(os.path.join(path, "config.json")):  # a Hugging Face folder
+        return hf_checkpoint(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -580,11 +583,58 @@ def describe_tokenizer(meta):
 
 
 def check_same_tokenizer(meta_a, name_a, meta_b, name_b):
-    """Two models, or a model and a dataset, must map text to the same ids: compare the tokenizer
-    states their metas carry. Raises ValueError naming both when they differ."""
-    if meta_a.get("tokenizer_state") != meta_b.get("tokenizer_state"):
+    """Two models, or a model and a dataset, must map text to the same ids: compare the tokenizers
+    their metas carry. Raises ValueError naming both when they differ."""
+    if meta_a.get("tokenizer_state") == meta_b.get("tokenizer_state"):
+        return
+    try:  # states of different kinds may still describe one tokenizer (gpt2 and an hf GPT-2)
+        same = tokenizer_from_meta(meta_a).same_ids_as(tokenizer_from_meta(meta_b))
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        same = False
+    if not same:
         raise ValueError(f"{name_a} uses the {describe_tokenizer(meta_a)} tokenizer but {name_b} uses the "
                          f"{describe_tokenizer(meta_b)} tokenizer: the ids mean different things")
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face model folders
+
+
+def hf_checkpoint(folder):
+    """A Hugging Face model folder (GPT-2 or Llama layout, with its byte-level BPE tokenizer) as a
+    checkpoint of ours: {"model", "model_args", "meta", "stage": "hf"}. meta carries the
+    tokenizer's state, so what a stage writes from it never needs the folder again."""
+    import bpe
+    from model import from_hf
+
+    config, state_dict = from_hf(folder)
+    tok = bpe.from_hf(folder)
+    if tok.n_vocab > config.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {tok.n_vocab} ids, the model only {config.vocab_size}")
+    meta = {"tokenizer": tok.kind, "vocab_size": config.vocab_size, "n_vocab": tok.n_vocab,
+            "special_tokens": tok.special_tokens, "tokenizer_state": tok.state(), "source": os.path.abspath(folder)}
+    return {"model": state_dict, "model_args": config.to_dict(), "meta": meta, "stage": "hf"}
+
+
+def add_chat_tokens(tok, meta, verbose=True):
+    """-> (tokenizer, meta) with the chat template's special tokens (bpe.SPECIAL_TOKENS). Ours
+    reserve them; a tokenizer from elsewhere lacks some, and they are appended. Where the model
+    has no rows for them, meta's vocab_size grows (to a multiple of 64) and the caller grows the
+    model to it with GPT.resize_vocab(meta["vocab_size"])."""
+    import bpe
+
+    new = tok.with_special_tokens(bpe.SPECIAL_TOKENS)
+    if new is tok:
+        return tok, meta
+    vocab_size = max(meta["vocab_size"], bpe.padded_vocab_size(new.n_vocab, 64))
+    if verbose:
+        added = [name for name in new.special_tokens if name not in tok.special_tokens]
+        print(f"tokenizer: appended {' '.join(added)} as ids {tok.n_vocab}..{new.n_vocab - 1}; " +
+              (f"the token embedding (and an untied head) grows from {meta['vocab_size']} to {vocab_size} rows"
+               if vocab_size > meta["vocab_size"] else f"the model's {vocab_size} rows already cover them"))
+    meta = dict(meta, tokenizer=new.kind, vocab_size=vocab_size, n_vocab=new.n_vocab,
+                special_tokens=new.special_tokens, tokenizer_state=new.state())
+    return new, meta
 
 
 # -----------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 The one GPT of this repository: a decoder-only transformer whose variants are switches in GPTConfig.
 
     positional encoding   pos_emb = learned | sinusoidal | rope | none
-    normalisation         norm = layernorm | rmsnorm
-    feed-forward          mlp = gelu | swiglu
+    normalisation         norm = layernorm | rmsnorm, with norm_eps
+    feed-forward          mlp = gelu | swiglu, of n_inner hidden units (gelu_approximate = tanh: GPT-2's)
     attention             n_kv_head < n_head gives grouped-query attention (1: multi-query);
                           sliding_window = W with n_sink attention sinks
     weight tying          tie_weights
@@ -20,6 +20,10 @@ LoRA. With lora_rank = r > 0 the linear layers named in lora_targets learn a low
 W + (alpha/r) B A next to their frozen weight, and every other parameter is frozen. Base
 checkpoints load unchanged (load_base_weights), adapters save and load on their own
 (lora_state_dict, load_lora_state_dict), and merge_lora folds them into the weights.
+
+Weights from elsewhere. from_nanogpt reads a nanoGPT checkpoint; from_hf a Hugging Face folder
+of GPT2LMHeadModel or LlamaForCausalLM (config.json + model.safetensors), and save_hf writes one
+that transformers loads. What the other side cannot compute exactly is refused by name.
 
 Positions. Every forward takes, optionally, `pos` (B, T): the position of each token in its own
 sequence. A left-padded batch of prompts has negative positions on its padding; such columns are
@@ -41,8 +45,10 @@ computes, at any length (tested at 16 x block_size), and leave renumbering to a 
 """
 
 import contextlib
+import json
 import math
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -68,7 +74,10 @@ class GPTConfig:
     pos_emb: str = "rope"  # learned | sinusoidal | rope | none
     rope_theta: float = 10000.0
     norm: str = "rmsnorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5  # the epsilon of every norm (GPT-2 and nanoGPT 1e-5; Llamas 1e-5 or 1e-6)
     mlp: str = "swiglu"  # gelu | swiglu
+    gelu_approximate: str = "none"  # mlp=gelu: none (exact, erf) | tanh (GPT-2's "gelu_new")
+    n_inner: int = None  # MLP hidden size (GPT-2's name); None = 4 n_embd, swiglu 8/3 n_embd up to a multiple of 64
     tie_weights: bool = True  # token embedding and LM head share one matrix
     sliding_window: int = None  # None = full causal attention; W = attend to the last W positions
     n_sink: int = 0  # the first n_sink positions stay visible to every query (attention sinks)
@@ -127,6 +136,15 @@ class GPTConfig:
             fail(f"norm must be layernorm | rmsnorm, got {self.norm!r}")
         if self.mlp not in ("gelu", "swiglu"):
             fail(f"mlp must be gelu | swiglu, got {self.mlp!r}")
+        if not self.norm_eps > 0:
+            fail(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            fail(f"gelu_approximate must be none | tanh, got {self.gelu_approximate!r}")
+        if self.gelu_approximate != "none" and self.mlp != "gelu":
+            fail(f"gelu_approximate={self.gelu_approximate!r} needs mlp=gelu, not mlp={self.mlp}")
+        n_inner = self.n_inner
+        if n_inner is not None and (isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 1):
+            fail(f"n_inner must be None or an int >= 1, got {self.n_inner!r}")
         if not 0.0 <= self.dropout < 1.0:
             fail(f"dropout must be in [0, 1), got {self.dropout}")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -194,6 +212,9 @@ class GPTConfig:
     def mlp_hidden(self):
         # gelu: the classic 4x. swiglu has three matrices instead of two, so 2/3 of 4x keeps the
         # parameter count equal; rounded up to a multiple of 64 for friendlier matmul shapes.
+        # A checkpoint from elsewhere (Llama's intermediate_size) states its own: n_inner.
+        if self.n_inner is not None:
+            return self.n_inner
         if self.mlp == "gelu":
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
@@ -217,8 +238,8 @@ class GPTConfig:
 
 def make_norm(config):
     if config.norm == "layernorm":
-        return nn.LayerNorm(config.n_embd, bias=config.bias)
-    return nn.RMSNorm(config.n_embd, eps=1e-5)
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+    return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
 
 
 def rope_cos_sin(pos, head_dim, theta, dtype):
@@ -315,6 +336,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_hidden if hidden is None else hidden  # experts pass their own size
         self.swiglu = config.mlp == "swiglu"
+        self.gelu_approximate = config.gelu_approximate  # "tanh": GPT-2's gelu_new, 0.5 x (1 + tanh(...))
         self.c_fc = Linear(config.n_embd, hidden, bias=config.bias)
         if self.swiglu:
             self.c_gate = Linear(config.n_embd, hidden, bias=config.bias)
@@ -325,7 +347,7 @@ class MLP(nn.Module):
         if self.swiglu:
             h = F.silu(self.c_gate(x)) * self.c_fc(x)
         else:
-            h = F.gelu(self.c_fc(x))
+            h = F.gelu(self.c_fc(x), approximate=self.gelu_approximate)
         return self.dropout(self.c_proj(h))
 
 
@@ -1124,6 +1146,33 @@ class GPT(nn.Module):
         self._check_keys("base state dict", sd, own)
         self.load_state_dict(sd, strict=False)
 
+    # --- a larger vocabulary -----------------------------------------------------
+
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size):
+        """Grow the token embedding, and an untied head, to vocab_size rows, for tokens appended
+        to the tokenizer (SFT's chat tokens on a model from elsewhere). Old ids compute exactly
+        what they did. Each new row starts at the mean of the old rows, so a new token begins as
+        an average token, with a logit near the mean logit, rather than as a random direction
+        that may dominate the softmax (Hewitt 2021, "Initializing new word embeddings").
+        A frozen table (LoRA) stays frozen."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"resize_vocab grows the vocabulary: {vocab_size} < {old} rows")
+        if isinstance(self.lm_head, LoRALinear):
+            raise ValueError("resize_vocab: the head has LoRA adapters (lora_targets has lm_head); "
+                             "resize before adding them")
+
+        def grown(w):  # (old, C) -> (vocab_size, C)
+            mean = upcast(w).mean(dim=0, keepdim=True).to(w.dtype)
+            return nn.Parameter(torch.cat((w, mean.expand(vocab_size - old, -1))), requires_grad=w.requires_grad)
+
+        self.wte.weight = grown(self.wte.weight)
+        self.wte.num_embeddings = vocab_size
+        self.lm_head.weight = self.wte.weight if self.config.tie_weights else grown(self.lm_head.weight)
+        self.lm_head.out_features = vocab_size
+        self.config = replace(self.config, vocab_size=vocab_size)
+
     # --- sizes, FLOPs, optimizer -----------------------------------------------
 
     def num_params(self, non_embedding=True, active=False):
@@ -1195,3 +1244,261 @@ def from_nanogpt(state_dict, model_args):
         else:
             out[k] = v
     return config, out
+
+
+# Hugging Face folders: config.json + model.safetensors, as transformers' save_pretrained writes them.
+# Two layouts of transformers' map onto this GPT, one for each family of switches:
+#     GPT2LMHeadModel    pos_emb=learned, norm=layernorm, mlp=gelu, biases, usually a tied head
+#     LlamaForCausalLM   pos_emb=rope, norm=rmsnorm, mlp=swiglu, grouped-query attention, either head
+# MistralForCausalLM has Llama's layout; without its sliding window it is the same model.
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# tensors of some checkpoints that are not weights: GPT-2's causal-mask buffers, Llama's rope table
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+def hf_tensor_names(config, arch):
+    """How our state dict and theirs name the same weights: rows of (their name, our names,
+    transposed). GPT-2 keeps its weights in Conv1D layers, (in, out), the transpose of nn.Linear's
+    (out, in), and projects q, k, v with one fused c_attn: our c_q, c_k, c_v stacked, transposed.
+    Llama's rope rotates the two halves of each head (rotate_half), as apply_rope does, so its
+    q_proj and k_proj need no permutation. Both directions of the conversion read this table."""
+    rows = []
+    if arch == "GPT2LMHeadModel":
+        rows += [("transformer.wte.weight", ["wte.weight"], False), ("transformer.wpe.weight", ["wpe.weight"], False)]
+        for i in range(config.n_layer):
+            for name, conv1d in (("ln_1", False), ("attn.c_attn", True), ("attn.c_proj", True), ("ln_2", False),
+                                 ("mlp.c_fc", True), ("mlp.c_proj", True)):
+                for w in ("weight", "bias"):  # GPT-2 always has biases; ours may be zeros (bias=False)
+                    if name == "attn.c_attn":
+                        ours = [f"h.{i}.attn.{n}.{w}" for n in ("c_q", "c_k", "c_v")]
+                    else:
+                        ours = [f"h.{i}.{name}.{w}"]
+                    rows.append((f"transformer.h.{i}.{name}.{w}", ours, conv1d and w == "weight"))
+        rows += [("transformer.ln_f.weight", ["ln_f.weight"], False), ("transformer.ln_f.bias", ["ln_f.bias"], False)]
+    else:
+        rows.append(("model.embed_tokens.weight", ["wte.weight"], False))
+        linears = (("self_attn.q_proj", "attn.c_q"), ("self_attn.k_proj", "attn.c_k"), ("self_attn.v_proj", "attn.c_v"),
+                   ("self_attn.o_proj", "attn.c_proj"), ("mlp.gate_proj", "mlp.c_gate"), ("mlp.up_proj", "mlp.c_fc"),
+                   ("mlp.down_proj", "mlp.c_proj"))
+        for i in range(config.n_layer):
+            rows += [(f"model.layers.{i}.input_layernorm.weight", [f"h.{i}.ln_1.weight"], False),
+                     (f"model.layers.{i}.post_attention_layernorm.weight", [f"h.{i}.ln_2.weight"], False)]
+            for theirs, ours in linears:
+                for w in ("weight", "bias") if config.bias else ("weight",):
+                    rows.append((f"model.layers.{i}.{theirs}.{w}", [f"h.{i}.{ours}.{w}"], False))
+        rows.append(("model.norm.weight", ["ln_f.weight"], False))
+    if not config.tie_weights:
+        rows.append(("lm_head.weight", ["lm_head.weight"], False))
+    return rows
+
+
+def config_from_hf(hf, source="config.json"):
+    """A transformers config.json (as a dict) -> (GPTConfig, architecture). What this GPT cannot
+    compute exactly (another architecture, rope scaling, attention biases without MLP biases,
+    heads narrower than hidden_size / num_attention_heads ...) is refused with a ValueError that
+    names the field. dropout is left at 0: a training script sets its own."""
+
+    def refuse(field, why):
+        raise ValueError(f"{source}: {field}={hf.get(field)!r}: {why}")
+
+    def need(field):
+        if field not in hf:
+            raise ValueError(f"{source}: no {field!r}")
+        return hf[field]
+
+    archs = hf.get("architectures") or [HF_ARCHITECTURES.get(hf.get("model_type"), hf.get("model_type"))]
+    arch = archs[0]
+    if len(archs) != 1 or arch not in HF_ARCHITECTURES.values():
+        refuse("architectures", f"only {', '.join(HF_ARCHITECTURES.values())} map onto this GPT")
+    if arch == "GPT2LMHeadModel":
+        approximate = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(
+            hf.get("activation_function", "gelu_new"))
+        if approximate is None:
+            refuse("activation_function", "expected gelu_new, gelu_pytorch_tanh (both tanh-approximated) or gelu")
+        if not hf.get("scale_attn_weights", True):
+            refuse("scale_attn_weights", "attention here is always scaled by 1/sqrt(head_dim)")
+        if hf.get("scale_attn_by_inverse_layer_idx", False):
+            refuse("scale_attn_by_inverse_layer_idx", "attention here is not scaled by the layer index")
+        if hf.get("add_cross_attention", False):
+            refuse("add_cross_attention", "a decoder-only GPT has no cross-attention")
+        args = dict(vocab_size=need("vocab_size"), block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                    n_layer=need("n_layer"), n_head=need("n_head"), n_embd=need("n_embd"), bias=True,
+                    pos_emb="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
+                    gelu_approximate=approximate, n_inner=hf.get("n_inner"),
+                    tie_weights=hf.get("tie_word_embeddings", True))
+    else:
+        if hf.get("hidden_act", "silu") != "silu":
+            refuse("hidden_act", "swiglu here gates with silu")
+        if hf.get("rope_scaling") is not None:
+            refuse("rope_scaling", "only plain rope (no scaling of positions or frequencies) is implemented")
+        rope = hf.get("rope_parameters") or {}  # where transformers 5 keeps rope_theta and the scaling
+        if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
+            refuse("rope_parameters", "only plain rope (rope_type default, no scaling) is implemented")
+        n_embd, n_head = need("hidden_size"), need("num_attention_heads")
+        if n_embd % n_head or hf.get("head_dim") not in (None, n_embd // n_head):
+            refuse("head_dim", f"heads here are hidden_size / num_attention_heads = {n_embd / n_head:g} wide")
+        attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+        if attention_bias != mlp_bias:
+            refuse("attention_bias" if attention_bias else "mlp_bias",
+                   "bias here is one switch for every linear layer: attention_bias and mlp_bias must agree")
+        if arch == "MistralForCausalLM" and hf.get("sliding_window") is not None:
+            refuse("sliding_window", "Mistral's window is not mapped onto ours (use a config with sliding_window null)")
+        args = dict(vocab_size=need("vocab_size"), block_size=need("max_position_embeddings"),
+                    n_layer=need("num_hidden_layers"), n_head=n_head, n_embd=n_embd,
+                    n_kv_head=hf.get("num_key_value_heads") or n_head, bias=attention_bias, pos_emb="rope",
+                    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm="rmsnorm",
+                    norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", n_inner=need("intermediate_size"),
+                    tie_weights=hf.get("tie_word_embeddings", False))
+    try:
+        config = GPTConfig(**args)
+        if config.n_inner is not None and GPTConfig(**dict(args, n_inner=None)).mlp_hidden == config.n_inner:
+            config = replace(config, n_inner=None)  # the size we would pick: a round trip keeps the config equal
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return config, arch
+
+
+def read_hf_folder(folder):
+    """-> (config.json as a dict, every tensor by its name) of a Hugging Face model folder: from
+    model.safetensors, or the shards its index lists, or else the older pytorch_model.bin
+    (read with weights_only: no code runs from the file)."""
+    from safetensors.torch import load_file  # here, not at the top: only folders need the package
+
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        index = os.path.join(folder, name + ".index.json")  # a sharded checkpoint
+        if os.path.isfile(os.path.join(folder, name)):
+            files = [name]
+        elif os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            continue
+        tensors = {}
+        for file in files:
+            p = os.path.join(folder, file)
+            try:
+                tensors.update(load_file(p) if file.endswith(".safetensors")
+                               else torch.load(p, map_location="cpu", weights_only=True))
+            except Exception as e:
+                raise ValueError(f"{p} is damaged or not a checkpoint: {type(e).__name__}: {e}") from None
+        return hf, tensors
+    raise ValueError(f"{folder}: config.json but no model.safetensors or pytorch_model.bin (or an index of shards)")
+
+
+def from_hf(folder):
+    """A Hugging Face model folder (GPT2LMHeadModel, LlamaForCausalLM) -> (GPTConfig, our state
+    dict), the weights in the dtype they were saved in. Refuses (ValueError, naming the field or
+    the tensor) what this GPT cannot compute exactly. GPT-2 always has biases; if every one of
+    them is zero (a fresh init, or our export of a bias=False model) the model is bias=False."""
+    hf, tensors = read_hf_folder(folder)
+    config, arch = config_from_hf(hf, source=os.path.join(folder, "config.json"))
+    # a bare GPT2Model / LlamaModel saved on its own has no prefix; a tied head may be saved too
+    prefix = "transformer." if arch == "GPT2LMHeadModel" else "model."
+    tensors = {k if k.startswith(prefix) or k == "lm_head.weight" else prefix + k: v
+               for k, v in tensors.items() if not k.endswith(HF_BUFFERS)}
+    if config.tie_weights:
+        tensors.pop("lm_head.weight", None)
+    rows = hf_tensor_names(config, arch)
+    missing = [theirs for theirs, _, _ in rows if theirs not in tensors]
+    unexpected = sorted(set(tensors) - {theirs for theirs, _, _ in rows})
+    if missing or unexpected:
+        raise ValueError(f"{folder}: the tensors do not fit {arch} as config.json describes it: missing "
+                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                         f"{' ...' if len(unexpected) > 6 else ''}")
+    with torch.device("meta"):  # the shapes our model expects, without allocating it
+        expected = GPT(config).state_dict()
+    sd = {}
+    for theirs, ours, transposed in rows:
+        t = tensors[theirs].t() if transposed else tensors[theirs]
+        for name, part in zip(ours, t.chunk(len(ours))):
+            if part.shape != expected[name].shape:
+                raise ValueError(f"{folder}: {theirs} has shape {tuple(tensors[theirs].shape)}, but config.json "
+                                 f"implies {tuple(expected[name].shape)} for our {name}")
+            sd[name] = part.contiguous()
+    if arch == "GPT2LMHeadModel" and not any(v.any() for k, v in sd.items() if k.endswith(".bias")):
+        config = replace(config, bias=False)
+        sd = {k: v for k, v in sd.items() if not k.endswith(".bias")}
+    if config.tie_weights:
+        sd["lm_head.weight"] = sd["wte.weight"]  # our state dict names the shared matrix twice
+    return config, sd
+
+
+def hf_architecture(config):
+    """The transformers class that computes exactly what this config does, or a ValueError that
+    says why there is none."""
+
+    def refuse(why):
+        raise ValueError(f"cannot export to transformers: {why}")
+
+    if config.n_expert > 0:
+        refuse(f"n_expert={config.n_expert}: mixture-of-experts layers have no transformers class with our layout")
+    if config.sliding_window is not None:
+        refuse(f"sliding_window={config.sliding_window}" + (f", n_sink={config.n_sink}" if config.n_sink else "") +
+               ": GPT2LMHeadModel and LlamaForCausalLM attend to the whole context, without attention sinks")
+    if config.pos_emb == "sinusoidal":
+        refuse("pos_emb=sinusoidal: neither GPT2LMHeadModel (learned) nor LlamaForCausalLM (rope) has fixed sinusoids")
+    layout = (config.pos_emb, config.norm, config.mlp)
+    if layout == ("learned", "layernorm", "gelu"):
+        if config.n_kv_head != config.n_head:
+            refuse(f"n_kv_head={config.n_kv_head} < n_head={config.n_head}: GPT-2 has no grouped-query attention")
+        return "GPT2LMHeadModel"
+    if layout == ("rope", "rmsnorm", "swiglu"):
+        return "LlamaForCausalLM"
+    refuse(f"pos_emb={config.pos_emb}, norm={config.norm}, mlp={config.mlp}: GPT2LMHeadModel is learned / "
+           "layernorm / gelu and LlamaForCausalLM rope / rmsnorm / swiglu; this mix is neither")
+
+
+def to_hf(model, bos_token_id=None, eos_token_id=None):
+    """Our GPT -> (a transformers config.json as a dict, its tensors by their names), for
+    GPT2LMHeadModel or LlamaForCausalLM (hf_architecture refuses the rest). A LoRA model goes out
+    with its adapters merged into the weights; a bias=False GPT-2 with zero biases."""
+    cfg = model.config
+    sd = model.merged_state_dict() if cfg.lora_rank else model.state_dict()
+    cfg = replace(cfg, lora_rank=0)
+    arch = hf_architecture(cfg)
+    dtype = str(sd["wte.weight"].dtype).removeprefix("torch.")
+    hf = dict(architectures=[arch], model_type="gpt2" if arch == "GPT2LMHeadModel" else "llama",
+              vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_weights, bos_token_id=bos_token_id,
+              eos_token_id=eos_token_id, torch_dtype=dtype)
+    if arch == "GPT2LMHeadModel":
+        hf.update(n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                  n_inner=cfg.n_inner, activation_function={"none": "gelu", "tanh": "gelu_new"}[cfg.gelu_approximate],
+                  layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                  attn_pdrop=cfg.dropout)
+    else:
+        hf.update(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
+                  num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+                  hidden_act="silu", max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+                  rope_theta=cfg.rope_theta, rope_scaling=None, attention_bias=cfg.bias, mlp_bias=cfg.bias,
+                  attention_dropout=cfg.dropout)
+    tensors = {}
+    for theirs, ours, transposed in hf_tensor_names(cfg, arch):
+        parts = []
+        for name in ours:
+            if name not in sd:  # a bias of a bias=False model, which GPT-2 must have: zeros
+                weight = sd[name.removesuffix("bias") + "weight"]
+                parts.append(torch.zeros(weight.size(0), dtype=weight.dtype))
+            else:
+                parts.append(sd[name])
+        t = torch.cat(parts) if len(parts) > 1 else parts[0]
+        tensors[theirs] = (t.t() if transposed else t).detach().cpu().contiguous()
+    return hf, tensors
+
+
+def save_hf(model, folder, bos_token_id=None, eos_token_id=None):
+    """Write config.json and model.safetensors, a folder that transformers'
+    AutoModelForCausalLM.from_pretrained loads (see to_hf). -> the config written."""
+    from safetensors.torch import save_file  # here, not at the top: only folders need the package
+
+    hf, tensors = to_hf(model, bos_token_id, eos_token_id)
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    return hf

@@ -2,14 +2,20 @@
 Sampling: continue a prompt with a trained model, streaming the text as it is generated.
 
 Reads out_dir/best.pt (or out_dir/ckpt.pt when no best was kept), or the file named by --ckpt,
-which may also be a checkpoint written by nanoGPT's train.py. The model is built from the
-checkpoint's stored config and the tokenizer from its stored meta: no data folder is needed.
+which may also be a checkpoint written by nanoGPT's train.py, or a Hugging Face model folder
+(GPT-2 or Llama layout: config.json, model.safetensors and the tokenizer files). The model is
+built from the checkpoint's stored config and the tokenizer from its stored meta: no data folder
+is needed.
 
     python sample.py --out_dir=out-shakespeare
     python sample.py --out_dir=out-shakespeare --start="ROMEO:" --num_samples=1 --max_new_tokens=2000
     python sample.py --out_dir=out-shakespeare --start=FILE:prompt.txt --temperature=0 --use_cache=false
     python sample.py --ckpt=../nanoGPT/out-shakespeare-char/ckpt.pt \
         --nanogpt_meta=../nanoGPT/data/shakespeare_char/meta.pkl
+    python sample.py --init_from=gpt2 --start="The meaning of life is" --temperature=0  # a folder
+
+Export a checkpoint for transformers (AutoModelForCausalLM, AutoTokenizer), then exit:
+    python sample.py --out_dir=out-sft --export_hf=out-sft-hf
 
 It prints each sample as it is generated, separated by a line of dashes, and on stderr the speed:
     [sample 1: 500 tokens in 1.42s, 352 tokens/s]
@@ -32,13 +38,15 @@ import time
 import torch
 
 import common
-from model import GPT, GPTConfig, from_nanogpt
+from model import GPT, GPTConfig, from_nanogpt, save_hf
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out"  # where train.py wrote its checkpoints
-ckpt = ""  # a checkpoint file to load instead of out_dir's (nanoGPT's ckpt.pt files work too)
+ckpt = ""  # a checkpoint file to load instead of out_dir's (nanoGPT's ckpt.pt files work too), or a Hugging Face folder
+init_from = ""  # the same as ckpt, by the name train.py and sft.py give it
 nanogpt_meta = ""  # a nanoGPT char-level meta.pkl, for a nanoGPT checkpoint of such a dataset
+export_hf = ""  # a folder to write the model to for transformers (config.json, model.safetensors, tokenizer), then exit
 # sampling
 start = "\n"  # the prompt, or FILE:path to read it from a file
 allow_special = False  # True: special-token strings in the prompt (<|endoftext|>) become those tokens
@@ -138,9 +146,13 @@ def main():
     dev = common.pick_device(device)
     device_type = "cuda" if dev.startswith("cuda") else dev
     amp = common.autocast(device_type, common.pick_dtype(dtype, device_type))
-    model, tokenizer, path = load(out_dir, ckpt)
+    if ckpt and init_from and ckpt != init_from:
+        raise ValueError(f"--ckpt={ckpt} and --init_from={init_from} name two checkpoints; give one")
+    model, tokenizer, path = load(out_dir, ckpt or init_from)
     model.eval().to(dev)
     print(f"loaded {path}: {model.num_params() / 1e6:.2f}M parameters, {tokenizer.kind} tokenizer", file=sys.stderr)
+    if export_hf:
+        return export(model, tokenizer, export_hf)
     if compile:  # the decode step, over a static cache (on a CPU the eager step is faster)
         model.compile_decode()
     text = start
@@ -166,6 +178,26 @@ def main():
         sys.stdout.write(utf8.decode(b"", final=True) + "\n" + "-" * 40 + "\n")
         dt = time.time() - t0
         print(f"[sample {k + 1}: {max_new_tokens} tokens in {dt:.2f}s, {max_new_tokens / dt:.0f} tokens/s]", file=sys.stderr)
+
+
+def export(model, tokenizer, folder):
+    """Write the model, and its tokenizer where that has a Hugging Face form, into a folder that
+    transformers' AutoModelForCausalLM and AutoTokenizer load. Generation there stops at
+    <|end|> (the end of a chat reply) or <|endoftext|> (the end of a document)."""
+    specials = tokenizer.special_tokens
+    eos = [specials[name] for name in ("<|end|>", "<|endoftext|>") if name in specials]
+    hf = save_hf(model, folder, bos_token_id=specials.get("<|endoftext|>"), eos_token_id=eos or None)
+    written = "config.json, model.safetensors"
+    if not hasattr(tokenizer, "save_hf"):
+        print(f"note: a {tokenizer.kind} vocabulary has no Hugging Face form; no tokenizer files written", file=sys.stderr)
+    else:
+        try:
+            tokenizer.save_hf(folder, model_max_length=model.config.block_size)
+            written += ", tokenizer.json, tokenizer_config.json"
+        except ValueError as e:
+            print(f"note: the tokenizer is not written: {e}", file=sys.stderr)
+    print(f"wrote {written} to {folder}: {hf['architectures'][0]}" +
+          (" (LoRA adapters merged)" if model.config.lora_rank else ""), file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------

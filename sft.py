@@ -1,7 +1,8 @@
 """
 Supervised fine-tuning: teach a pretrained model to answer in the chat template.
 
-Reads a checkpoint (init_from: train.py's, or an earlier SFT's) and data/<sft_dataset>/{train,
+Reads a checkpoint (init_from: train.py's, an earlier SFT's, or a Hugging Face model folder, whose
+tokenizer gets the chat tokens appended and the model rows for them) and data/<sft_dataset>/{train,
 val}.jsonl, one conversation per line: {"messages": [{"role": "user", "content": ...}, {"role":
 "assistant", "content": ...}, ...]} or {"prompt": ..., "completion": ...}, optionally with
 "answer", "task" and "difficulty" fields (data/tasks/prepare.py writes such a task mix, and is run
@@ -114,6 +115,7 @@ if "meta" not in ckpt:
     sys.exit(f"{ckpt_path} carries no tokenizer (meta): SFT needs a checkpoint of this repository")
 meta = ckpt["meta"]
 tok = common.tokenizer_from_meta(meta)
+tok, meta = common.add_chat_tokens(tok, meta, verbose=master)  # a model from elsewhere lacks them: appended
 block_size = ckpt["model_args"]["block_size"]
 end_id, pad_id = tok.special_id("<|end|>"), tok.special_id("<|endoftext|>")
 base = ckpt.get("base", ckpt_path) if resumed else init_from  # the pretrained weights under it all
@@ -198,6 +200,8 @@ def get_batch(seqs):
 train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
     model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args)
+    if model.config.vocab_size < tok.n_vocab:  # chat tokens appended above: rows for them
+        model.resize_vocab(meta["vocab_size"])
 except ValueError as e:
     sys.exit(f"init_from: {e}")
 if master:
