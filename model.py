@@ -268,23 +268,61 @@ def sinusoidal_embedding(pos, n_embd, dtype):
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).to(dtype)
 
 
-def linear(x, weight, bias=None):
-    """F.linear, except for the few rows of a decode step on a multi-core CPU. There the matmul
-    is a matrix-vector product bound by how fast the weight streams from memory, and MKL's runs on
-    one thread at a fraction of the bandwidth; cut the weight's rows into one block per thread and
-    bmm runs the blocks in parallel (about 3x faster on 2 cores). Same result, up to rounding."""
-    n = torch.get_num_threads()
+# Decoding one row is a chain of matrix-vector products, bound by how fast the weights stream from
+# memory. Whether PyTorch's own F.linear does that well depends on the CPU: on an AMD EPYC its MKL
+# ran them on one thread at a fraction of the bandwidth, and cutting the weight's rows into one block
+# per thread and running the blocks with bmm was 2-3x faster; on an Intel Xeon with large caches the
+# same trick was 2x slower. So nothing is assumed: the first time a weight shape is used for a
+# decode-sized matmul (at most 8 rows, on a CPU, without gradients, more than one thread), both
+# paths are timed on that very weight, alternating, and the faster is kept for the rest of the
+# process, the split path only when its median time is below 0.9 of the plain one's (beyond noise).
+# LINEAR_PATHS holds the choices (bench.py prints them); set an entry, or LINEAR_FORCE to "plain" or
+# "split", to override the measurement.
+LINEAR_PATHS = {}  # (out, in, rows, dtype, threads) -> "split" | "plain"
+LINEAR_FORCE = None  # None (measure) | "plain" | "split"
+
+
+def _split_linear(x, weight, bias, n):
     rows = x.numel() // x.size(-1)
-    if n == 1 or rows > 8 or x.device.type != "cpu" or weight.size(0) % n or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.size(-1))
     y = torch.bmm(weight.view(n, -1, weight.size(1)), x2.t().expand(n, -1, -1))  # (n, out/n, rows)
     y = y.reshape(weight.size(0), rows).t().reshape(*x.shape[:-1], weight.size(0))
     return y if bias is None else y + bias
 
 
+def _faster_path(x, weight, bias, n, repeats=15, calls=4):
+    """Time F.linear and the split path on this input and weight, alternating: -> the faster."""
+    import time
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(x, weight, bias)
+        return time.perf_counter() - t0
+
+    split = lambda x, w, b: _split_linear(x, w, b, n)  # noqa: E731
+    timed(F.linear), timed(split)  # warm up both
+    ratios = sorted(timed(split) / max(timed(F.linear), 1e-9) for _ in range(repeats))
+    return "split" if ratios[len(ratios) // 2] < 0.9 else "plain"
+
+
+def linear(x, weight, bias=None):
+    """F.linear, or for the few rows of a decode step on a multi-core CPU, whichever of F.linear and
+    the split-weight bmm measured faster for this weight shape here (see LINEAR_PATHS above). The
+    two give the same result, up to rounding."""
+    n = torch.get_num_threads()
+    rows = x.numel() // x.size(-1)
+    if n == 1 or rows > 8 or x.device.type != "cpu" or weight.size(0) % n or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    key = (weight.size(0), weight.size(1), rows, weight.dtype, n)
+    path = LINEAR_FORCE or LINEAR_PATHS.get(key)
+    if path is None:
+        path = LINEAR_PATHS[key] = _faster_path(x, weight, bias, n)
+    return _split_linear(x, weight, bias, n) if path == "split" else F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """nn.Linear with the fast path above for decoding; the same parameters and state-dict keys."""
+    """nn.Linear with linear() above for decoding; the same parameters and state-dict keys."""
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
@@ -871,6 +909,23 @@ class GPT(nn.Module):
         ent = torch.cat([o[1] for o in outs]).masked_fill(~keep, 0.0).view(B, T) if entropy else None
         return logp, ent
 
+    @torch.no_grad()
+    def reset_token_rows(self, ids, match_norm=False, generator=None):
+        """Give the token-embedding rows of ids (and, untied, the head's) a fresh random start:
+        N(0, 0.02) as at initialisation, or with match_norm random directions as long as the mean
+        row of the other ids. For tokens training never showed as inputs: their rows only ever
+        learned to be unlikely outputs, which pushed them all the same way, so as inputs they are
+        nearly one vector."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.wte.weight.device)
+        tables = [self.wte.weight] + ([] if self.config.tie_weights else [self.lm_head.weight])
+        for w in tables:
+            fresh = torch.randn(len(ids), w.size(1), generator=generator, device="cpu").to(w) * 0.02
+            if match_norm:
+                others = torch.ones(w.size(0), dtype=torch.bool, device=w.device)
+                others[ids] = False
+                fresh = F.normalize(fresh, dim=1) * w[others].norm(dim=1).mean()
+            w[ids] = fresh
+
     # --- the scalar head ---------------------------------------------------------
 
     def head_scores(self, x):
@@ -907,15 +962,53 @@ class GPT(nn.Module):
         x, _ = self(token, pos=pos, cache=cache, hidden=True)
         return self.lm_head(x[:, -1])
 
-    def compile_decode(self):
+    def compile_decode(self, batch_size=1, measure=True):
         """Compile decode_step, as gpt-fast does: one graph per batch shape over a static cache
         (every slot, unwritten ones masked), and on a GPU CUDA graphs ("reduce-overhead"), which
         remove the per-kernel launch cost that dominates decoding a small model one token at a
-        time. The weights are read at every call, so it stays valid as they train. On a CPU the
-        eager step (with linear's split matmuls) is the faster one: bench.py measured 297 eager
-        vs 212 compiled tokens/s at N = 512 on a 2-core machine."""
+        time. The weights are read at every call, so it stays valid as they train.
+        Whether it pays depends on the machine (on a 2-core CPU the eager step was faster), so with
+        measure the compiled step and the eager one are timed here, alternating, on batch_size rows
+        at about the middle of the context, and the compiled step is kept only where it is faster
+        by 10%. -> "compiled" or "eager", and the two step times in ms."""
+        import time
+
         on_gpu = self.wte.weight.is_cuda
-        self.compiled_decode_step = torch.compile(self.decode_step, mode="reduce-overhead" if on_gpu else None)
+        compiled = torch.compile(self.decode_step, mode="reduce-overhead" if on_gpu else None)
+        if not measure:
+            self.compiled_decode_step = compiled
+            return "compiled", None, None
+        cfg, dev = self.config, self.wte.weight.device
+        L = max(1, min(cfg.block_size, 256) // 2)
+        prompt = torch.zeros(batch_size, L, dtype=torch.long, device=dev)
+        pos = torch.arange(L, device=dev)[None].expand(batch_size, L)
+
+        def steps(step, static, n=8):
+            cache = KVCache(cfg, batch_size, L + 2 * n + 2, static=static)
+            with torch.no_grad():
+                self.prefill(prompt, pos, cache)
+                token = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)
+                step(token, pos[:, -1:] + 1, cache)  # compile / warm up on this cache
+                if on_gpu:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for t in range(n):
+                    step(token, pos[:, -1:] + 2 + t, cache)
+                if on_gpu:
+                    torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / n
+
+        was_training = self.training
+        self.eval()
+        times = {"eager": [], "compiled": []}
+        for _ in range(3):
+            times["eager"].append(steps(self.decode_step, False))
+            times["compiled"].append(steps(compiled, True))
+        self.train(was_training)
+        eager, comp = (sorted(v)[1] * 1000 for v in (times["eager"], times["compiled"]))
+        choice = "compiled" if comp < 0.9 * eager else "eager"
+        self.compiled_decode_step = compiled if choice == "compiled" else None
+        return choice, eager, comp
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,

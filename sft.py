@@ -74,6 +74,7 @@ eval_prompts = 240  # held-out prompts answered greedily at each eval, balanced 
 eval_max_new_tokens = 40  # the longest answer generated, in tokens
 eval_show = 12  # prompt / reference / answer examples appended to out_dir/samples.txt at each eval
 train_embeddings = False  # with LoRA: train the token embedding (= the tied output head) too, not only adapters
+reinit_unseen = "none"  # none | init | norm: restart the embedding rows of ids the pretraining text never had
 # optimizer
 learning_rate = 1e-3  # peak
 max_iters = 1000  # total iterations
@@ -206,6 +207,12 @@ except ValueError as e:
     sys.exit(f"init_from: {e}")
 if master:
     print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}")
+if reinit_unseen != "none" and not resumed and meta.get("unseen_ids"):
+    model.reset_token_rows(meta["unseen_ids"], match_norm=reinit_unseen == "norm",
+                           generator=torch.Generator().manual_seed(seed))
+    if master:
+        print(f"re-initialised the embedding rows of the {len(meta['unseen_ids'])} ids the pretraining text never "
+              f"contained ({reinit_unseen})")
 if train_embeddings and model.config.lora_rank > 0:
     # Adapters alone cannot fix an embedding the base never learned: tiny shakespeare has no digits
     # and no chat tokens, so their rows were only ever pushed down as outputs and all point the

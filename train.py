@@ -119,6 +119,12 @@ if not os.path.isfile(os.path.join(data_dir, "meta.json")):
         sys.exit(f"dataset {dataset!r}: no meta.json in {data_dir}; run its prepare.py first")
 meta = common.load_meta(data_dir)
 data_dtype = np.dtype(meta["dtype"])
+# the ids the training text never contains (tiny shakespeare has no digits and no chat tokens):
+# their embedding rows only ever learn to be unlikely, so a later stage that needs them (SFT on
+# arithmetic) may start them afresh; read from the first 2^28 tokens, which is all of most corpora
+_head = np.memmap(os.path.join(data_dir, "train.bin"), dtype=data_dtype, mode="r")[: 2**28]
+meta["unseen_ids"] = np.flatnonzero(np.bincount(_head, minlength=meta["n_vocab"])[: meta["n_vocab"]] == 0).tolist()
+del _head
 
 
 def get_batch(split, generator):

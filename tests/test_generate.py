@@ -212,3 +212,20 @@ def test_scalar_head_trains_under_lora_and_a_plain_checkpoint_gains_one():
     assert back.score_head is None  # a reward checkpoint read as a policy drops the head
     with pytest.raises(RuntimeError, match="no scalar head"):
         back.scores(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_compiled_decode_step_gives_the_eager_tokens():
+    # the compiled step reads a static cache (every slot, unwritten ones masked); with CUDA graphs
+    # its output buffer is reused, which generate guards against by copying the logits. Here CPU
+    # inductor, where a C++ compiler is there
+    import common
+
+    if not common.compile_works("cpu"):
+        pytest.skip("torch.compile does not work on this machine")
+    model = build(tiny(pos_emb="rope", n_kv_head=2), dtype=torch.float32, sharpen=2.0)
+    idx = torch.randint(0, 37, (2, 5), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(idx, 12, generator=torch.Generator().manual_seed(1))
+    model.compile_decode(measure=False)
+    assert model.compiled_decode_step is not None
+    compiled = model.generate(idx, 12, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(compiled, eager)

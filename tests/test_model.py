@@ -271,10 +271,14 @@ def test_static_cache_for_compiled_decoding_equals_reference(kw):
     assert all(torch.equal(a, b) for a, b in zip(static, model.generate(prompts, 25, temperature=0, use_cache=False)))
 
 
-def test_split_linear_for_decoding_matches_f_linear():
+@pytest.mark.parametrize("force", ["split", "plain", None])
+def test_decode_linear_gives_f_linear_whichever_path_is_chosen(force, monkeypatch):
+    import model as model_module
     from model import linear
 
     torch.set_num_threads(2)  # the conftest fixture restores the count
+    monkeypatch.setattr(model_module, "LINEAR_FORCE", force)
+    monkeypatch.setattr(model_module, "LINEAR_PATHS", {})
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(64, 24, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
     with torch.no_grad():
@@ -285,6 +289,29 @@ def test_split_linear_for_decoding_matches_f_linear():
         odd = torch.randn(65, 24, generator=g, dtype=torch.float64)  # rows not divisible: plain path
         x = torch.randn(1, 24, generator=g, dtype=torch.float64)
         torch.testing.assert_close(linear(x, odd), torch.nn.functional.linear(x, odd))
+    # measured: one choice per (shape, rows, dtype, threads), kept; forced: none recorded
+    recorded = set(model_module.LINEAR_PATHS.values())
+    assert (recorded <= {"split", "plain"} and len(model_module.LINEAR_PATHS) == 3) if force is None else not recorded
+
+
+def test_the_measured_choice_is_kept_and_an_entry_overrides_it(monkeypatch):
+    import model as model_module
+
+    torch.set_num_threads(2)
+    calls = []
+    monkeypatch.setattr(model_module, "LINEAR_PATHS", {})
+    monkeypatch.setattr(model_module, "_faster_path", lambda *a: (calls.append(1), "plain")[1])
+    split_calls = []
+    real_split = model_module._split_linear
+    monkeypatch.setattr(model_module, "_split_linear", lambda *a: (split_calls.append(1), real_split(*a))[1])
+    w, x = torch.randn(8, 4), torch.randn(1, 4)
+    with torch.no_grad():
+        for _ in range(3):
+            model_module.linear(x, w)
+        assert calls == [1] and split_calls == []  # measured once, the plain path kept
+        model_module.LINEAR_PATHS[(8, 4, 1, torch.float32, 2)] = "split"
+        torch.testing.assert_close(model_module.linear(x, w), torch.nn.functional.linear(x, w))
+        assert split_calls == [1]
 
 
 @pytest.mark.parametrize("kw", [dict(pos_emb="rope", n_kv_head=2), dict(pos_emb="learned", sliding_window=4, n_sink=1)])
