@@ -10,13 +10,22 @@ Benchmark: what the KV cache buys, and how fast the model trains, on a randomly 
 Sections:
   decode   batch 1, a prompt_len-token prompt, N new greedy tokens: tokens/s with the cache and
            without it (the whole context recomputed each step), the speedup, same tokens or not
+  hf       the same shape as transformers' GPT2LMHeadModel (random weights), its generate with its
+           default cache against ours, greedy, alternating in one run: tokens/s and the median ratio
+           (skipped with a message where transformers is not installed)
   rolling  a sliding-window rope model generating 1x, 4x, 16x its window: tokens/s and KV bytes
   batch    decode tokens/s (all rows together) for several batch sizes, with the cache
-  train    one training step (forward, backward, AdamW): tokens/s and MFU, dense, MoE and LoRA
+  train    one training step (forward, backward, AdamW): tokens/s and MFU, dense, MoE and LoRA, in
+           float32 and in bf16 autocast, and which one dtype=auto takes here
   prefill  prompt tokens/s for a prefill_len-token prompt
+  grpo     one GRPO iteration of grpo.py on a random model: its time split into generation,
+           scoring and update, rollout tokens/s, beside batched decode at the same batch size
   profile  a torch.profiler table of one decode step at position ~500
 
-Timing: warm-up runs, then the median of `repeats` runs, synchronising the GPU around each.
+Timing: warm-up runs, then the median of `repeats` runs, synchronising the GPU around each; two
+paths compared side by side alternate, run after run. The fast paths model.py chose by measuring
+(model.LINEAR_PATHS) are printed at the end. Run it alone on the machine: it warns when the load
+average says another process is using the CPU.
 """
 
 import json as jsonlib
@@ -33,7 +42,7 @@ from model import GPT, GPTConfig, KVCache
 # -----------------------------------------------------------------------------
 # I/O
 json = ""  # write the figures to this path as JSON as well
-sections = "decode,rolling,batch,train,prefill"  # any of decode,rolling,batch,train,prefill,profile
+sections = "decode,hf,rolling,batch,train,prefill"  # any of decode,hf,rolling,batch,train,prefill,grpo,profile
 # model (GPT-2's architecture by default, to compare with other GPT-2 implementations)
 vocab_size = 65
 block_size = 1024
@@ -59,13 +68,20 @@ batch_new_tokens = 128
 # training step
 train_batch = 8  # sequences per step
 train_block = 256  # tokens per sequence
+# hf: transformers' generate on the same shape
+hf_lengths = (512,)  # new tokens
+# grpo: one iteration of grpo.py
+grpo_prompts = 16  # prompts per iteration
+grpo_group = 8  # samples per prompt
+grpo_iters = 3  # iterations timed (the first, with its warm-up, is dropped)
 # prefill
 prefill_len = 512
 # timing and system
 repeats = 3  # timed runs per figure (median); the uncached decode runs once
 device = "auto"
 dtype = "float32"  # float32 | bfloat16 | float16 (autocast)
-compile = False  # compile the decode step (model.compile_decode()) and the training step
+compile = False  # compile the decode step (model.compile_decode(), kept where faster) and the training step
+threads = 0  # torch.set_num_threads (0 = torch's default)
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -97,7 +113,8 @@ def build(**overrides):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**args)).to(dev).eval()
     if compile:
-        model.compile_decode()
+        choice, eager_ms, compiled_ms = model.compile_decode()
+        print(f"compile_decode: eager step {eager_ms:.2f} ms, compiled {compiled_ms:.2f} ms: {choice}")
     return model
 
 
@@ -117,6 +134,60 @@ def bench_decode(model):
         rows.append(row)
         print_row("decode", row)
     return rows
+
+
+def bench_hf(model):
+    """transformers' GPT2LMHeadModel.generate (its default cache, greedy) against ours on the same
+    shape, alternating: -> rows with both tokens/s and the median of the ratios ours / theirs."""
+    try:
+        import transformers
+    except ImportError:
+        print("hf       skipped: transformers is not installed (pip install transformers)")
+        return []
+    if (pos_emb, norm, mlp) != ("learned", "layernorm", "gelu"):
+        print("hf       skipped: GPT2LMHeadModel has learned positions, layernorm and gelu")
+        return []
+    cfg = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
+                                  n_head=n_head, activation_function="gelu")
+    torch.manual_seed(seed)
+    theirs = transformers.GPT2LMHeadModel(cfg).to(dev).eval()
+    prompt = torch.randint(0, vocab_size, (1, prompt_len), device=dev)
+    rows = []
+    for n in hf_lengths:
+        n = min(n, block_size - prompt_len)
+
+        def ours_run():
+            with amp:
+                model.generate(prompt, n, temperature=0)
+
+        def theirs_run():
+            with torch.no_grad(), amp:
+                theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                attention_mask=torch.ones_like(prompt), pad_token_id=0)
+
+        t_ours, t_theirs = alternate(ours_run, theirs_run)
+        row = {"n": n, "ours_tok_s": n / statistics.median(t_ours), "hf_tok_s": n / statistics.median(t_theirs),
+               "ratio": statistics.median(b / a for a, b in zip(t_ours, t_theirs)),
+               "transformers": transformers.__version__}
+        rows.append(row)
+        print_row("hf", row)
+    return rows
+
+
+def alternate(*fns, n=None):
+    """Time the functions in turn, n times each after one warm-up of each, so that whatever else
+    the machine does falls on all of them alike: -> a list of times per function."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(n or repeats):
+        for fn, out in zip(fns, times):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t0)
+    return times
 
 
 def bench_rolling():
@@ -164,6 +235,10 @@ def bench_train():
     if "lora_rank" in names:
         variants["lora r8 q,v"] = dict(lora_rank=8, lora_alpha=16.0, lora_targets=("c_q", "c_v"))
     peak = common.peak_flops(device_type)
+    # the training precisions to time: the one asked for, and where dtype is auto on a CPU with bf16
+    # instructions both candidates, side by side, and the one auto takes (choose_cpu_dtype's rule)
+    chosen = common.pick_dtype(dtype, device_type)
+    precisions = ["float32", "bfloat16"] if chosen == "auto" else [chosen]
     rows = []
     for name, overrides in variants.items():
         torch.manual_seed(seed)
@@ -172,20 +247,25 @@ def bench_train():
         step_model = torch.compile(model) if compile else model
         x = torch.randint(0, vocab_size, (train_batch, train_block), device=dev)
 
-        def step():
-            with amp:
+        def step(precision):
+            with common.autocast(device_type, precision):
                 _, loss = step_model(x, x)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        t = timed(step)
-        tok_s = train_batch * train_block / t
+        times = dict(zip(precisions, alternate(*[lambda p=p: step(p) for p in precisions])))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        row = {"variant": name, "tok_s": tok_s, "mfu": model.flops_per_token(train_block) * tok_s / peak,
-               "params": model.num_params(non_embedding=False), "trainable": trainable}
-        rows.append(row)
-        print_row("train", row)
+        med = {p: statistics.median(t) for p, t in times.items()}
+        auto = "bfloat16" if chosen == "auto" and med["float32"] >= 1.2 * med["bfloat16"] else precisions[0]
+        for precision, t in med.items():
+            tok_s = train_batch * train_block / t
+            row = {"variant": name, "dtype": precision, "tok_s": tok_s,
+                   "mfu": model.flops_per_token(train_block) * tok_s / peak,
+                   "params": model.num_params(non_embedding=False), "trainable": trainable,
+                   "auto_picks": auto == precision if chosen == "auto" else None}
+            rows.append({k: v for k, v in row.items() if v is not None})
+            print_row("train", rows[-1])
     return rows
 
 
@@ -199,6 +279,52 @@ def bench_prefill(model):
 
     row = {"n": n, "tok_s": n / timed(run)}
     print_row("prefill", row)
+    return [row]
+
+
+def bench_grpo():
+    """grpo.py itself, a few iterations on this shape's random weights (byte tokenizer) and the task
+    prompts, timed by its own log: generation, scoring and update seconds per iteration, and
+    rollout tokens/s, beside batched decode of the same number of rows."""
+    import json as json_module
+    import os
+    import subprocess
+    import tempfile
+
+    import bpe
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
+        cfg = GPTConfig(**{**model_args(), "vocab_size": 320, "block_size": 256})
+        torch.manual_seed(seed)
+        meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
+        common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": cfg.to_dict(), "meta": meta},
+                               os.path.join(tmp, "base.pt"))
+        tasks = os.path.join(tmp, "tasks")
+        subprocess.run([sys.executable, os.path.join(here, "data", "tasks", "prepare.py"), f"--out_dir={tasks}",
+                        "--train_per_cell=50", "--val_per_cell=5"], check=True, capture_output=True)
+        args = [sys.executable, os.path.join(here, "grpo.py"), f"--init_from={os.path.join(tmp, 'base.pt')}",
+                f"--prompt_dataset={tasks}", f"--out_dir={os.path.join(tmp, 'out')}", f"--max_iters={grpo_iters}",
+                f"--prompts_per_iter={grpo_prompts}", f"--group_size={grpo_group}", "--eval_interval=1000",
+                "--eval_prompts=0", "--pass_k_prompts=0", f"--device={dev}", f"--dtype={dtype}",
+                f"--compile={compile}"]
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        res = subprocess.run(args, capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            print(f"grpo     failed:\n{res.stderr[-2000:]}")
+            return []
+        with open(os.path.join(tmp, "out", "log.jsonl")) as f:
+            steps = [r for r in map(json_module.loads, f) if "gen_s" in r][1:]  # the first warms up
+    rows_n = grpo_prompts * grpo_group
+    prompt = torch.randint(0, vocab_size, (rows_n, prompt_len), device=dev)
+    model = build(vocab_size=320)
+    with amp:
+        t = timed(lambda: model.generate(prompt, 16, temperature=1.0))
+    med = {k: statistics.median(r[k] for r in steps) for k in ("gen_s", "score_s", "update_s", "rollout_tok_s", "len")}
+    row = {"rows": rows_n, **med, "iter_s": med["gen_s"] + med["score_s"] + med["update_s"],
+           "batched_decode_tok_s": rows_n * 16 / t}
+    print_row("grpo", row)
     return [row]
 
 
@@ -230,21 +356,46 @@ def print_row(section, row):
     print(f"{section:8s} " + "  ".join(cells), flush=True)
 
 
+def machine():
+    """What produced the figures: CPU model, torch version, threads; and a warning when the load
+    average says another process is using the CPU (timings would be off)."""
+    import os
+    import platform
+
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    if device_type == "cuda":
+        cpu += f", GPU {torch.cuda.get_device_name()}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        print(f"warning: load average {load:.2f}: another process is using the CPU, the timings will be off")
+    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(), "load": round(load, 2)}
+
+
 if __name__ == "__main__":
     config = common.configure(globals())
+    if threads:
+        torch.set_num_threads(threads)
     dev = common.pick_device(device)
     device_type = "cuda" if dev.startswith("cuda") else dev
-    amp = common.autocast(device_type, dtype)
+    amp = common.autocast(device_type, common.pick_dtype(dtype, device_type))
     wanted = [s for s in sections.split(",") if s]
-    unknown = set(wanted) - {"decode", "rolling", "batch", "train", "prefill", "profile"}
+    unknown = set(wanted) - {"decode", "hf", "rolling", "batch", "train", "prefill", "grpo", "profile"}
     if unknown:
         sys.exit(f"config error: unknown sections {sorted(unknown)}")
+    info = machine()
     model = build()
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {n_layer} layers x {n_embd}, vocab {vocab_size}; "
-          f"device {dev}, dtype {dtype}, threads {torch.get_num_threads()}")
-    results = {"config": config, "device": dev}
+          f"device {dev}, dtype {dtype}; {info['cpu']}, torch {info['torch']}, threads {info['threads']}")
+    results = {"config": config, "device": dev, "machine": info}
     if "decode" in wanted:
         results["decode"] = bench_decode(model)
+    if "hf" in wanted:
+        results["hf"] = bench_hf(model)
     if "rolling" in wanted:
         results["rolling"] = bench_rolling()
     if "batch" in wanted:
@@ -253,8 +404,15 @@ if __name__ == "__main__":
         results["train"] = bench_train()
     if "prefill" in wanted:
         results["prefill"] = bench_prefill(model)
+    if "grpo" in wanted:
+        results["grpo"] = bench_grpo()
     if "profile" in wanted:
         profile_decode(model)
+    import model as model_module
+
+    results["linear_paths"] = {str(k): v for k, v in model_module.LINEAR_PATHS.items()}
+    for (out_f, in_f, rows, dt, n), path in model_module.LINEAR_PATHS.items():
+        print(f"linear   {out_f}x{in_f} weight, {rows} row(s), {str(dt).removeprefix('torch.')}, {n} threads: {path} (measured)")
     if json:
         with open(json, "w") as f:
             jsonlib.dump(results, f, indent=2)

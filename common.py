@@ -19,6 +19,7 @@ expected, true/false/1/0 parse as booleans, and a wrong type raises ValueError n
 
 import ast
 import contextlib
+import copy
 import gc
 import hashlib
 import json
@@ -166,11 +167,14 @@ def pick_device(device="auto"):
 
 
 def pick_dtype(dtype, device_type):
-    """auto: bf16 on a GPU that supports it, else fp16 (with a GradScaler) on CUDA, fp32 elsewhere."""
+    """auto: bf16 on a GPU that supports it, else fp16 (with a GradScaler) on CUDA. On a CPU, auto
+    stays "auto" when the CPU has bf16 instructions (AVX512-BF16 or AMX): whether bf16 is faster
+    there depends on the model's shapes, so choose_cpu_dtype settles it by measurement once the
+    model exists; without them, float32."""
     if dtype == "auto":
         if device_type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
+        return "auto" if device_type == "cpu" and cpu_has_bf16() else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto | float32 | bfloat16 | float16, got {dtype!r}")
     if dtype == "float16" and device_type != "cuda":
@@ -178,9 +182,58 @@ def pick_dtype(dtype, device_type):
     return dtype
 
 
+def cpu_has_bf16():
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo: without
+    those instructions bf16 is emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_cpu_dtype(step, repeats=3, min_speedup=1.2):
+    """Settle dtype=auto on a CPU with bf16 instructions: time step(dtype) (one training step, or one
+    decode step, of the real model; it returns its loss or logits) in float32 and in bfloat16,
+    alternating, and take bf16 only when its median time is at least min_speedup faster and its
+    output is finite. -> (dtype, {dtype: seconds})."""
+    times = {"float32": [], "bfloat16": []}
+    finite = True
+    for dt in times:  # warm up both
+        step(dt)
+    for _ in range(repeats):
+        for dt in times:
+            t0 = time.perf_counter()
+            out = step(dt)
+            times[dt].append(time.perf_counter() - t0)
+            if dt == "bfloat16":
+                finite = finite and bool(torch.isfinite(out).all())
+    med = {dt: sorted(v)[len(v) // 2] for dt, v in times.items()}
+    faster = med["float32"] >= min_speedup * med["bfloat16"]
+    return ("bfloat16" if faster and finite else "float32"), med
+
+
+class Autocast:
+    """`with ctx:` runs forward passes in the run's precision: autocast to dtype, or nothing in
+    float32. dtype may be settled after the model exists (set it before the first `with`), which
+    is how dtype=auto on a CPU is decided by measurement."""
+
+    def __init__(self, device_type, dtype):
+        self.device_type, self.dtype = device_type, dtype
+        self._stack = []
+
+    def __enter__(self):
+        self._stack.append(autocast(self.device_type, self.dtype))
+        return self._stack[-1].__enter__()
+
+    def __exit__(self, *exc):
+        return self._stack.pop().__exit__(*exc)
+
+
 def autocast(device_type, dtype):
     """The mixed-precision context for forward passes; a no-op in float32."""
-    if dtype == "float32":
+    if dtype in ("float32", "auto"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
@@ -282,7 +335,7 @@ def setup(device, backend, dtype, compile, seed, gradient_accumulation_steps, ou
     if ddp.master:
         os.makedirs(out_dir, exist_ok=True)
     micro_steps = None if gradient_accumulation_steps is None else gradient_accumulation_steps // ddp.world_size
-    return ddp, micro_steps, dtype, autocast(ddp.device_type, dtype), compile
+    return ddp, micro_steps, dtype, Autocast(ddp.device_type, dtype), compile
 
 
 def peak_flops(device_type):
@@ -373,7 +426,7 @@ def load_checkpoint(path):
     return ckpt
 
 
-def save_training_checkpoint(path, ddp, model, optimizer, scaler, **info):
+def save_training_checkpoint(path, ddp, model, optimizer, scaler, dtype=None, **info):
     """Everything needed to resume exactly: the unwrapped, uncompiled model, its config, the
     optimizer, the scaler and every process's RNG state, plus the stage's info (iter_num,
     best_val_loss, config, meta, stage ...). Every process must call it (the RNG states are
@@ -388,6 +441,7 @@ def save_training_checkpoint(path, ddp, model, optimizer, scaler, **info):
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": {"torch": torch_states, "cuda": cuda_states},
+        "dtype": dtype,  # the precision the run trains in, which a resume keeps
         **info,
         "git": git_commit(),
     }, path)
@@ -404,13 +458,24 @@ def restore_training_state(ckpt, ddp, optimizer, scaler):
 
 
 def prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate, betas, resume_from=None,
-                     dynamic=None):
+                     dynamic=None, ctx=None):
     """Put a model on the device with its AdamW and fp16 grad scaler (their state and the RNG
     restored from the checkpoint resume_from, when resuming), print its size, then compile it
     and wrap it for DDP. -> (model, the model to call in the loop, optimizer, scaler); the first
     is the plain module, for checkpoints, generation and flop counts. dynamic is passed on to
-    torch.compile (True where batch shapes vary)."""
+    torch.compile (True where batch shapes vary). ctx, setup's Autocast: where its dtype is still
+    "auto" (a CPU with bf16 instructions), a training step of this model is timed in float32 and
+    in bf16 and the faster is set."""
     model.to(ddp.device)
+    if ctx is not None and ctx.dtype == "auto":  # a CPU with bf16 instructions: measure which is faster
+        if resume_from is not None and resume_from.get("dtype") in ("float32", "bfloat16"):
+            ctx.dtype = resume_from["dtype"]  # what the run chose: a resume must compute what it did
+        else:
+            ctx.dtype, times = choose_cpu_dtype(training_step_timer(model, ddp.device))
+            if ddp.master:
+                print(f"dtype auto: a training step takes {times['float32'] * 1000:.0f} ms in float32, "
+                      f"{times['bfloat16'] * 1000:.0f} ms in bfloat16 autocast: using {ctx.dtype}")
+        dtype = ctx.dtype
     scaler = torch.amp.GradScaler(ddp.device_type, enabled=(dtype == "float16"))
     optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, ddp.device_type)
     if resume_from is not None:
@@ -427,6 +492,48 @@ def prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate, be
         wrapped = torch.nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[ddp.local_rank] if ddp.device_type == "cuda" else None)
     return model, wrapped, optimizer, scaler
+
+
+def choose_decode_dtype(model, device):
+    """dtype=auto for decoding on a CPU with bf16 instructions: time one decode step of the model in
+    float32 and of a bf16 copy, alternating, at about the middle of a 256-token context, and keep
+    the bf16 copy only where it is faster by 20%. -> (the model to decode with, its dtype)."""
+    from model import KVCache
+
+    candidates = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
+    L = max(1, min(model.config.block_size, 256) // 2)
+    idx = torch.zeros(1, L, dtype=torch.long, device=device)
+    pos = torch.arange(L, device=device)[None]
+
+    @torch.no_grad()
+    def step(dtype):
+        m = candidates[dtype]
+        cache = KVCache(m.config, 1, L + 9)
+        m.prefill(idx, pos, cache)
+        for t in range(8):
+            logits = m.decode_step(idx[:, :1], pos[:, -1:] + 1 + t, cache)
+        return logits
+
+    dtype, _ = choose_cpu_dtype(step)
+    return candidates[dtype], dtype
+
+
+def training_step_timer(model, device, batch=4):
+    """step(dtype): one forward and backward of model on a fixed random batch of (batch,
+    min(block_size, 256)) tokens under that dtype's autocast, gradients cleared after; -> the loss.
+    For choose_cpu_dtype."""
+    T = min(model.config.block_size, 256)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model.config.vocab_size, (batch, T + 1), generator=g).to(device)
+
+    def step(dtype):
+        with autocast(torch.device(device).type, dtype):
+            _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
 
 
 def model_from_checkpoint(ckpt, path, train_args=None):

@@ -185,7 +185,7 @@ if master:
           f"reference: {'none (kl_coef 0)' if kl_coef == 0 else 'the policy with adapters off' if reference is None else reference_path}")
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
-                                                              dynamic=True)
+                                                              dynamic=True, ctx=ctx)
 
 
 def reference_logprobs(inputs, targets, pos):
@@ -197,7 +197,7 @@ def reference_logprobs(inputs, targets, pos):
 
 
 def checkpoint():
-    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler,
+    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler, ctx.dtype,
                                     **loop.state(), config=config, meta=meta, stage="grpo", reference=reference_path)
 
 

@@ -159,7 +159,7 @@ if master:
 base = ckpt.get("base", ckpt_path) if resumed else init_from
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
-                                                              dynamic=True)
+                                                              dynamic=True, ctx=ctx)
 
 
 @torch.no_grad()
@@ -189,7 +189,7 @@ def reward_stats():
 
 
 def checkpoint():
-    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler,
+    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler, ctx.dtype,
                                     **loop.state(), **reward_stats(), config=config, meta=meta, stage="reward",
                                     base=base)
 

@@ -222,11 +222,11 @@ if train_embeddings and model.config.lora_rank > 0:
 # batches vary in length: dynamic=True compiles one graph for all of them
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
-                                                              dynamic=True)
+                                                              dynamic=True, ctx=ctx)
 
 
 def checkpoint():
-    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler,
+    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler, ctx.dtype,
                                     **loop.state(), config=config, meta=meta, stage="sft", base=base)
 
 

@@ -166,11 +166,11 @@ else:
     if master:
         print(f"{'resuming' if resumed else 'starting'} from {path} at iter {ckpt.get('iter_num', 0) if resumed else 0}")
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
-                                                              (beta1, beta2), resume_from=ckpt if resumed else None)
+                                                              (beta1, beta2), resume_from=ckpt if resumed else None, ctx=ctx)
 
 
 def checkpoint():
-    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler,
+    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler, ctx.dtype,
                                     **loop.state(), config=config, meta=meta, stage="pretrain")
 
 

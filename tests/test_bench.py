@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import run_script
 
 
@@ -18,3 +20,27 @@ def test_bench_smoke(tmp_path):
     assert [r["batch"] for r in res["batch"]] == [1, 3]
     assert res["train"][0]["variant"] == "dense" and res["train"][0]["tok_s"] > 0
     assert res["prefill"][0]["n"] == 32
+    assert set(res["machine"]) == {"cpu", "torch", "threads", "load"}
+
+
+def test_bench_hf_and_grpo_sections(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    res = run_script("bench.py", "--sections=hf,grpo", "--hf_lengths=8", "--repeats=1", "--n_layer=1", "--n_embd=32",
+                     "--n_head=2", "--block_size=64", "--grpo_prompts=2", "--grpo_group=2", "--grpo_iters=2",
+                     f"--json={out}", "--device=cpu", "--threads=1")
+    data = json.loads(out.read_text())
+    assert data["hf"][0]["n"] == 8 and data["hf"][0]["ratio"] > 0 and data["hf"][0]["hf_tok_s"] > 0
+    g = data["grpo"][0]
+    assert g["rows"] == 4 and g["gen_s"] > 0 and g["update_s"] > 0 and g["batched_decode_tok_s"] > 0
+    assert "grpo     rows=4" in res.stdout
+
+
+def test_bench_hf_is_skipped_without_transformers(tmp_path):
+    # a site directory that hides transformers: the section says why and the rest still runs
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "transformers.py").write_text("raise ImportError('hidden for the test')\n")
+    res = run_script("bench.py", "--sections=hf", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=64",
+                     "--device=cpu", env={"PYTHONPATH": str(fake)})
+    assert "hf       skipped: transformers is not installed" in res.stdout

@@ -136,3 +136,41 @@ def test_checkpoints_are_flushed_to_disk_before_and_after_the_rename(tmp_path, m
     common.save_checkpoint({"model": {}, "model_args": {}}, path)
     assert calls == [("fsync", path + ".tmp"), ("replace", path), ("fsync", str(tmp_path))]
     assert common.load_checkpoint(path) == {"model": {}, "model_args": {}}
+
+
+def test_dtype_auto_on_a_cpu_is_float32_without_bf16_instructions(monkeypatch):
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)
+    assert common.pick_dtype("auto", "cpu") == "float32"
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
+    assert common.pick_dtype("auto", "cpu") == "auto"  # settled by measuring the model
+    assert common.pick_dtype("bfloat16", "cpu") == "bfloat16"
+    with pytest.raises(ValueError, match="float16 needs CUDA"):
+        common.pick_dtype("float16", "cpu")
+
+
+@pytest.mark.parametrize("bf16_seconds, finite, expected", [(0.001, True, "bfloat16"), (0.02, True, "float32"),
+                                                            (0.001, False, "float32"), (0.009, True, "float32")])
+def test_the_measured_dtype_choice(monkeypatch, bf16_seconds, finite, expected):
+    # bf16 is taken only when at least 1.2x faster and its output finite (float32 takes 0.01 s here)
+    now = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+
+    def step(dtype):
+        now[0] += 0.01 if dtype == "float32" else bf16_seconds
+        return torch.tensor(1.0 if finite or dtype == "float32" else float("nan"))
+
+    dtype, times = common.choose_cpu_dtype(step)
+    assert dtype == expected and times["float32"] == pytest.approx(0.01)
+
+
+def test_autocast_context_follows_its_dtype_once_settled():
+    ctx = common.Autocast("cpu", "auto")
+    x = torch.ones(2, 2)
+    with ctx:
+        assert (x @ x).dtype == torch.float32  # unsettled: no autocast
+    ctx.dtype = "bfloat16"
+    with ctx:
+        with ctx:  # nested uses stack
+            assert (x @ x).dtype == torch.bfloat16
+        assert (x @ x).dtype == torch.bfloat16
+    assert (x @ x).dtype == torch.float32
