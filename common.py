@@ -601,6 +601,20 @@ def mean_loss(model, batches, ctx, ddp, weight=None):
     return (total[0] / total[1]).item()
 
 
+def load_teacher(path, meta, device, distill_loss, distill_alpha):
+    """A distillation teacher: a checkpoint of this repository, frozen, in eval mode, on device.
+    It must share the student's tokenizer (compared from both metas: the error names both).
+    Checks the distillation settings too. -> the teacher model."""
+    if distill_loss not in ("forward_kl", "reverse_kl", "jsd") or not 0.0 <= distill_alpha <= 1.0:
+        raise ValueError(f"distill_loss must be forward_kl | reverse_kl | jsd and 0 <= distill_alpha <= 1, "
+                         f"got {distill_loss!r} and {distill_alpha}")
+    ckpt = load_checkpoint(path)
+    if "meta" not in ckpt:
+        raise ValueError(f"teacher {path} carries no tokenizer (meta): not a checkpoint of this repository")
+    check_same_tokenizer(ckpt["meta"], f"teacher {path}", meta, "the student")
+    return model_from_checkpoint(ckpt, path).to(device).eval().requires_grad_(False)
+
+
 class RewardModel:
     """A reward.py checkpoint as a frozen scorer for the RL stages:
 
@@ -1330,7 +1344,8 @@ class Logger:
     def log(self, step, prefix=None, **values):
         if not self.enabled:
             return
-        values = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items() if v is not None}
+        # six significant digits, not decimals: a KL of 3e-7 must not log as 0
+        values = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in values.items() if v is not None}
         print((prefix + " " if prefix else "") + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()), flush=True)
         self.file.write(json.dumps(values) + "\n")
         self.file.flush()

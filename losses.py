@@ -285,3 +285,11 @@ def distill_loss(student_logits, teacher_logits, targets, temperature=1.0, kind=
     if per.numel() == 0:
         return student_logits.sum() * 0.0
     return temperature**2 * per.mean()
+
+
+def distilled(ce, student_logits, teacher_logits, targets, alpha, temperature, kind="forward_kl", beta=0.5,
+              vocab_limit=None):
+    """The distillation objective of a stage: (1 - alpha) * ce + alpha * distill_loss(...), where ce
+    is the stage's own cross-entropy on the same batch. -> (the objective, the distillation term)."""
+    kd = distill_loss(student_logits, teacher_logits, targets, temperature, kind, beta, vocab_limit)
+    return (1 - alpha) * ce + alpha * kd, kd

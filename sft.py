@@ -44,6 +44,7 @@ import time
 import torch
 
 import common
+import losses
 from data.tasks.tasks import exact_match, metrics
 
 # -----------------------------------------------------------------------------
@@ -75,6 +76,12 @@ eval_max_new_tokens = 40  # the longest answer generated, in tokens
 eval_show = 12  # prompt / reference / answer examples appended to out_dir/samples.txt at each eval
 train_embeddings = False  # with LoRA: train the token embedding (= the tied output head) too, not only adapters
 reinit_unseen = "none"  # none | init | norm: restart the embedding rows of ids the pretraining text never had
+# distillation: learn from a teacher's distribution too (empty teacher: off)
+teacher = ""  # a checkpoint of this repository with the same tokenizer (train.py's or sft.py's)
+distill_alpha = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * D(teacher_T || student_T)
+distill_temperature = 2.0  # T, the temperature of both distributions in the distillation term
+distill_loss = "forward_kl"  # forward_kl | reverse_kl | jsd (the generalized JSD of GKD)
+distill_beta = 0.5  # jsd's interpolation: m = beta p + (1 - beta) q
 # optimizer
 learning_rate = 1e-3  # peak
 max_iters = 1000  # total iterations
@@ -224,6 +231,16 @@ raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
                                                               dynamic=True, ctx=ctx)
 
+teacher_model = None
+if teacher:
+    try:
+        teacher_model = common.load_teacher(teacher, meta, ddp.device, distill_loss, distill_alpha)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"teacher: {e}")
+    if master:
+        print(f"teacher {teacher}: {teacher_model.num_params() / 1e6:.2f}M parameters; loss = {1 - distill_alpha:g} CE "
+              f"+ {distill_alpha:g} T^2 {distill_loss} at T = {distill_temperature:g}")
+
 
 def checkpoint():
     common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler, ctx.dtype,
@@ -265,8 +282,8 @@ while True:
     lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
                                                 decay_lr))
     if loop.eval_due():
-        losses = {split: common.mean_loss(model, batches, ctx, ddp, n_loss_tokens) for split, batches in eval_batches.items()}
-        loop.log("eval", train_loss=losses["train"], val_loss=losses["val"], lr=lr)
+        split_loss = {split: common.mean_loss(model, batches, ctx, ddp, n_loss_tokens) for split, batches in eval_batches.items()}
+        loop.log("eval", train_loss=split_loss["train"], val_loss=split_loss["val"], lr=lr)
         if gen_examples:
             t_gen = time.time()
             answers = common.answer_prompts(raw_model, gen_examples, tok, ctx, ddp, batch_size, eval_max_new_tokens)
@@ -274,7 +291,7 @@ while True:
             if master and eval_show:
                 common.write_samples(os.path.join(out_dir, "samples.txt"), gen_examples, answers, loop.iter_num,
                                      eval_show, exact_match)
-        loop.evaluated(losses["val"])
+        loop.evaluated(split_loss["val"])
     if loop.done():
         break
 
@@ -285,15 +302,22 @@ while True:
     # processes: each micro-step's mean is weighted by its share of the tokens (DDP averages the
     # gradients over processes, hence the mean count per process in the denominator)
     n_mean = ddp.all_reduce_mean(sum(n_loss_tokens(Y) for _, Y in batches).float())
-    ce = torch.zeros((), device=ddp.device)
+    ce, kd = torch.zeros((), device=ddp.device), torch.zeros((), device=ddp.device)
     real = padded = flops = level_sum = 0
     for micro_step, (X, Y) in enumerate(batches):
         if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with ctx:
-            _, loss = model(X, Y)  # <- SFT: Y is -1 on every token that is not the assistant's
-            loss = loss * (n_loss_tokens(Y) / n_mean)
-            ce += loss.detach()
+            logits, loss = model(X, Y)  # <- SFT: Y is -1 on every token that is not the assistant's
+            share = n_loss_tokens(Y) / n_mean
+            ce += (loss * share).detach()
+            if teacher_model is not None:  # <- distillation, on the assistant's tokens only (Y -1 elsewhere)
+                with torch.no_grad():
+                    teacher_logits, _ = teacher_model(X)
+                loss, part = losses.distilled(loss, logits, teacher_logits, Y, distill_alpha, distill_temperature,
+                                              distill_loss, distill_beta, tok.n_vocab)
+                kd += (part * share).detach()
+            loss = loss * share
             loss = loss + raw_model.aux_loss() / grad_accum  # MoE: plus its load-balancing terms
         scaler.scale(loss).backward()
         real += sum(len(train_seqs[i][0]) - 1 for i in indices[micro_step])
@@ -303,7 +327,8 @@ while True:
     grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
     # --------------------------------------------------------------------------------------
 
-    if loop.step_done(ce, tokens=real, flops=flops, lr=lr, grad_norm=grad_norm, pad=1 - real / padded,
+    if loop.step_done(ce, tokens=real, flops=flops, kd=kd if teacher_model is not None else None, lr=lr,
+                      grad_norm=grad_norm, pad=1 - real / padded,
                       level=level_sum / (grad_accum * batch_size) if curriculum != "none" else None):
         break
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import common
+import losses
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -73,6 +74,12 @@ lora_rank = 0  # > 0: train low-rank adapters only (on a checkpoint, via init_fr
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+# distillation: learn from a teacher's distribution too (empty teacher: off)
+teacher = ""  # a checkpoint of this repository with the same tokenizer (train.py's or sft.py's)
+distill_alpha = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * D(teacher_T || student_T)
+distill_temperature = 2.0  # T, the temperature of both distributions in the distillation term
+distill_loss = "forward_kl"  # forward_kl | reverse_kl | jsd (the generalized JSD of GKD)
+distill_beta = 0.5  # jsd's interpolation: m = beta p + (1 - beta) q
 # optimizer
 learning_rate = 1e-3  # peak
 max_iters = 5000  # total iterations
@@ -168,6 +175,16 @@ else:
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None, ctx=ctx)
 
+teacher_model = None
+if teacher:
+    try:
+        teacher_model = common.load_teacher(teacher, meta, ddp.device, distill_loss, distill_alpha)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"teacher: {e}")
+    if master:
+        print(f"teacher {teacher}: {teacher_model.num_params() / 1e6:.2f}M parameters; loss = {1 - distill_alpha:g} CE "
+              f"+ {distill_alpha:g} T^2 {distill_loss} at T = {distill_temperature:g}")
+
 
 def checkpoint():
     common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler, ctx.dtype,
@@ -208,31 +225,38 @@ while True:
     lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
                                                 decay_lr))
     if loop.eval_due():
-        losses = {split: common.mean_loss(model, batches, ctx, ddp) for split, batches in eval_batches.items()}
-        loop.log("eval", train_loss=losses["train"], val_loss=losses["val"],
-                 val_ppl=math.exp(min(losses["val"], 50.0)), lr=lr)
+        split_loss = {split: common.mean_loss(model, batches, ctx, ddp) for split, batches in eval_batches.items()}
+        loop.log("eval", train_loss=split_loss["train"], val_loss=split_loss["val"],
+                 val_ppl=math.exp(min(split_loss["val"], 50.0)), lr=lr)
         if eval_sample_tokens and master:
             print(sample_text(eval_sample_tokens))
-        loop.evaluated(losses["val"])
+        loop.evaluated(split_loss["val"])
     if loop.done():
         break
 
     # ---- the training step --------------------------------------------------------------
-    ce = torch.zeros((), device=ddp.device)
+    ce, kd = torch.zeros((), device=ddp.device), torch.zeros((), device=ddp.device)
     for micro_step in range(grad_accum):
         X, Y = get_batch("train", train_generator(loop.iter_num, micro_step))
         if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with ctx:
-            _, loss = model(X, Y)
+            logits, loss = model(X, Y)
             ce += loss.detach() / grad_accum  # the accumulated gradient is the mean over micro-steps
+            if teacher_model is not None:  # <- distillation: the teacher's softened distribution as a target too
+                with torch.no_grad():
+                    teacher_logits, _ = teacher_model(X)
+                loss, part = losses.distilled(loss, logits, teacher_logits, Y, distill_alpha, distill_temperature,
+                                              distill_loss, distill_beta, meta["n_vocab"])
+                kd += part.detach() / grad_accum
             loss = (loss + raw_model.aux_loss()) / grad_accum  # MoE: plus its load-balancing terms
         scaler.scale(loss).backward()
     grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
     # --------------------------------------------------------------------------------------
 
     moe = raw_model.moe_stats()
-    if loop.step_done(ce, tokens=tokens_per_step, flops=flops_per_step, lr=lr, grad_norm=grad_norm,
+    if loop.step_done(ce, tokens=tokens_per_step, flops=flops_per_step, kd=kd if teacher_model is not None else None,
+                      lr=lr, grad_norm=grad_norm,
                       aux_loss=moe and moe["aux_loss"], z_loss=moe and moe["z_loss"], load_cv=moe and moe["load_cv"]):
         break
 
