@@ -1168,6 +1168,31 @@ def write_samples(path, examples, answers, iter_num, n_show, exact_match):
 # the RL stages' prompts, rewards and evaluation (grpo.py and ppo.py share them)
 
 
+# the folders data/tasks/prepare.py writes, by name under data/, and its arguments for each
+TASK_DATASETS = {"tasks": [], "tasks_cot": ["--cot=True"],
+                 "tasks_cot_rl": ["--cot=True", "--extra_train_difficulties=4"]}
+
+
+def task_data(name, ddp):
+    """The folder of a conversations dataset (a name under data/, or an absolute path) holding
+    train.jsonl and val.jsonl; one data/tasks/prepare.py writes (TASK_DATASETS) is generated when
+    missing, once, by the master process. Exits with a message when the files are not there."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    folder = name if os.path.isabs(name) else os.path.join(root, "data", name)
+    paths = [os.path.join(folder, f"{split}.jsonl") for split in ("train", "val")]
+    if not all(os.path.isfile(p) for p in paths):
+        if ddp.master and name in TASK_DATASETS:
+            print(f"data/{name} is missing: generating it")
+            args = TASK_DATASETS[name] + ([f"--out_dir={folder}"] if name != "tasks" else [])
+            if subprocess.run([sys.executable, os.path.join(root, "data", "tasks", "prepare.py"), *args]).returncode:
+                sys.exit(f"could not generate data/{name}; see the message above")
+        ddp.barrier()
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            sys.exit(f"dataset {name!r}: no {', '.join(missing)}")
+    return folder
+
+
 def cell_rows(rows, cells):
     """The rows of read_conversations whose task/difficulty is one of cells ("add/3", ...; empty:
     all). Raises ValueError naming the cells that have no rows."""

@@ -148,8 +148,7 @@ tok = common.tokenizer_from_meta(meta)
 end_id = tok.special_id("<|end|>")
 block_size = ckpt["model_args"]["block_size"]
 reference_path = ckpt.get("reference", ckpt_path) if resumed else init_from  # the starting policy
-ROOT = os.path.dirname(os.path.abspath(__file__))
-data_dir = prompt_dataset if os.path.isabs(prompt_dataset) else os.path.join(ROOT, "data", prompt_dataset)
+data_dir = common.task_data(prompt_dataset, ddp)
 try:
     train_rows, _ = common.read_conversations(os.path.join(data_dir, "train.jsonl"))
     val_rows, _ = common.read_conversations(os.path.join(data_dir, "val.jsonl"))

@@ -37,7 +37,6 @@ On a CPU, mfu is the fraction of a matmul speed measured at start, a rough guide
 """
 
 import os
-import subprocess
 import sys
 import time
 
@@ -131,20 +130,8 @@ base = ckpt.get("base", ckpt_path) if resumed else init_from  # the pretrained w
 # -----------------------------------------------------------------------------
 # data: conversations rendered by the chat template, once
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-data_dir = sft_dataset if os.path.isabs(sft_dataset) else os.path.join(ROOT, "data", sft_dataset)
+data_dir = common.task_data(sft_dataset, ddp)
 paths = {split: os.path.join(data_dir, f"{split}.jsonl") for split in ("train", "val")}
-if not all(os.path.isfile(p) for p in paths.values()):
-    prepare_args = {"tasks": [], "tasks_cot": ["--cot=True"]}.get(sft_dataset)  # what data/tasks/prepare.py writes
-    if master and prepare_args is not None:
-        print(f"data/{sft_dataset} is missing: generating it")
-        prepare = os.path.join(ROOT, "data", "tasks", "prepare.py")
-        if subprocess.run([sys.executable, prepare, *prepare_args]).returncode != 0:
-            sys.exit(f"could not generate data/{sft_dataset}; see the message above")
-    ddp.barrier()
-    missing = [p for p in paths.values() if not os.path.isfile(p)]
-    if missing:
-        sys.exit(f"sft_dataset {sft_dataset!r}: no {', '.join(missing)}")
 
 
 def load_split(split):

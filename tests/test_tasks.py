@@ -364,3 +364,21 @@ def test_sft_tasks_cot_config_runs_on_a_tiny_model(tmp_path):
     answers = [r for r in read(out / "log.jsonl") if "em" in r]
     assert [r["iter"] for r in answers] == [0, 2] and {"em/add/1", "em/sort/4", "em/count/4"} <= answers[-1].keys()
     assert 0.0 <= answers[-1]["fmt"] <= 1.0  # graded as worked solutions: the format field reached the checker
+
+
+def test_extra_training_levels_leave_the_rest_of_the_files_as_they_were(tmp_path):
+    # RL prompts at a level SFT never trains on (GRPO on difficulty 4): drawn after everything else,
+    # so SFT's data and the held-out set are the same files with or without them
+    args = ["data/tasks/prepare.py", "--cot=True", "--train_per_cell=20", "--val_per_cell=5", "--tasks=add,sort"]
+    run_script(*args, f"--out_dir={tmp_path / 'a'}")
+    res = run_script(*args, "--extra_train_difficulties=4", "--extra_train_per_cell=7", f"--out_dir={tmp_path / 'b'}")
+    assert "14 training problems at 4" in res.stdout
+    a_train, b_train = read(tmp_path / "a" / "train.jsonl"), read(tmp_path / "b" / "train.jsonl")
+    assert b_train[: len(a_train)] == a_train and (tmp_path / "a" / "val.jsonl").read_bytes() == (
+        tmp_path / "b" / "val.jsonl").read_bytes()
+    extra = b_train[len(a_train):]
+    assert len(extra) == 14 and {ex["difficulty"] for ex in extra} == {4}
+    held_out = {problem_key(ex) for ex in read(tmp_path / "b" / "val.jsonl")}
+    assert not {problem_key(ex) for ex in extra} & held_out
+    res = run_script(*args, "--extra_train_difficulties=2", f"--out_dir={tmp_path / 'c'}", check=False)
+    assert res.returncode != 0 and "extra_train_difficulties must be levels of val_difficulties" in res.stderr

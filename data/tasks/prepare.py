@@ -54,6 +54,10 @@ train_per_cell = 2000  # training conversations per (task, difficulty), times th
 # default mix leans on it: 4x addition, 2x subtraction, half as much copying (learned fastest)
 task_weights = ("add=4", "sub=2", "copy=0.5")  # task=weight; a task not named has weight 1
 val_per_cell = 50  # held-out conversations per (task, difficulty)
+# training problems at levels SFT does not train on, for RL prompts (GRPO on difficulty 4): drawn last,
+# after everything above, so the rest of both files is the same with or without them
+extra_train_difficulties = ()  # levels of val_difficulties that get training problems too
+extra_train_per_cell = 1000  # training problems per (task, extra level)
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -114,15 +118,29 @@ def main():
                     train.append(ex)
                     n += 1
     rng.shuffle(train)  # sft.py orders the data itself (shuffled, or a curriculum)
-    for task in tasks:  # last, so that all above, the shuffle too, draws the same with or without these
-        for d in val_only:
-            held_out(task, d)
+    extra = levels("extra_train_difficulties", extra_train_difficulties)
+    if not set(extra) <= set(val_only):
+        raise ValueError(f"extra_train_difficulties must be levels of val_difficulties beyond difficulties, got {extra}")
+    # last, so that all above, the shuffle too, draws the same with or without these; the extra
+    # training problems after every held-out one, so that val is the same with or without them
+    seen = {(task, d): held_out(task, d) for task in tasks for d in val_only}
+    extra_train = []
+    for task in tasks:
+        for d in extra:
+            n = 0
+            while n < extra_train_per_cell:
+                ex = generate(task, d, rng, cot)
+                if problem_key(ex) not in seen[task, d]:
+                    extra_train.append(ex)
+                    n += 1
+    train += extra_train
     os.makedirs(out, exist_ok=True)
     for name, rows in (("train", train), ("val", val)):
         with open(os.path.join(out, f"{name}.jsonl"), "w", encoding="utf-8") as f:
             for ex in rows:
                 f.write(json.dumps(ex) + "\n")
     notes = (f", val also {','.join(map(str, val_only))}" if val_only else "") + ("; worked solutions" if cot else "")
+    notes += f"; {len(extra_train)} training problems at {','.join(map(str, extra))}" if extra else ""
     print(f"wrote {os.path.relpath(out)}: train {len(train)} conversations, val {len(val)} "
           f"({len(tasks)} tasks x {len(diffs)} difficulties{notes}), seed {seed}")
 
