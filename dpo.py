@@ -32,7 +32,8 @@ against it. At the start, policy = reference: the sigmoid loss is log 2 = 0.6931
 
 Writes to out_dir: ckpt.pt (resume; stage "dpo", with the reference's path, so a resumed run keeps
 the starting policy as its reference; sample.py loads it), best.pt (the policy with the best greedy
-exact match on the held-out prompts of the rl_tasks cells), log.jsonl, samples.txt.
+exact match on the held-out prompts of the rl_tasks cells; with no task prompts, the lowest loss on
+the held-out pairs), log.jsonl, samples.txt.
 
 A run on a laptop CPU (sized for at most 10 minutes on 2 cores, the pairs included; see
 config/dpo_tasks.py), after sft.py config/sft_tasks.py:
