@@ -16,7 +16,7 @@ import bpe
 import common
 from conftest import run_script, save_byte_checkpoint
 from data.tasks.tasks import generate
-from model import GPT, GPTConfig
+from model import GPTConfig
 
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=1", "--device=cpu", "--compile=false",
         "--eval_pairs=8", "--eval_prompts=8", "--pass_k_prompts=2", "--pass_k_samples=4", "--eval_max_new_tokens=4",
