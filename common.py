@@ -942,6 +942,28 @@ def pair_batch(pairs, pad_id, device):
     return idx.to(device), mask.to(device), lengths.to(device)
 
 
+def preference_splits(folders, tok, max_len, eval_pairs=0, train=True, verbose=True):
+    """The preference pairs of the folders of a preference_dataset setting (under data/, or absolute),
+    each folder's train.jsonl and val.jsonl read (read_preferences) and rendered (render_pairs, at
+    most max_len tokens a conversation). -> (the train pairs of every folder in one list, [] unless
+    train; {folder name: its first eval_pairs val pairs (0 = all)}). verbose prints what each file
+    gave and left out. A missing or malformed file raises FileNotFoundError or ValueError."""
+    root = os.path.dirname(os.path.abspath(__file__))
+
+    def load(folder, split):
+        path = os.path.join(folder if os.path.isabs(folder) else os.path.join(root, "data", folder), f"{split}.jsonl")
+        rows, blank = read_preferences(path)
+        pairs, left_out = render_pairs(rows, tok, max_len)
+        if verbose:
+            print(f"{path}: {len(pairs)} pairs; left out {left_out['identical']} with chosen == rejected and "
+                  f"{left_out['too_long']} longer than {max_len} tokens; {blank} blank lines")
+        return pairs
+
+    train_pairs = [p for f in folders for p in load(f, "train")] if train else []
+    val_pairs = {os.path.basename(os.path.normpath(f)): load(f, "val")[: eval_pairs or None] for f in folders}
+    return train_pairs, val_pairs
+
+
 # -----------------------------------------------------------------------------
 # the frame of every training loop
 
@@ -1287,6 +1309,14 @@ def evaluate_policy(model, examples, pass_examples, tok, ctx, ddp, batch_size, m
             if k <= pass_samples:
                 out[f"pass@{k}"] = sum(pass_at_k(pass_samples, c, k) for c in correct) / len(correct)
     return out, answers
+
+
+def rl_error(stats, cells):
+    """err_rl, the number the RL stages' best.pt follows: 1 - the mean greedy exact match over the
+    trained cells ("add/3", ...) that stats (evaluate_policy's) measured, or over all prompts when
+    cells is empty or none was measured. None when nothing was measured."""
+    keys = [f"em/{c}" for c in cells if f"em/{c}" in stats] or [k for k in ("em",) if k in stats]
+    return 1 - sum(stats[k] for k in keys) / len(keys) if keys else None
 
 
 # -----------------------------------------------------------------------------

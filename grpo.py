@@ -216,9 +216,9 @@ def evaluate():
     best.pt follows is err_rl, 1 - the mean exact match over the trained cells."""
     stats, answers = common.evaluate_policy(raw_model, eval_examples, pass_examples, tok, ctx, ddp, eval_batch_size,
                                             eval_max_new_tokens, pass_k_samples, seed=seed)
-    cells = [f"em/{c}" for c in rl_tasks if f"em/{c}" in stats] or [k for k in ("em",) if k in stats]
-    if cells:  # with no held-out prompts there is nothing to follow: no best.pt
-        stats["err_rl"] = 1 - sum(stats[c] for c in cells) / len(cells)
+    err_rl = common.rl_error(stats, rl_tasks)
+    if err_rl is not None:  # with no held-out prompts there is nothing to follow: no best.pt
+        stats["err_rl"] = err_rl
     if master and eval_show:
         common.write_samples(os.path.join(out_dir, "samples.txt"), eval_examples, answers, loop.iter_num, eval_show,
                              exact_match)

@@ -247,6 +247,15 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, los
     return loss, (beta * h_c).detach(), (beta * h_r).detach()
 
 
+def rpo_nll(policy_chosen, chosen_tokens):
+    """RPO's term (Pang et al. 2024, "Iterative Reasoning Preference Optimization"): the negative
+    log-likelihood of each pair's chosen reply per token, -policy_c / n_c (N,), from the summed
+    log-probs policy_c (N,) of its n_c tokens. DPO sees only differences of log-ratios, so both
+    replies' likelihoods may fall as long as the rejected one falls faster; sft_coef times the mean
+    of this term holds the chosen one up. Summed log-prob -3 over 2 tokens: 1.5."""
+    return -policy_chosen / chosen_tokens
+
+
 # -----------------------------------------------------------------------------
 # distillation: a student matches a teacher's distribution, not only the next token
 

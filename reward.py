@@ -116,23 +116,9 @@ meta = ckpt["meta"]
 tok = common.tokenizer_from_meta(meta)
 block_size = ckpt["model_args"]["block_size"]
 pad_id = tok.special_id("<|endoftext|>")
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def load_pairs(folder, split):
-    path = os.path.join(folder if os.path.isabs(folder) else os.path.join(ROOT, "data", folder), f"{split}.jsonl")
-    rows, blank = common.read_preferences(path)
-    pairs, left_out = common.render_pairs(rows, tok, block_size)
-    if master:
-        print(f"{path}: {len(pairs)} pairs; left out {left_out['identical']} with chosen == rejected and "
-              f"{left_out['too_long']} longer than block_size = {block_size} tokens; {blank} blank lines")
-    return pairs
-
-
 try:
-    names = [os.path.basename(os.path.normpath(f)) for f in preference_dataset]
-    train_pairs = [] if eval_only else [p for f in preference_dataset for p in load_pairs(f, "train")]
-    val_pairs = {name: load_pairs(f, "val")[: eval_pairs or None] for name, f in zip(names, preference_dataset)}
+    train_pairs, val_pairs = common.preference_splits(preference_dataset, tok, block_size, eval_pairs,
+                                                      train=not eval_only, verbose=master)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"data error: {e}")
 if not eval_only and not train_pairs:

@@ -194,6 +194,18 @@ def test_policy_equal_to_reference_gives_log_2_and_zero_rewards():
     assert loss.tolist() == pytest.approx([math.log(2)] * 2) and rc.tolist() == rr.tolist() == [0.0, 0.0]
 
 
+def test_rpo_nll_by_hand_and_its_pull_on_the_chosen_reply():
+    # -(-3) / 2 = 1.5, -(-1) / 4 = 0.25
+    assert losses.rpo_nll(t(-3.0, -1.0), t(2.0, 4.0)).tolist() == pytest.approx([1.5, 0.25])
+    # DPO sigmoid at Delta = 2, beta 0.1 (0.598139, above) plus 0.5 x the NLL of a chosen reply of
+    # summed log-prob -1 over 2 tokens (0.5): 0.848139. Its gradient in policy_c is the DPO part,
+    # -beta sigmoid(-beta Delta) = -0.1 x 0.450166, plus -0.5 / 2 = -0.295017: descent raises policy_c
+    pc = t(-1.0).requires_grad_()
+    loss = losses.dpo_loss(pc, t(-3.0), t(-2.0), t(-2.0), 0.1)[0] + 0.5 * losses.rpo_nll(pc, t(2.0))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.848139, abs=1e-6) and pc.grad.item() == pytest.approx(-0.295017, abs=1e-6)
+
+
 # --- distillation ------------------------------------------------------------
 
 
