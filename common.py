@@ -1097,6 +1097,16 @@ def rl_prompts(prompt_dataset, rl_tasks, tok, block_size, max_new_tokens, eval_p
     return fits, held_out_prompts(val_rows, eval_prompts, tok), pass_k
 
 
+def rl_batch(examples, stream, iter_num, ddp, seed):
+    """What an RL stage rolls out at iteration iter_num: this process's share of stream's batch
+    (an EpochStream over examples), its prompts as tensors on the device, and the generator the
+    sampling draws from, seeded by (seed, rank, iter_num), so that a resumed run samples exactly
+    what the uninterrupted run would have. -> (examples, prompts, generator)"""
+    batch = [examples[i] for i in stream.indices(iter_num, 0)]
+    prompts = [torch.tensor(ex["prompt"], device=ddp.device) for ex in batch]
+    return batch, prompts, torch.Generator(ddp.device).manual_seed(hash((seed, ddp.rank, iter_num)) % 2**63)
+
+
 class Reference:
     """The frozen policy an RL stage measures its KL against: the starting checkpoint (path) loaded
     once more, or, when the policy trains LoRA adapters, the policy itself with its adapters off
@@ -1219,24 +1229,28 @@ def evaluate_policy(model, examples, pass_examples, tok, ctx, ddp, batch_size, m
     return out, answers
 
 
-def evaluate_rl(model, examples, pass_examples, tok, ctx, ddp, config, iter_num):
-    """An RL stage's eval at iter_num: evaluate_policy with the stage's settings (config's
-    eval_batch_size, eval_max_new_tokens, pass_k_samples, seed), plus err_rl, the number best.pt
-    follows: 1 - the mean greedy exact match over the trained cells (rl_tasks; all prompts when it
-    names none); eval_show examples are appended to out_dir/samples.txt. -> the stats for the
-    log, with s, the seconds it took."""
+def evaluate_rl(loop, model, examples, pass_examples, tok, ctx, config):
+    """An RL stage's eval at the loop's iteration: evaluate_policy with the stage's settings
+    (config's eval_batch_size, eval_max_new_tokens, pass_k_samples, seed), plus err_rl, the number
+    best.pt follows: 1 - the mean greedy exact match over the trained cells (rl_tasks; all prompts
+    when it names none). The stats go to the log as an "answers" line (with s, the seconds it
+    took), eval_show examples to out_dir/samples.txt, and err_rl to loop.evaluated, which saves
+    ckpt.pt and best.pt. -> the stats."""
     from data.tasks.tasks import exact_match
 
     t0 = time.time()
+    ddp = loop.ddp
     stats, answers = evaluate_policy(model, examples, pass_examples, tok, ctx, ddp, config["eval_batch_size"],
                                      config["eval_max_new_tokens"], config["pass_k_samples"], seed=config["seed"])
     cells = [f"em/{c}" for c in config["rl_tasks"] if f"em/{c}" in stats] or [k for k in ("em",) if k in stats]
     if cells:  # with no held-out prompts there is nothing to follow: no best.pt
         stats["err_rl"] = 1 - sum(stats[c] for c in cells) / len(cells)
     if ddp.master and config["eval_show"]:
-        write_samples(os.path.join(config["out_dir"], "samples.txt"), examples, answers, iter_num,
+        write_samples(os.path.join(config["out_dir"], "samples.txt"), examples, answers, loop.iter_num,
                       config["eval_show"], exact_match)
-    return dict(stats, s=time.time() - t0)
+    loop.log("answers", **stats, s=time.time() - t0)
+    loop.evaluated(stats.get("err_rl", float("inf")))
+    return stats
 
 
 # -----------------------------------------------------------------------------

@@ -189,17 +189,13 @@ while True:
     lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
                                                 decay_lr))
     if loop.eval_due():  # greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
-        stats = common.evaluate_rl(raw_model, eval_examples, pass_examples, tok, ctx, ddp, config, loop.iter_num)
-        loop.log("answers", **stats)
-        loop.evaluated(stats.get("err_rl", float("inf")))
+        common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
     if loop.done():
         break
 
     # ---- rollout: P prompts x G samples in one batched generate ------------------------------
     t0 = time.time()
-    batch = [train_examples[i] for i in stream.indices(loop.iter_num, 0)]
-    prompts = [torch.tensor(ex["prompt"], device=ddp.device) for ex in batch]
-    g = torch.Generator(ddp.device).manual_seed(hash((seed, ddp.rank, loop.iter_num)) % 2**63)
+    batch, prompts, g = common.rl_batch(train_examples, stream, loop.iter_num, ddp, seed)
     with ctx:
         out = raw_model.complete(prompts, max_new_tokens, group_size, temperature, top_k or None,
                                  top_p if top_p < 1 else None, stop_tokens=end_id, generator=g, vocab_limit=tok.n_vocab)

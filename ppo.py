@@ -268,17 +268,13 @@ while True:
     if value is not None:  # the value network's rate follows the same schedule
         common.set_lr(value_optimizer, lr * (value_learning_rate or learning_rate) / learning_rate)
     if loop.eval_due():  # greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
-        stats = common.evaluate_rl(raw_model, eval_examples, pass_examples, tok, ctx, ddp, config, loop.iter_num)
-        loop.log("answers", **stats)
-        loop.evaluated(stats.get("err_rl", float("inf")))
+        common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
     if loop.done():
         break
 
     # ---- rollout: P prompts x samples_per_prompt completions in one batched generate ---------
     t0 = time.time()
-    batch = [train_examples[i] for i in stream.indices(loop.iter_num, 0)]
-    prompts = [torch.tensor(ex["prompt"], device=ddp.device) for ex in batch]
-    g = torch.Generator(ddp.device).manual_seed(hash((seed, ddp.rank, loop.iter_num)) % 2**63)
+    batch, prompts, g = common.rl_batch(train_examples, stream, loop.iter_num, ddp, seed)
     with ctx:
         out = raw_model.complete(prompts, max_new_tokens, samples_per_prompt, temperature, top_k or None,
                                  top_p if top_p < 1 else None, stop_tokens=end_id, generator=g, vocab_limit=tok.n_vocab)
