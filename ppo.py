@@ -63,7 +63,7 @@ explained_var climbing from about 0 as the value head learns, clip and approx_kl
     iter=40 loss=0.0123 lr=3e-05 reward=0.6812 reward_score=0.6812 true_score=0.6812 em=0.4219 kl=0.0042
         kl_k3=0.0041 kl_seq=0.0253 kl_coef=0.05 entropy=0.3127 clip=0.0116 approx_kl=0.0007 vf_loss=0.0148
         vf_clip=0.0830 explained_var=0.4105 steps=4 len=5.9 truncated=0.0000 grad_norm=0.5312 ...
-(the shape of the line; the values depend on the run) and at every eval the greedy answers per task
+(made-up values, to show the shape of the line) and at every eval the greedy answers per task
 and difficulty and pass@k on held-out prompts, as grpo.py:
     answers iter=50 em=0.8120 score=0.8843 em/add/3=0.8000 ... err_rl=0.2650 pass@1=0.61 pass@8=0.93
 """
