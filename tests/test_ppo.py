@@ -181,15 +181,25 @@ def test_a_separate_value_network_from_the_reward_model_resumes_exactly(rl_setup
 
 
 def test_two_processes_stay_in_sync_with_either_value_model(rl_setup):
+    # shared, here with LoRA: the reference is the policy with its adapters off, the head trains in
+    # full beside the adapters; separate: two DDP wrappers, two optimizers
     base, data, tmp = rl_setup
-    for value_model in ("shared", "separate"):
+    for value_model, extra in (("shared", ["--lora_rank=4", "--lora_targets=attn"]), ("separate", [])):
         out = str(tmp / f"ddp-{value_model}")
         res = run_script("torchrun", "--standalone", "--nproc_per_node=2", "ppo.py", *TINY, f"--init_from={base}",
                          f"--prompt_dataset={data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
                          "--eval_prompts=4", "--pass_k_prompts=0", "--ppo_epochs=2", "--num_minibatches=2",
-                         "--target_kl_stop=1.0", "--reward_scaling=true", f"--value_model={value_model}")
+                         "--target_kl_stop=1.0", "--reward_scaling=true", f"--value_model={value_model}", *extra)
         assert res.stdout.count("parameters identical on all 2 processes") == (1 if value_model == "shared" else 2)
         assert [r["iter"] for r in steps_of(out)] == [1, 2]
+        ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+        assert not any(k.startswith("score_head.") for k in ckpt["model"])
+        if value_model == "shared":
+            assert "reference: the policy with adapters off" in res.stdout and steps_of(out)[0]["kl"] == 0.0
+            plain = common.load_checkpoint(base)["model"]
+            assert all(torch.equal(plain[k], ckpt["model"][k]) for k in plain)  # the base is frozen
+            assert ckpt["model_args"]["lora_rank"] == 4 and any("lora_B" in k for k in ckpt["model"])
+            assert ckpt["value_head"]["bias"].abs().item() > 0  # the head (bias 0 at the start) trained
 
 
 def test_bad_settings_stop_with_a_message(rl_setup):
