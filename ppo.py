@@ -18,7 +18,7 @@ the task/difficulty cells to train on. Each iteration:
                 state before that token
     per token   r_t = -kl_coef (old_logp_t - ref_logp_t) on every completion token, plus s on the
                 last one: the position whose target is <|end|>, or a truncated completion's last
-                token (losses.kl_penalized_rewards); whiten_rewards rescales them by their std
+                token (losses.kl_penalized_rewards); whiten_rewards scales their spread to std 1
     GAE         delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  V = 0
                 after the last token;  returns R = A + V;  A whitened over the completion tokens
                 of the batch (each process's own)
@@ -118,7 +118,7 @@ vf_coef = 0.1  # shared: weight of the value loss beside the policy loss
 kl_coef = 0.05  # weight of the KL penalty per token in the reward (with target_kl > 0, its start)
 target_kl = 0.0  # > 0: adapt kl_coef toward this KL per sequence, in nats (0 = kl_coef fixed)
 kl_horizon = 10000  # the controller's horizon, in sequences: how slowly kl_coef follows
-whiten_rewards = False  # divide the per-token rewards by their std over the batch (the mean stays)
+whiten_rewards = False  # scale the per-token rewards' spread over the batch to std 1, keeping their mean
 reward_scaling = False  # divide the sequence rewards by the running std of every one so far
 gamma = 1.0  # discount per token
 lam = 0.95  # GAE's lambda: 1 = the reward-to-go minus V, 0 = the one-step TD residual
