@@ -426,18 +426,29 @@ def load_checkpoint(path):
     return ckpt
 
 
-def save_training_checkpoint(path, ddp, model, optimizer, scaler, dtype=None, **info):
+def without_scalar_head(state, model_args):
+    """A state dict and model_args as those of the same GPT without its scalar head: how ppo.py
+    saves a policy whose value head shares its backbone, so that it loads as a plain policy."""
+    return {k: v for k, v in state.items() if not k.startswith("score_head.")}, dict(model_args, scalar_head=False)
+
+
+def save_training_checkpoint(path, ddp, model, optimizer, scaler, dtype=None, drop_scalar_head=False,
+                             **info):
     """Everything needed to resume exactly: the unwrapped, uncompiled model, its config, the
     optimizer, the scaler and every process's RNG state, plus the stage's info (iter_num,
-    best_val_loss, config, meta, stage ...). Every process must call it (the RNG states are
-    gathered); only the master writes."""
+    best_val_loss, config, meta, stage ...). drop_scalar_head: save the model without its scalar
+    head (without_scalar_head; the stage stores the head in info). Every process must call it
+    (the RNG states are gathered); only the master writes."""
     torch_states = ddp.gather_objects(torch.get_rng_state())
     cuda_states = ddp.gather_objects(torch.cuda.get_rng_state()) if ddp.device_type == "cuda" else []
     if not ddp.master:
         return
+    state, model_args = model.state_dict(), model.config.to_dict()
+    if drop_scalar_head:
+        state, model_args = without_scalar_head(state, model_args)
     save_checkpoint({
-        "model": model.state_dict(),
-        "model_args": model.config.to_dict(),
+        "model": state,
+        "model_args": model_args,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": {"torch": torch_states, "cuda": cuda_states},
@@ -569,10 +580,11 @@ def load_start(init_from, out_dir):
         sys.exit(f"init_from={init_from}: {e}")
 
 
-def save_weights(path, ddp, model, **info):
+def save_weights(path, ddp, model, drop_scalar_head=False, **info):
     """The plain model, for sampling and the next stage (best.pt, merged.pt): with LoRA the adapters
-    are folded in and model_args says lora_rank 0, so it loads like any other checkpoint. info
-    (iter_num, config, meta, stage ...) goes in beside it. Only the master writes."""
+    are folded in and model_args says lora_rank 0, so it loads like any other checkpoint;
+    drop_scalar_head leaves a scalar head out too (a policy's value head). info (iter_num, config,
+    meta, stage ...) goes in beside it. Only the master writes."""
     if not ddp.master:
         return
     cfg = model.config.to_dict()
@@ -580,6 +592,8 @@ def save_weights(path, ddp, model, **info):
         state, cfg = model.merged_state_dict(), dict(cfg, lora_rank=0)
     else:
         state = model.state_dict()
+    if drop_scalar_head:
+        state, cfg = without_scalar_head(state, cfg)
     save_checkpoint({"model": state, "model_args": cfg, **info, "git": git_commit()}, path)
 
 
@@ -1215,6 +1229,78 @@ def task_data(name, ddp):
     return folder
 
 
+def rl_start(init_from, out_dir):
+    """The start of an RL stage: load_start, the tokenizer the policy's meta carries, and the path
+    of the reference, the starting policy (a resumed run keeps the one its first run started
+    from). -> (checkpoint, its path, resumed, tokenizer, reference path). Exits with a one-line
+    message when the checkpoint carries no tokenizer."""
+    ckpt, path, resumed = load_start(init_from, out_dir)
+    if "meta" not in ckpt:
+        sys.exit(f"{path} carries no tokenizer (meta): RL needs a checkpoint of this repository")
+    reference_path = ckpt.get("reference", path) if resumed else init_from
+    return ckpt, path, resumed, tokenizer_from_meta(ckpt["meta"]), reference_path
+
+
+def rl_prompts(prompt_dataset, rl_tasks, tok, block_size, max_new_tokens, eval_prompts, pass_k_prompts, ddp):
+    """The prompts of an RL stage from prompt_dataset (a folder under data/, or absolute, whose
+    train.jsonl and val.jsonl hold conversations with an "answer"): the training prompts of the
+    rl_tasks cells that leave room for max_new_tokens in block_size (the master says how many),
+    eval_prompts held-out prompts over every cell, pass_k_prompts held-out prompts of the trained
+    cells. -> (train, eval, pass) lists of held_out_prompts' examples. A data/tasks/prepare.py
+    folder is generated when missing (task_data). Exits with a one-line message on a data error."""
+    data_dir = task_data(prompt_dataset, ddp)
+    try:
+        train_rows, _ = read_conversations(os.path.join(data_dir, "train.jsonl"))
+        val_rows, _ = read_conversations(os.path.join(data_dir, "val.jsonl"))
+        train = held_out_prompts(cell_rows(train_rows, rl_tasks), len(train_rows), tok)
+        pass_k = held_out_prompts(cell_rows(val_rows, rl_tasks), pass_k_prompts, tok)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"data error: {e}" + ("; run python data/tasks/prepare.py" if isinstance(e, FileNotFoundError) else ""))
+    if any("answer" not in row for row in train_rows[:100]):
+        sys.exit(f"data error: {data_dir}/train.jsonl has rows without an 'answer': nothing to check rewards against")
+    fits = [ex for ex in train if len(ex["prompt"]) + max_new_tokens <= block_size]
+    if ddp.master:
+        print(f"prompts: {len(fits)} of the cells {', '.join(rl_tasks) or 'all'} ({len(train) - len(fits)} "
+              f"left out: no room for {max_new_tokens} new tokens in block_size {block_size})")
+    return fits, held_out_prompts(val_rows, eval_prompts, tok), pass_k
+
+
+def rl_batch(examples, stream, iter_num, ddp, seed):
+    """What an RL stage rolls out at iteration iter_num: this process's share of stream's batch
+    (an EpochStream over examples), its prompts as tensors on the device, and the generator the
+    sampling draws from, seeded by (seed, rank, iter_num), so that a resumed run samples exactly
+    what the uninterrupted run would have. -> (examples, prompts, generator)"""
+    batch = [examples[i] for i in stream.indices(iter_num, 0)]
+    prompts = [torch.tensor(ex["prompt"], device=ddp.device) for ex in batch]
+    return batch, prompts, torch.Generator(ddp.device).manual_seed(hash((seed, ddp.rank, iter_num)) % 2**63)
+
+
+class Reference:
+    """The frozen policy an RL stage measures its KL against: the starting checkpoint (path) loaded
+    once more, or, when the policy trains LoRA adapters, the policy itself with its adapters off
+    (no copy at all).
+
+        reference = common.Reference(policy, reference_path, device)
+        with ctx:
+            ref_logp = reference.logprobs(inputs, targets, pos, temperature, vocab_limit)  # no grad
+    """
+
+    def __init__(self, policy, path, device):
+        self.policy, self.path, self.model = policy, path, None
+        if policy.config.lora_rank == 0:
+            self.model = model_from_checkpoint(load_checkpoint(path), path).to(device).eval().requires_grad_(False)
+
+    def __str__(self):
+        return self.path if self.model is not None else "the policy with adapters off"
+
+    @torch.no_grad()
+    def logprobs(self, idx, targets, pos, temperature, vocab_limit):
+        if self.model is not None:
+            return self.model.logprobs(idx, targets, pos, temperature, vocab_limit)
+        with self.policy.adapters_off():
+            return self.policy.logprobs(idx, targets, pos, temperature, vocab_limit)
+
+
 def cell_rows(rows, cells):
     """The rows of read_conversations whose task/difficulty is one of cells ("add/3", ...; empty:
     all). Raises ValueError naming the cells that have no rows."""
@@ -1317,6 +1403,30 @@ def rl_error(stats, cells):
     cells is empty or none was measured. None when nothing was measured."""
     keys = [f"em/{c}" for c in cells if f"em/{c}" in stats] or [k for k in ("em",) if k in stats]
     return 1 - sum(stats[k] for k in keys) / len(keys) if keys else None
+
+
+def evaluate_rl(loop, model, examples, pass_examples, tok, ctx, config):
+    """An RL stage's eval at the loop's iteration: evaluate_policy with the stage's settings
+    (config's eval_batch_size, eval_max_new_tokens, pass_k_samples, seed), plus err_rl, the number
+    best.pt follows: 1 - the mean greedy exact match over the trained cells (rl_tasks; all prompts
+    when it names none). The stats go to the log as an "answers" line (with s, the seconds it
+    took), eval_show examples to out_dir/samples.txt, and err_rl to loop.evaluated, which saves
+    ckpt.pt and best.pt. -> the stats."""
+    from data.tasks.tasks import exact_match
+
+    t0 = time.time()
+    ddp = loop.ddp
+    stats, answers = evaluate_policy(model, examples, pass_examples, tok, ctx, ddp, config["eval_batch_size"],
+                                     config["eval_max_new_tokens"], config["pass_k_samples"], seed=config["seed"])
+    err_rl = rl_error(stats, config["rl_tasks"])
+    if err_rl is not None:  # with no held-out prompts there is nothing to follow: no best.pt
+        stats["err_rl"] = err_rl
+    if ddp.master and config["eval_show"]:
+        write_samples(os.path.join(config["out_dir"], "samples.txt"), examples, answers, loop.iter_num,
+                      config["eval_show"], exact_match)
+    loop.log("answers", **stats, s=time.time() - t0)
+    loop.evaluated(stats.get("err_rl", float("inf")))
+    return stats
 
 
 # -----------------------------------------------------------------------------

@@ -202,7 +202,7 @@ if master:
           f"{', precomputed' if precompute_ref else ', live'}")
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
-                                                              dynamic=True)
+                                                              dynamic=True, ctx=ctx)
 
 # -----------------------------------------------------------------------------
 # the summed log-probs of the replies
@@ -255,7 +255,7 @@ if precompute_ref:  # each process scores a share of the pairs; every process ke
 
 
 def checkpoint():
-    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler,
+    common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler, ctx.dtype,
                                     **loop.state(), config=config, meta=meta, stage="dpo", reference=reference_path)
 
 

@@ -140,30 +140,10 @@ master = ddp.master
 # -----------------------------------------------------------------------------
 # the policy to start from, its tokenizer, and the prompts
 
-ckpt, ckpt_path, resumed = common.load_start(init_from, out_dir)
-if "meta" not in ckpt:
-    sys.exit(f"{ckpt_path} carries no tokenizer (meta): RL needs a checkpoint of this repository")
-meta = ckpt["meta"]
-tok = common.tokenizer_from_meta(meta)
-end_id = tok.special_id("<|end|>")
-block_size = ckpt["model_args"]["block_size"]
-reference_path = ckpt.get("reference", ckpt_path) if resumed else init_from  # the starting policy
-data_dir = common.task_data(prompt_dataset, ddp)
-try:
-    train_rows, _ = common.read_conversations(os.path.join(data_dir, "train.jsonl"))
-    val_rows, _ = common.read_conversations(os.path.join(data_dir, "val.jsonl"))
-    train_examples = common.held_out_prompts(common.cell_rows(train_rows, rl_tasks), len(train_rows), tok)
-    pass_examples = common.held_out_prompts(common.cell_rows(val_rows, rl_tasks), pass_k_prompts, tok)
-except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"data error: {e}" + ("; run python data/tasks/prepare.py" if isinstance(e, FileNotFoundError) else ""))
-if any("answer" not in row for row in train_rows[:100]):
-    sys.exit(f"data error: {data_dir}/train.jsonl has rows without an 'answer': nothing to check rewards against")
-fits = [ex for ex in train_examples if len(ex["prompt"]) + max_new_tokens <= block_size]
-if master:
-    print(f"prompts: {len(fits)} of the cells {', '.join(rl_tasks) or 'all'} ({len(train_examples) - len(fits)} "
-          f"left out: no room for {max_new_tokens} new tokens in block_size {block_size})")
-train_examples = fits
-eval_examples = common.held_out_prompts(val_rows, eval_prompts, tok)
+ckpt, ckpt_path, resumed, tok, reference_path = common.rl_start(init_from, out_dir)
+meta, end_id = ckpt["meta"], tok.special_id("<|end|>")
+train_examples, eval_examples, pass_examples = common.rl_prompts(
+    prompt_dataset, rl_tasks, tok, ckpt["model_args"]["block_size"], max_new_tokens, eval_prompts, pass_k_prompts, ddp)
 stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp)
 
 # -----------------------------------------------------------------------------
@@ -172,27 +152,17 @@ stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp)
 train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
     model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args)
-    reference = None
-    if kl_coef > 0 and model.config.lora_rank == 0:  # with LoRA the reference is the policy, adapters off
-        reference = common.model_from_checkpoint(common.load_checkpoint(reference_path), reference_path)
-        reference.to(ddp.device).eval().requires_grad_(False)
+    # with LoRA the reference is the policy, adapters off; with kl_coef 0 there is none
+    reference = common.Reference(model, reference_path, ddp.device) if kl_coef > 0 else None
     rewarder = common.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 if master:
     print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}; "
-          f"reference: {'none (kl_coef 0)' if kl_coef == 0 else 'the policy with adapters off' if reference is None else reference_path}")
+          f"reference: {reference or 'none (kl_coef 0)'}")
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
                                                               dynamic=True, ctx=ctx)
-
-
-def reference_logprobs(inputs, targets, pos):
-    with torch.no_grad(), ctx:
-        if reference is not None:
-            return reference.logprobs(inputs, targets, pos, temperature, tok.n_vocab)
-        with raw_model.adapters_off():
-            return raw_model.logprobs(inputs, targets, pos, temperature, tok.n_vocab)
 
 
 def checkpoint():
@@ -211,20 +181,6 @@ if master and not (resumed or eval_only):
     open(os.path.join(out_dir, "samples.txt"), "w").close()
 
 
-def evaluate():
-    """Greedy answers on every cell's held-out prompts, pass@k on the trained cells'. The number
-    best.pt follows is err_rl, 1 - the mean exact match over the trained cells."""
-    stats, answers = common.evaluate_policy(raw_model, eval_examples, pass_examples, tok, ctx, ddp, eval_batch_size,
-                                            eval_max_new_tokens, pass_k_samples, seed=seed)
-    err_rl = common.rl_error(stats, rl_tasks)
-    if err_rl is not None:  # with no held-out prompts there is nothing to follow: no best.pt
-        stats["err_rl"] = err_rl
-    if master and eval_show:
-        common.write_samples(os.path.join(out_dir, "samples.txt"), eval_examples, answers, loop.iter_num, eval_show,
-                             exact_match)
-    return stats
-
-
 # -----------------------------------------------------------------------------
 # training loop
 
@@ -232,19 +188,14 @@ N = prompts_per_iter * group_size  # completions per iteration per process
 while True:
     lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
                                                 decay_lr))
-    if loop.eval_due():
-        t_eval = time.time()
-        stats = evaluate()
-        loop.log("answers", **stats, s=time.time() - t_eval)
-        loop.evaluated(stats.get("err_rl", float("inf")))
+    if loop.eval_due():  # greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
+        common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
     if loop.done():
         break
 
     # ---- rollout: P prompts x G samples in one batched generate ------------------------------
     t0 = time.time()
-    batch = [train_examples[i] for i in stream.indices(loop.iter_num, 0)]
-    prompts = [torch.tensor(ex["prompt"], device=ddp.device) for ex in batch]
-    g = torch.Generator(ddp.device).manual_seed(hash((seed, ddp.rank, loop.iter_num)) % 2**63)
+    batch, prompts, g = common.rl_batch(train_examples, stream, loop.iter_num, ddp, seed)
     with ctx:
         out = raw_model.complete(prompts, max_new_tokens, group_size, temperature, top_k or None,
                                  top_p if top_p < 1 else None, stop_tokens=end_id, generator=g, vocab_limit=tok.n_vocab)
@@ -270,7 +221,8 @@ while True:
     if not reuse_old:
         with torch.no_grad(), ctx:
             old_logp = raw_model.logprobs(inputs, targets, pos, temperature, tok.n_vocab)
-    ref_logp = reference_logprobs(inputs, targets, pos) if kl_coef > 0 else None
+    with ctx:
+        ref_logp = reference.logprobs(inputs, targets, pos, temperature, tok.n_vocab) if reference else None
 
     # ---- the update: grpo_iterations passes over the batch, num_minibatches steps each -------
     rows = torch.arange(N, device=ddp.device)

@@ -201,6 +201,69 @@ def adaptive_kl_coef(kl_coef, kl, target_kl, horizon, n_steps):
     return kl_coef * (1.0 + error * n_steps / horizon)
 
 
+def kl_penalized_rewards(scores, logp, ref_logp, mask, kl_coef):
+    """PPO's per-token rewards (Ziegler et al. 2019, InstructGPT): a KL penalty on every completion
+    token and the sequence's score on its last one,
+
+        r_t = -kl_coef (logp_t - ref_logp_t)             every token of mask
+            + score                                      the last token of mask as well
+
+    scores (N,), the sequence rewards; logp, ref_logp, mask (N, T) aligned with the targets
+    (Completions.targets and loss_mask): position t holds the log-prob of the token sampled after
+    it. The last True of a row is then the position whose target is the completion's <|end|>, or,
+    for a completion that ran out of tokens, its last sampled token: the score goes to the action
+    that ended the sequence, and GAE sees V = 0 after it. (TRL put it one slot later, after the
+    <|end|>: their issue 3750.) A row with no True (left out) gets nothing.
+    -> (rewards (N, T), kl (N, T) = logp - ref_logp on mask, 0 elsewhere).
+    Mask (0, 1, 1), score 1, kl_coef 0.1, logp - ref = (., 0.5, -0.2): r = (0, -0.05, 1 + 0.02)."""
+    m = mask.to(logp.dtype)
+    kl = (logp - ref_logp) * m
+    rewards = -kl_coef * kl
+    T = mask.size(1)
+    last = T - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)  # the last True of each row
+    rows = torch.arange(mask.size(0), device=mask.device)
+    rewards[rows, last] += scores.to(rewards.dtype) * mask.any(dim=1)
+    return rewards, kl
+
+
+def running_moments(count, mean, m2, x):
+    """Fold the values x (a tensor) into running statistics: count, mean and m2, the sum of squared
+    deviations from the mean (Chan et al.'s parallel update, exact for any split of the data):
+
+        n = count + len(x),  d = mean(x) - mean
+        mean' = mean + d len(x) / n,   m2' = m2 + m2(x) + d^2 count len(x) / n
+
+    -> (count', mean', m2'), floats; the std so far is sqrt(m2' / (count' - 1)). ppo.py scales its
+    rewards by it. (1, 2, 3) then (5): count 4, mean 2.75, m2 8.75, std sqrt(8.75 / 3) = 1.7078."""
+    x = x.detach().double().reshape(-1)
+    k = x.numel()
+    if k == 0:
+        return count, mean, m2
+    n = count + k
+    mean_x = x.mean().item()
+    d = mean_x - mean
+    return n, mean + d * k / n, m2 + (x - mean_x).square().sum().item() + d * d * count * k / n
+
+
+def explained_variance(values, returns, mask):
+    """How much of the returns' variance the value function accounts for, over the entries of mask:
+
+        1 - Var(returns - values) / Var(returns)
+
+    1 is perfect, 0 is no better than a constant, negative is worse than one; nan when the
+    returns do not vary. R (1, 2, 3), V (1, 2, 2): 1 - (2/9) / (2/3) = 2/3."""
+    m = mask.to(torch.float64)
+    n = m.sum()
+
+    def var(x):
+        x = x.double()
+        mean = (x * m).sum() / n
+        return ((x - mean).square() * m).sum() / n
+
+    v = var(returns)
+    return (1 - var(returns - values) / v).item() if v > 0 else float("nan")
+
+
 def approx_kl(logp, old_logp, mask):
     """0.5 * mean over the mask of (logp - old_logp)^2: how far an update has moved the policy
     from the one that sampled, for stopping PPO's epochs early (TRL's approxkl)."""

@@ -1,4 +1,6 @@
+import json
 import os
+import random
 import subprocess
 import sys
 
@@ -93,3 +95,69 @@ def run_script(*args, check=True, timeout=300, env=None):
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
+
+
+# --- the RL stages (grpo.py, ppo.py) -----------------------------------------
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+@pytest.fixture
+def rl_setup(tmp_path):
+    """A tiny random SFT-like checkpoint and a few task prompts with answers. -> (checkpoint, data folder, tmp)"""
+    from data.tasks.tasks import generate
+    from model import GPTConfig
+
+    base = str(tmp_path / "sft.pt")
+    save_byte_checkpoint(base, GPTConfig(vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=32))
+    rng = random.Random(0)
+    data = tmp_path / "tasks"
+    data.mkdir()
+    for split, n in (("train", 10), ("val", 3)):
+        write_jsonl(data / f"{split}.jsonl", [generate(t, d, rng) for t in ("add", "copy") for d in (1, 2)
+                                              for _ in range(n)])
+    return base, str(data), tmp_path
+
+
+@pytest.fixture
+def ab_policy(tmp_path):
+    """A policy that says a or b at random (a tiny model trained for a few seconds on such text),
+    and one prompt whose answer is eight a's: with partial credit the reward is about the share
+    of a's, a dense signal from the first iteration. -> (checkpoint, data folder, tmp)"""
+    import torch
+
+    import bpe
+    import common
+    from model import GPT, GPTConfig
+
+    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        x = torch.where(torch.rand(16, 33, generator=g) < 0.5, ord("a"), ord("b"))
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
+    base = str(tmp_path / "ab.pt")
+    common.save_checkpoint({"model": model.state_dict(), "model_args": cfg.to_dict(), "meta": meta}, base)
+    data = tmp_path / "say"
+    data.mkdir()
+    row = {"messages": [{"role": "user", "content": "Say aaaaaaaa"}, {"role": "assistant", "content": "aaaaaaaa"}],
+           "answer": "aaaaaaaa", "task": "say", "difficulty": 1}
+    write_jsonl(data / "train.jsonl", [row] * 4)
+    write_jsonl(data / "val.jsonl", [row])
+    return base, str(data), tmp_path

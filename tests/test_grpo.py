@@ -2,47 +2,18 @@
 checkpoints, exact resume, two processes, the LoRA reference with adapters off, a reward model as
 the reward. The objective's pieces are tested by hand in test_losses.py."""
 
-import json
 import os
-import random
 
 import pytest
 import torch
 
-import bpe
 import common
-from conftest import run_script, save_byte_checkpoint
-from data.tasks.tasks import generate
+from conftest import read_log, run_script
 from model import GPT, GPTConfig
 
 TINY = ["--prompts_per_iter=4", "--group_size=4", "--max_new_tokens=6", "--log_interval=1", "--warmup_iters=1",
         "--device=cpu", "--compile=false", "--eval_prompts=12", "--pass_k_prompts=4", "--pass_k_samples=4",
         "--eval_max_new_tokens=6", "--learning_rate=1e-3", "--rl_tasks="]
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
-@pytest.fixture
-def grpo_setup(tmp_path):
-    """A tiny random SFT-like checkpoint and a few task prompts with answers."""
-    base = str(tmp_path / "sft.pt")
-    save_byte_checkpoint(base, GPTConfig(vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=32))
-    rng = random.Random(0)
-    data = tmp_path / "tasks"
-    data.mkdir()
-    for split, n in (("train", 10), ("val", 3)):
-        write_jsonl(data / f"{split}.jsonl", [generate(t, d, rng) for t in ("add", "copy") for d in (1, 2)
-                                              for _ in range(n)])
-    return base, str(data), tmp_path
 
 
 def grpo(base, data, out, *args, check=True):
@@ -51,35 +22,13 @@ def grpo(base, data, out, *args, check=True):
 
 
 @pytest.fixture
-def ab_setup(tmp_path):
-    """A policy that says a or b at random (a tiny model trained for a few seconds on such text),
-    and one prompt whose answer is eight a's: with partial credit the reward is about the share
-    of a's, a dense signal from the first iteration."""
-    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=32)
-    model = GPT(cfg)
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
-    g = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        x = torch.where(torch.rand(16, 33, generator=g) < 0.5, ord("a"), ord("b"))
-        _, loss = model(x[:, :-1], x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
-    base = str(tmp_path / "ab.pt")
-    common.save_checkpoint({"model": model.state_dict(), "model_args": cfg.to_dict(), "meta": meta}, base)
-    data = tmp_path / "say"
-    data.mkdir()
-    row = {"messages": [{"role": "user", "content": "Say aaaaaaaa"}, {"role": "assistant", "content": "aaaaaaaa"}],
-           "answer": "aaaaaaaa", "task": "say", "difficulty": 1}
-    write_jsonl(data / "train.jsonl", [row] * 4)
-    write_jsonl(data / "val.jsonl", [row])
+def ab_setup(ab_policy):
+    """The a/b policy of conftest and the settings that make its reward rise under GRPO."""
+    base, data, tmp = ab_policy
     args = [f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=4", "--group_size=8",
             "--max_new_tokens=8", "--mask_truncated=false", "--warmup_iters=1", "--eval_interval=100",
             "--eval_prompts=0", "--pass_k_prompts=0", "--device=cpu", "--compile=false"]
-    return base, args, tmp_path
+    return base, args, tmp
 
 
 def test_a_toy_task_where_grpo_raises_the_reward(ab_setup):
@@ -106,8 +55,8 @@ def test_lora_policy_uses_its_base_as_the_reference(ab_setup):
     assert all(torch.equal(plain["model"][k], ckpt["model"][k]) for k in plain["model"])  # the base is frozen
 
 
-def test_script_end_to_end(grpo_setup):
-    base, data, tmp = grpo_setup
+def test_script_end_to_end(rl_setup):
+    base, data, tmp = rl_setup
     out = str(tmp / "out")
     res = grpo(base, data, out, "--max_iters=4", "--eval_interval=2")
     assert "prompts: 40 of the cells all" in res.stdout and "reference: " + base in res.stdout
@@ -128,9 +77,9 @@ def test_script_end_to_end(grpo_setup):
     assert res.returncode == 0
 
 
-def test_resume_is_bit_identical_with_several_passes_and_minibatches(grpo_setup):
+def test_resume_is_bit_identical_with_several_passes_and_minibatches(rl_setup):
     # grpo_iterations 2 and 2 minibatches: old_logp is recorded at rollout, ratios move off 1
-    base, data, tmp = grpo_setup
+    base, data, tmp = rl_setup
     args = ["--grpo_iterations=2", "--num_minibatches=2", "--eval_interval=2", "--eval_prompts=0", "--pass_k_prompts=0"]
     straight, split = str(tmp / "straight"), str(tmp / "split")
     grpo(base, data, straight, *args, "--max_iters=4")
@@ -145,16 +94,16 @@ def test_resume_is_bit_identical_with_several_passes_and_minibatches(grpo_setup)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_two_processes_roll_out_their_own_groups_and_stay_in_sync(grpo_setup):
-    base, data, tmp = grpo_setup
+def test_two_processes_roll_out_their_own_groups_and_stay_in_sync(rl_setup):
+    base, data, tmp = rl_setup
     res = run_script("torchrun", "--standalone", "--nproc_per_node=2", "grpo.py", *TINY, f"--init_from={base}",
                      f"--prompt_dataset={data}", f"--out_dir={tmp / 'ddp'}", "--max_iters=2", "--eval_interval=2")
     assert "parameters identical on all 2 processes" in res.stdout
     assert [r["iter"] for r in read_log(str(tmp / "ddp")) if "reward" in r] == [1, 2]
 
 
-def test_a_reward_model_as_the_reward(grpo_setup):
-    base, data, tmp = grpo_setup
+def test_a_reward_model_as_the_reward(rl_setup):
+    base, data, tmp = rl_setup
     ckpt = common.load_checkpoint(base)
     rm_cfg = GPTConfig(**{**ckpt["model_args"], "scalar_head": True})
     torch.manual_seed(1)
@@ -170,8 +119,8 @@ def test_a_reward_model_as_the_reward(grpo_setup):
     assert res.returncode != 0 and "is not a reward model" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_bad_settings_stop_with_a_message(grpo_setup):
-    base, data, tmp = grpo_setup
+def test_bad_settings_stop_with_a_message(rl_setup):
+    base, data, tmp = rl_setup
     for args, message in ((["--loss_type=ppo"], "loss_type grpo | dapo | dr_grpo"),
                           (["--group_size=1"], "group_size >= 2"),
                           (["--reward=scores"], "unknown reward 'scores'"),

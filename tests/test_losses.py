@@ -169,6 +169,45 @@ def test_approx_kl():
     assert losses.approx_kl(t(0.1, -0.3, 5)[None], t(0, 0, 0)[None], m).item() == pytest.approx(0.5 * (0.01 + 0.09) / 2)
 
 
+def test_kl_penalty_and_score_land_on_the_right_tokens():
+    # targets aligned: position 0 is the prompt's, the completion's tokens are the targets of 1...
+    # row 0 stops: its <|end|> is the target of position 2, then filler; row 1 ran out of tokens
+    # (its last token is the target of position 4); row 2 was left out (mask_truncated)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    logp = t(9, 0.5, -0.2, 9, 9, 9, 0.1, 0.1, 0.1, 0.3, 9, 9, 9, 9, 9).view(3, 5)
+    ref = torch.zeros(3, 5, dtype=torch.float64)
+    rewards, kl = losses.kl_penalized_rewards(t(1.0, 0.5, 7.0), logp, ref, mask, kl_coef=0.1)
+    # -0.1 x (0.5, -0.2) on row 0's tokens, its score 1 on the <|end|> position: -0.05, 0.02 + 1
+    assert rewards[0].tolist() == pytest.approx([0, -0.05, 1.02, 0, 0])
+    # the truncated row's score on its last token: -0.1 x 0.3 + 0.5
+    assert rewards[1].tolist() == pytest.approx([0, -0.01, -0.01, -0.01, 0.47])
+    assert rewards[2].tolist() == [0.0] * 5  # no tokens, no score
+    assert kl[0].tolist() == pytest.approx([0, 0.5, -0.2, 0, 0]) and kl[2].tolist() == [0.0] * 5
+    # gamma = lam = 1, V = 0: every token's advantage is the sum of rewards from it on
+    adv, _ = losses.gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
+    assert adv[0].tolist() == pytest.approx([0, 0.97, 1.02, 0, 0])
+    assert adv[1].tolist() == pytest.approx([0, 0.44, 0.45, 0.46, 0.47])
+
+
+def test_running_moments_by_hand_and_in_any_split():
+    c, mean, m2 = losses.running_moments(0, 0.0, 0.0, t(1, 2, 3))
+    assert (c, mean, m2) == (3, pytest.approx(2.0), pytest.approx(2.0))  # (1 + 0 + 1)
+    c, mean, m2 = losses.running_moments(c, mean, m2, t(5))
+    # all four: mean 2.75, squared deviations 1.75^2 + 0.75^2 + 0.25^2 + 2.25^2 = 8.75
+    assert (c, mean, m2) == (4, pytest.approx(2.75), pytest.approx(8.75))
+    assert math.sqrt(m2 / (c - 1)) == pytest.approx(1.7078, abs=1e-4)
+    assert losses.running_moments(c, mean, m2, t()) == (c, mean, m2)  # an empty batch changes nothing
+
+
+def test_explained_variance_by_hand():
+    m = torch.tensor([1, 1, 1, 0], dtype=torch.bool)
+    # R - V = (0, 0, 1): variance 2/9; R: 2/3
+    assert losses.explained_variance(t(1, 2, 2, 50), t(1, 2, 3, -50), m) == pytest.approx(2 / 3)
+    assert losses.explained_variance(t(1, 2, 3, 0), t(1, 2, 3, 9), m) == pytest.approx(1.0)
+    assert losses.explained_variance(t(0, 0, 0, 0), t(1, 2, 3, 9), m) == pytest.approx(0.0)
+    assert math.isnan(losses.explained_variance(t(0, 1, 2, 0), t(1, 1, 1, 9), m))
+
+
 # --- DPO ---------------------------------------------------------------------
 
 
