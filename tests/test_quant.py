@@ -2,7 +2,7 @@
 int4 packing round-trips, a quantized Linear computes its dequantized twin on either path, cached
 decoding matches the full recompute, a quantized checkpoint saves and loads to the same outputs,
 LoRA on a quantized base (QLoRA) trains only its adapters and keeps the integers bit-identical,
-refused settings say why."""
+refused settings say why, and the scripts take quantize."""
 
 import dataclasses
 import os
@@ -13,7 +13,9 @@ import torch
 
 import common
 import model as model_module
-from conftest import build, tiny
+from conftest import build, run_script, save_byte_checkpoint, tiny
+from test_sft import sft, sft_setup  # noqa: F401  (sft_setup: a fixture, found here by pytest)
+from test_train import TINY, read_log
 from model import (GPT, QuantizedWeight, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
                    unpack_int4)
 
@@ -395,3 +397,75 @@ def test_refused_settings_say_why():
     lora.quantize(8)
     with pytest.raises(ValueError, match="merge_lora: the base weights are int8"):
         lora.merge_lora()
+
+
+# -----------------------------------------------------------------------------
+# scripts and bench sections
+
+
+def test_sample_quantizes_at_load_and_exports_a_quantized_checkpoint(tmp_path):
+    cfg = tiny(vocab_size=320, block_size=64, n_embd=64, n_head=2)
+    model, tok = save_byte_checkpoint(str(tmp_path / "ckpt.pt"), cfg)
+    prompt = "hello "
+    ids = torch.tensor([tok.encode(prompt)])
+    args = ["sample.py", f"--out_dir={tmp_path}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=30",
+            "--temperature=0", "--device=cpu", "--quantize=int4", "--quant_group_size=32"]
+    res = run_script(*args)
+    quantized = GPT(cfg)
+    quantized.load_state_dict(model.state_dict())
+    quantized.quantize(4, 32)
+    expected = tok.decode_bytes(quantized.generate(ids, 30, temperature=0)[0].tolist()).decode("utf-8", errors="replace")
+    assert res.stdout.startswith(expected) and "int4 weights in groups of 32" in res.stderr
+    out = str(tmp_path / "int4.pt")
+    run_script(*args, f"--export_quantized={out}")
+    assert os.path.getsize(out) < 0.5 * os.path.getsize(tmp_path / "ckpt.pt")
+    again = run_script("sample.py", f"--ckpt={out}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=30",
+                       "--temperature=0", "--device=cpu")
+    assert again.stdout == res.stdout
+    res = run_script("sample.py", f"--ckpt={out}", "--quantize=int8", "--device=cpu", check=False)
+    assert res.returncode == 1 and "stored as int4" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_train_eval_only_and_qlora_fine_tune(byte_dataset, tmp_path):
+    base = str(tmp_path / "base")
+    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=4", f"--out_dir={base}")
+    losses = {}
+    for q in ("none", "int8", "int4"):
+        out = str(tmp_path / f"eval-{q}")
+        run_script("train.py", *TINY, f"--dataset={byte_dataset}", f"--init_from={base}/ckpt.pt", "--eval_only=True",
+                   f"--quantize={q}", "--quant_group_size=32", f"--out_dir={out}")
+        losses[q] = read_log(out)[-1]["val_loss"]
+    assert losses["none"] != losses["int8"] and abs(losses["int8"] - losses["none"]) < 0.01
+    assert abs(losses["int4"] - losses["none"]) < 0.1
+    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", f"--init_from={base}/ckpt.pt",
+                     "--quantize=int8", "--max_iters=1", f"--out_dir={tmp_path / 'no'}", check=False)
+    assert res.returncode == 1 and "trains only with adapters" in res.stderr
+    qlora_dir = str(tmp_path / "qlora")
+    run_script("train.py", *TINY, f"--dataset={byte_dataset}", f"--init_from={base}/ckpt.pt", "--quantize=int4",
+               "--quant_group_size=32", "--lora_rank=4", "--lora_targets=attn", "--learning_rate=1e-2",
+               "--max_iters=4", "--eval_interval=2", f"--out_dir={qlora_dir}")
+    ckpt = common.load_checkpoint(os.path.join(qlora_dir, "ckpt.pt"))
+    assert ckpt["quantization"]["bits"] == 4 and ckpt["quantization"]["group_size"] == 32
+    best = common.load_checkpoint(os.path.join(qlora_dir, "best.pt"))
+    assert best["quantization"] is None and best["model_args"]["lora_rank"] == 0  # merged, dequantized
+    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--init_from=resume", "--max_iters=6",
+               "--eval_interval=2", f"--out_dir={qlora_dir}")
+    resumed = common.load_checkpoint(os.path.join(qlora_dir, "ckpt.pt"))
+    assert resumed["iter_num"] == 6
+    for k, v in ckpt["model"].items():
+        if not model_module.is_lora_key(k):
+            assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_sft_qlora_and_a_quantized_eval(sft_setup):  # noqa: F811  (the fixture imported above)
+    base, data, tmp = sft_setup
+    out = str(tmp / "qlora")
+    res = sft(base, data, out, "--max_iters=4", "--eval_interval=2", "--lora_rank=4", "--lora_targets=attn,mlp",
+              "--quantize=int8")
+    assert "saved" in res.stdout and "merged.pt" in res.stdout
+    merged = common.load_checkpoint(os.path.join(out, "merged.pt"))
+    assert merged["quantization"] is None and not any(k.endswith(".q") for k in merged["model"])
+    lora = torch.load(os.path.join(out, "lora.pt"), weights_only=True)  # adapters, no model
+    assert lora["quantization"]["bits"] == 8
+    res = sft(os.path.join(out, "merged.pt"), data, str(tmp / "eval-int8"), "--eval_only=True", "--quantize=int8")
+    assert "answers iter=0" in res.stdout
