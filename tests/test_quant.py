@@ -2,9 +2,10 @@
 int4 packing round-trips, a quantized Linear computes its dequantized twin on either path, cached
 decoding matches the full recompute, a quantized checkpoint saves and loads to the same outputs,
 LoRA on a quantized base (QLoRA) trains only its adapters and keeps the integers bit-identical,
-refused settings say why, and the scripts take quantize."""
+refused settings say why, and the scripts and bench sections take quantize."""
 
 import dataclasses
+import json
 import os
 import types
 
@@ -469,3 +470,23 @@ def test_sft_qlora_and_a_quantized_eval(sft_setup):  # noqa: F811  (the fixture 
     assert lora["quantization"]["bits"] == 8
     res = sft(os.path.join(out, "merged.pt"), data, str(tmp / "eval-int8"), "--eval_only=True", "--quantize=int8")
     assert "answers iter=0" in res.stdout
+
+
+def test_bench_quant_and_qlora_memory_sections(tmp_path):
+    out = tmp_path / "bench.json"
+    run_script("bench.py", "--sections=quant,qlora_memory", "--quant_shapes=1x2x32:65,2x2x64:65",
+               "--quant_new_tokens=6", "--quant_group_size=32", "--memory_shape=1x2x32:65", "--memory_batch=2",
+               "--memory_block=16", "--memory_steps=1", "--repeats=1", "--block_size=64", "--device=cpu",
+               f"--json={out}")
+    res = json.loads(out.read_text())
+    rows = res["quant"]
+    assert [(r["shape"], r["precision"]) for r in rows] == [
+        (s, p) for s in ("1x2x32:65", "2x2x64:65") for p in ("fp32", "bf16", "int8", "int4")]
+    assert all(r["tok_s"] > 0 for r in rows)
+    int4 = [r for r in rows if r["precision"] == "int4"]
+    assert all(set(r["kernels"]) <= {"torch._weight_int4pack_mm_for_cpu", "dequantize"} for r in int4)
+    assert all(r["kernels"] for r in int4) and all(not r["kernels"] for r in rows if r["precision"] == "fp32")
+    mem = res["qlora_memory"]
+    assert [r["variant"] for r in mem] == ["full", "lora", "lora-int8", "lora-int4"]
+    assert all(r["peak_mb"] > 0 and r["trainable"] > 0 for r in mem)
+    assert mem[0]["trainable"] > mem[1]["trainable"] == mem[2]["trainable"] == mem[3]["trainable"]
