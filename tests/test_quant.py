@@ -16,9 +16,10 @@ import common
 import model as model_module
 from conftest import build, run_script, save_byte_checkpoint, tiny
 from test_sft import sft, sft_setup  # noqa: F401  (sft_setup: a fixture, found here by pytest)
+from test_lora import train
 from test_train import TINY, read_log
 from model import (GPT, QuantizedWeight, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
-                   unpack_int4)
+                   to_hf, unpack_int4)
 
 MASTER = types.SimpleNamespace(master=True)  # save_weights writes on the master process only
 SETTINGS = [(8, None), (4, 32)]
@@ -259,6 +260,9 @@ def test_quantize_head():
     assert torch.equal(sd["lm_head.weight"], ref.wte.weight) and torch.equal(sd["wte.weight"], ref.wte.weight)
     plain = GPT(ref.config)
     plain.load_state_dict(sd)
+    # an export for transformers goes out dequantized: what the plain twin exports
+    hf, tensors = to_hf(model)
+    assert all(torch.equal(t, to_hf(plain)[1][k]) for k, t in tensors.items())
     untied = build(tiny(tie_weights=False), dtype=torch.float32).quantize(4, 32, quantize_head=True)
     assert isinstance(untied.lm_head.weight, QuantizedWeight)
     with pytest.raises(ValueError, match="the head is quantized"):
@@ -323,27 +327,14 @@ def qlora(bits, group, **kw):
     return base, model.quantize(bits, group)
 
 
-def train(model, steps=4, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
-    model.train()
-    for _ in range(steps):
-        x = torch.randint(0, model.config.vocab_size, (4, 16), generator=g)
-        _, loss = model(x, torch.roll(x, -1, dims=1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for name, p in model.named_parameters():
-            assert (p.grad is not None) == ("lora_" in name), name  # adapters alone get gradients
-        opt.step()
-    return model.eval()
-
-
 @pytest.mark.parametrize("bits, group", SETTINGS)
 def test_qlora_trains_only_adapters_and_leaves_the_integers_bit_identical(bits, group, tmp_path):
     _, model = qlora(bits, group)
     before = {k: v.clone() for k, v in model.state_dict().items() if not model_module.is_lora_key(k)}
     assert not [k for k in before if k.endswith(".weight") and ".attn." in k]  # no float copy of the base
     train(model)
+    for name, p in model.named_parameters():  # the last step's gradients are still there
+        assert (p.grad is not None) == ("lora_" in name), name  # adapters alone get them
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     assert all(layer.lora_B.abs().sum() > 0 for layer in model.lora_layers())
