@@ -780,7 +780,7 @@ def is_lora_key(key):
 QUANT_PATHS = {}  # (bits, group_size, out, in, rows bucket, dtype, device type, threads) -> "kernel" | "dequantize"
 QUANT_FORCE = None  # None (measure) | "kernel" | "dequantize"
 QUANT_MAX_ROWS = 64  # more rows than this: the dequantize path, unmeasured
-QUANT_KERNELS = {  # (device type, bits) -> the kernel the "kernel" path calls
+QUANT_KERNELS = {  # (device type, bits) -> the kernel the "kernel" path calls, where torch has it for the device
     ("cpu", 8): "torch._weight_int8pack_mm",
     ("cuda", 8): "torch._weight_int8pack_mm",
     ("cpu", 4): "torch._weight_int4pack_mm_for_cpu",
@@ -863,10 +863,6 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("scale", scale)
         self.kernel_int4 = None  # (device, dtype, packed, scale_and_zeros) as torch's int4 kernel reads them
         self.last_path = None  # the path of the last matmul without gradients, for bench.py
-
-    @property
-    def dtype(self):
-        return self.scale.dtype
 
     def numel(self):
         return self.out_features * self.in_features
