@@ -6,6 +6,8 @@ Benchmark: what the KV cache buys, and how fast the model trains, on a randomly 
     python bench.py --device=cuda --dtype=bfloat16   # one GPU
     python bench.py --sections=decode --nocache=false --decode_lengths=128,512
     python bench.py --sections=profile               # where one decode step spends its time
+    python bench.py --sections=quant                 # fp32 / bf16 / int8 / int4 decode, 6x384 and GPT-2 124M
+    python bench.py --sections=qlora_memory          # peak RSS of full, LoRA, QLoRA int8 / int4 training steps
 
 Sections:
   decode   batch 1, a prompt_len-token prompt, N new greedy tokens: tokens/s with the cache and
@@ -21,6 +23,12 @@ Sections:
   grpo     one GRPO iteration of grpo.py on a random model: its time split into generation,
            scoring and update, rollout tokens/s, beside batched decode at the same batch size
   profile  a torch.profiler table of one decode step at position ~500
+  quant    decode tokens/s, batch 1, N = quant_new_tokens, for each of quant_shapes in fp32, bf16
+           (model.to(bfloat16)), int8 and int4 (model.quantize over a quant_base model), the precisions
+           alternated within every repeat; the kernel each quantized matmul ran (model.QUANT_KERNELS)
+  qlora_memory  peak resident memory (VmHWM) of memory_steps training steps at memory_shape: full
+           fine-tune, LoRA on an fp32 base, on an int8 base, on an int4 base; each in a fresh process
+           (section memory_one), so that no variant's peak is another's
 
 Timing: warm-up runs, then the median of `repeats` runs, synchronising the GPU around each; two
 paths compared side by side alternate, run after run. The fast paths model.py chose by measuring
@@ -28,9 +36,15 @@ paths compared side by side alternate, run after run. The fast paths model.py ch
 average says another process is using the CPU.
 """
 
+import collections
+import copy
+import gc
 import json as jsonlib
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import fields
 
@@ -76,6 +90,19 @@ grpo_group = 8  # samples per prompt
 grpo_iters = 3  # iterations timed (the first, with its warm-up, is dropped)
 # prefill
 prefill_len = 512
+# quantized decode; a shape is n_layer x n_head x n_embd : vocab_size (GPT-2 124M is 12x12x768:50304)
+quant_shapes = ("6x6x384:65", "12x12x768:50304")
+quant_precisions = ("fp32", "bf16", "int8", "int4")
+quant_new_tokens = 512  # new tokens per decode (capped at block_size - prompt_len)
+quant_group_size = 64  # int4: inputs that share one scale
+quant_base = "bfloat16"  # int8 / int4: the dtype of all they leave in floating point, activations included
+# QLoRA memory: peak RSS of a few training steps, one fresh process per variant
+memory_shape = "12x12x768:50304"
+memory_variants = ("full", "lora", "lora-int8", "lora-int4")  # full fine-tune; LoRA on an fp32, int8, int4 base
+memory_batch = 4  # sequences per step
+memory_block = 256  # tokens per sequence
+memory_steps = 2
+memory_lora_rank = 8  # on c_q and c_v, as the LoRA figures were measured
 # timing and system
 repeats = 3  # timed runs per figure (median); the uncached decode runs once
 device = "auto"
@@ -345,6 +372,130 @@ def profile_decode(model):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+def parse_shape(spec):
+    """"12x12x768:50304" -> dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)."""
+    dims, _, vocab = spec.partition(":")
+    try:
+        n_layer, n_head, n_embd = (int(v) for v in dims.split("x"))
+        return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=int(vocab) if vocab else vocab_size)
+    except ValueError:
+        sys.exit(f"config error: a shape is n_layer x n_head x n_embd : vocab_size (12x12x768:50304), got {spec!r}")
+
+
+def weight_bytes(model):
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def bench_quant():
+    base = getattr(torch, quant_base)
+    rows = []
+    for spec in quant_shapes:
+        shape = parse_shape(spec)
+        torch.manual_seed(seed)
+        reference = GPT(GPTConfig(**{**model_args(), **shape})).to(dev).eval()
+        models = {}
+        for p in quant_precisions:
+            if p == "fp32":
+                models[p] = reference
+            elif p == "bf16":
+                models[p] = copy.deepcopy(reference).to(torch.bfloat16)
+            elif p in ("int8", "int4"):
+                bits = int(p[3:])
+                models[p] = copy.deepcopy(reference).to(base).quantize(bits, quant_group_size if bits == 4 else None)
+            else:
+                sys.exit(f"config error: quant_precisions are fp32 | bf16 | int8 | int4, got {p!r}")
+        n = min(quant_new_tokens, block_size - prompt_len)
+        prompt = torch.randint(0, shape["vocab_size"], (1, prompt_len), device=dev)
+        for m in models.values():  # warm up; the first decode step measures the paths (LINEAR_PATHS, QUANT_PATHS)
+            m.generate(prompt, 4, temperature=0)
+        times = {p: [] for p in models}
+        for _ in range(repeats):  # alternating: a machine that slows down mid-run slows every precision
+            for p, m in models.items():
+                sync()
+                t0 = time.perf_counter()
+                m.generate(prompt, n, temperature=0)
+                sync()
+                times[p].append(time.perf_counter() - t0)
+        fp32 = n / statistics.median(times["fp32"]) if "fp32" in times else None
+        for p, m in models.items():
+            tok_s = n / statistics.median(times[p])
+            row = {"shape": spec, "precision": p, "n": n, "tok_s": tok_s, "vs_fp32": tok_s / fp32 if fp32 else None,
+                   "weight_mb": weight_bytes(m) / 2**20,
+                   "kernels": dict(collections.Counter(w.last_path for w in m.quantized_weights()))}
+            rows.append(row)
+            print_row("quant", row)
+        del models, reference
+        gc.collect()
+    return rows
+
+
+def vm_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def bench_memory_one(variant):
+    """One variant of qlora_memory, in this process: build, quantize, then the peak of a few steps."""
+    bits = {"full": None, "lora": None, "lora-int8": 8, "lora-int4": 4}.get(variant, "?")
+    if bits == "?":
+        sys.exit(f"config error: memory_variants are full | lora | lora-int8 | lora-int4, got {variant!r}")
+    shape = parse_shape(memory_shape)
+    args = {**model_args(), **shape, "block_size": memory_block}
+    if variant != "full":
+        args.update(lora_rank=memory_lora_rank, lora_targets=("c_q", "c_v"))
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**args)).to(dev)
+    if bits:
+        model.quantize(bits, quant_group_size if bits == 4 else None)
+    gc.collect()
+    built = vm_kb("VmRSS")
+    try:  # reset the high-water mark to the present RSS: the peak is then the training steps'
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+    x = torch.randint(0, shape["vocab_size"], (memory_batch, memory_block), device=dev)
+    for _ in range(memory_steps):
+        with amp:
+            _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = vm_kb("VmHWM")
+    row = {"variant": variant, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "weight_mb": weight_bytes(model) / 2**20, "built_mb": built / 1024, "peak_mb": peak / 1024,
+           "over_built_mb": (peak - built) / 1024, "peak_reset": reset}
+    if device_type == "cuda":
+        row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def bench_qlora_memory():
+    rows = []
+    passed = [f"--{k}={v}" for k, v in config.items() if k not in ("sections", "memory_variants", "json")]
+    # large tensors from their own mmap, returned to the system when freed: RSS then follows what lives
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    for variant in memory_variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "row.json")
+            res = subprocess.run([sys.executable, os.path.abspath(__file__), "--sections=memory_one",
+                                  f"--memory_variants={variant}", f"--json={out}", *passed],
+                                 env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                sys.exit(f"qlora_memory: the {variant} process failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+            with open(out) as f:
+                row = jsonlib.load(f)["memory_one"]
+        lora = next((r["peak_mb"] for r in rows if r["variant"] == "lora"), None)
+        row["vs_lora"] = row["peak_mb"] / lora if lora else None
+        rows.append(row)
+        print_row("memory", row)
+    return rows
+
+
 def print_row(section, row):
     cells = []
     for k, v in row.items():
@@ -384,9 +535,15 @@ if __name__ == "__main__":
     device_type = "cuda" if dev.startswith("cuda") else dev
     amp = common.autocast(device_type, common.pick_dtype(dtype, device_type))
     wanted = [s for s in sections.split(",") if s]
-    unknown = set(wanted) - {"decode", "hf", "rolling", "batch", "train", "prefill", "grpo", "profile"}
+    unknown = set(wanted) - {"decode", "hf", "rolling", "batch", "train", "prefill", "grpo", "profile", "quant",
+                             "qlora_memory", "memory_one"}
     if unknown:
         sys.exit(f"config error: unknown sections {sorted(unknown)}")
+    if wanted == ["memory_one"]:  # a child of qlora_memory: nothing else in this process
+        row = bench_memory_one(memory_variants[0])
+        with open(json, "w") as f:
+            jsonlib.dump({"memory_one": row}, f)
+        sys.exit(0)
     info = machine()
     model = build()
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {n_layer} layers x {n_embd}, vocab {vocab_size}; "
@@ -408,6 +565,11 @@ if __name__ == "__main__":
         results["grpo"] = bench_grpo()
     if "profile" in wanted:
         profile_decode(model)
+    del model
+    if "quant" in wanted:
+        results["quant"] = bench_quant()
+    if "qlora_memory" in wanted:
+        results["qlora_memory"] = bench_qlora_memory()
     import model as model_module
 
     results["linear_paths"] = {str(k): v for k, v in model_module.LINEAR_PATHS.items()}

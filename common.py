@@ -453,6 +453,7 @@ def save_training_checkpoint(path, ddp, model, optimizer, scaler, dtype=None, dr
         "scaler": scaler.state_dict(),
         "rng": {"torch": torch_states, "cuda": cuda_states},
         "dtype": dtype,  # the precision the run trains in, which a resume keeps
+        "quantization": model.quantization,  # None, or how the state dict's quantized weights are stored
         **info,
         "git": git_commit(),
     }, path)
@@ -499,9 +500,10 @@ def prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate, be
         if ddp.master:
             print("compiling the model (a minute or so)...")
         wrapped = torch.compile(wrapped, dynamic=dynamic)
-    if ddp.enabled:
+    if ddp.enabled:  # the model's only buffers are quantized weights, the same on every process:
+        # broadcasting them from rank 0 before every forward (DDP's default) would move the whole base
         wrapped = torch.nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[ddp.local_rank] if ddp.device_type == "cuda" else None)
+            wrapped, device_ids=[ddp.local_rank] if ddp.device_type == "cuda" else None, broadcast_buffers=False)
     return model, wrapped, optimizer, scaler
 
 
@@ -547,11 +549,13 @@ def training_step_timer(model, device, batch=4):
     return step
 
 
-def model_from_checkpoint(ckpt, path, train_args=None):
+def model_from_checkpoint(ckpt, path, train_args=None, quantize="none", quant_group_size=64, trains=False):
     """The GPT a checkpoint holds. The architecture is the checkpoint's; of train_args (a script's
     model settings) only what is training-only may change it: dropout, the lora_* fields (a plain
     checkpoint fine-tuned with adapters) and scalar_head (an SFT model becoming a reward model,
-    with a fresh head). A resume passes none."""
+    with a fresh head). A resume passes none. A quantized checkpoint loads as it was stored (its
+    "quantization" entry); quantize (none | int8 | int4, int4 in groups of quant_group_size) is
+    a stage's setting, applied after loading, see quantize_model; trains: the stage will train it."""
     from model import GPT, GPTConfig
 
     model_args = dict(ckpt["model_args"])
@@ -559,12 +563,44 @@ def model_from_checkpoint(ckpt, path, train_args=None):
         if k in ("dropout", "scalar_head") or k.startswith("lora_"):
             model_args[k] = v
     model = GPT(GPTConfig(**model_args))
+    stored = ckpt.get("quantization")
+    if stored:  # the same layout first, then the stored integers and scales load into it
+        model.quantize(stored["bits"], stored["group_size"], stored["quantize_head"])
     state = clean_state_dict(ckpt["model"])
     if not model.config.scalar_head:  # a reward model used as a policy: its head is not needed
         state = {k: v for k, v in state.items() if not k.startswith("score_head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any("lora_" not in k and not k.startswith("score_head.") for k in missing):
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+    return quantize_model(model, quantize, quant_group_size, trains)
+
+
+QUANTIZE = {"none": None, "int8": 8, "int4": 4}  # a stage's quantize setting -> bits
+
+
+def quantize_model(model, quantize, group_size=64, trains=False):
+    """A stage's quantize setting applied to a model (GPT.quantize, weight-only): none | int8 | int4,
+    int4 in groups of group_size inputs (the stage's quant_group_size). A model loaded quantized
+    keeps the format it was stored in: asking for another is refused (quantizing twice compounds
+    the rounding), as is training a quantized model without adapters (trains and lora_rank 0: its
+    quantized weights are frozen, so only the norms and the embedding would learn). -> the model;
+    ValueError naming the setting."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be none | int8 | int4, got {quantize!r}")
+    bits = QUANTIZE[quantize]
+    stored = model.quantization
+    if bits is not None and stored and (stored["bits"], stored["group_size"]) != (bits, group_size if bits == 4 else None):
+        group = f" in groups of {stored['group_size']}" if stored["bits"] == 4 else ""
+        raise ValueError(f"quantize={quantize}: the checkpoint is stored as int{stored['bits']}{group}; quantizing it "
+                         f"again would compound the rounding (load it with quantize=none, as stored)")
+    if bits is not None and not stored:
+        try:
+            model.quantize(bits, group_size if bits == 4 else None)
+        except ValueError as e:
+            raise ValueError(f"quantize={quantize} (quant_group_size={group_size}): {e}") from None
+    if trains and model.quantization and model.config.lora_rank == 0:
+        raise ValueError(f"quantize: an int{model.quantization['bits']} model trains only with adapters on its "
+                         "frozen weights (lora_rank > 0, QLoRA), or is evaluated (eval_only=True)")
     return model
 
 
@@ -582,19 +618,21 @@ def load_start(init_from, out_dir):
 
 def save_weights(path, ddp, model, drop_scalar_head=False, **info):
     """The plain model, for sampling and the next stage (best.pt, merged.pt): with LoRA the adapters
-    are folded in and model_args says lora_rank 0, so it loads like any other checkpoint;
+    are folded in and model_args says lora_rank 0, so it loads like any other checkpoint; on a
+    quantized base (QLoRA) that dequantizes it, once, here (the merged weights are full-precision
+    numbers). A quantized model without adapters is saved as it is, smaller, its format recorded.
     drop_scalar_head leaves a scalar head out too (a policy's value head). info (iter_num, config,
     meta, stage ...) goes in beside it. Only the master writes."""
     if not ddp.master:
         return
-    cfg = model.config.to_dict()
+    cfg, quantization = model.config.to_dict(), model.quantization
     if cfg["lora_rank"] > 0:
-        state, cfg = model.merged_state_dict(), dict(cfg, lora_rank=0)
+        state, cfg, quantization = model.merged_state_dict(), dict(cfg, lora_rank=0), None
     else:
         state = model.state_dict()
     if drop_scalar_head:
         state, cfg = without_scalar_head(state, cfg)
-    save_checkpoint({"model": state, "model_args": cfg, **info, "git": git_commit()}, path)
+    save_checkpoint({"model": state, "model_args": cfg, "quantization": quantization, **info, "git": git_commit()}, path)
 
 
 @torch.no_grad()

@@ -97,6 +97,8 @@ lora_rank = 0  # > 0: train low-rank adapters only; the reference is then the ba
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+quantize = "none"  # none | int8 | int4 frozen base weights: with lora_rank > 0, QLoRA
+quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # dpo
 loss_type = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust (see losses.dpo_loss)
 beta = 0.1  # the strength of the tie to the reference: small lets the policy move further
@@ -189,7 +191,8 @@ stream = common.EpochStream(len(train_pairs), seed, batch_size, grad_accum, ddp)
 
 train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
-    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args)
+    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args, quantize=quantize,
+                                         quant_group_size=quant_group_size, trains=not eval_only)
     reference = None  # with LoRA the reference is the policy itself, adapters off: nothing to load
     if model.config.lora_rank == 0:
         reference = common.model_from_checkpoint(common.load_checkpoint(reference_path), reference_path)

@@ -77,6 +77,8 @@ lora_rank = 0  # > 0: train low-rank adapters only; the reference is then the ba
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+quantize = "none"  # none | int8 | int4 weights (frozen): train LoRA on them (QLoRA) or evaluate (eval_only)
+quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # rollout
 prompts_per_iter = 16  # P prompts per iteration per process
 group_size = 8  # G completions sampled for each prompt
@@ -151,7 +153,8 @@ stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp)
 
 train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
-    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args)
+    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args, quantize=quantize,
+                                         quant_group_size=quant_group_size, trains=not eval_only)
     # with LoRA the reference is the policy, adapters off; with kl_coef 0 there is none
     reference = common.Reference(model, reference_path, ddp.device) if kl_coef > 0 else None
     rewarder = common.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty)

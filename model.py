@@ -290,26 +290,38 @@ def _split_linear(x, weight, bias, n):
     return y if bias is None else y + bias
 
 
-def _faster_path(x, weight, bias, n, repeats=15, calls=4):
-    """Time F.linear and the split path on this input and weight, alternating: -> the faster."""
+def _faster(plain, trick, device, repeats=15, calls=4):
+    """Time plain() and trick(), alternating -> True when trick's median time is below 0.9 of
+    plain's: a trick is kept only where it is faster beyond noise."""
     import time
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
     def timed(fn):
+        sync()
         t0 = time.perf_counter()
         for _ in range(calls):
-            fn(x, weight, bias)
+            fn()
+        sync()
         return time.perf_counter() - t0
 
-    split = lambda x, w, b: _split_linear(x, w, b, n)  # noqa: E731
-    timed(F.linear), timed(split)  # warm up both
-    ratios = sorted(timed(split) / max(timed(F.linear), 1e-9) for _ in range(repeats))
-    return "split" if ratios[len(ratios) // 2] < 0.9 else "plain"
+    timed(plain), timed(trick)  # warm up both
+    ratios = sorted(timed(trick) / max(timed(plain), 1e-9) for _ in range(repeats))
+    return ratios[len(ratios) // 2] < 0.9
+
+
+def _faster_path(x, weight, bias, n):
+    """Time F.linear and the split path on this input and weight, alternating: -> the faster."""
+    split = _faster(lambda: F.linear(x, weight, bias), lambda: _split_linear(x, weight, bias, n), x.device)
+    return "split" if split else "plain"
 
 
 def linear(x, weight, bias=None):
     """F.linear, or for the few rows of a decode step on a multi-core CPU, whichever of F.linear and
     the split-weight bmm measured faster for this weight shape here (see LINEAR_PATHS above). The
-    two give the same result, up to rounding."""
+    two give the same result, up to rounding. A quantized weight goes to quantized_linear."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
     n = torch.get_num_threads()
     rows = x.numel() // x.size(-1)
     if n == 1 or rows > 8 or x.device.type != "cpu" or weight.size(0) % n or torch.is_grad_enabled():
@@ -740,6 +752,227 @@ def is_lora_key(key):
 
 
 # -----------------------------------------------------------------------------
+# weight-only quantization
+
+# Decoding streams every weight from memory once per token, so storing the weights of the blocks in
+# 8 or 4 bits instead of 32 or 16 is the largest decode speed-up left, and makes a frozen LoRA base
+# (QLoRA) 4 to 8 times smaller. Weight-only and symmetric: the activations stay in floating point,
+# and a weight w stands for q * scale with q a small integer.
+#
+#   int8  one scale per output row (absmax / 127), q in -127..127
+#   int4  one scale per group_size consecutive inputs of a row (absmax / 7), q in -7..7, two a byte
+#
+# GPT.quantize replaces the weight Parameter of a Linear by a QuantizedWeight, and linear() sends
+# it here. Each matmul then takes one of two paths that compute the same product up to rounding:
+# "kernel", PyTorch's own (QUANT_KERNELS), which reads the integers; "dequantize", which rebuilds
+# the weight in the activation dtype and calls linear(), always possible. As for LINEAR_PATHS,
+# nothing is assumed: without gradients, for up to QUANT_MAX_ROWS rows, the two are timed once per
+# (bits, group, shape, rows rounded up to a power of two, dtype, device, threads) and the kernel is
+# kept only when its median time is below 0.9 of the dequantize path's (QUANT_PATHS; QUANT_FORCE
+# overrides). On the 2-core AMD EPYC this was written on (one thread, a shared machine), both
+# kernels ran a decode step's matmul about 2x faster than float32 with bf16 activations, and 10-40x
+# slower with float32 ones (not vectorised there): quantize a bf16 model for speed. From 64 rows on
+# they were slower than the dequantize path, 2-3x at 256 and 1024 rows, where the matmul is
+# compute-bound and one dequantized weight serves every row: longer prefills and training always
+# dequantize. Under autograd the weight is dequantized again in the backward pass instead of being
+# kept from the forward (_DequantizedMatmul): no layer's full-precision copy outlives its matmul,
+# which is what keeps a QLoRA base small while it trains.
+QUANT_PATHS = {}  # (bits, group_size, out, in, rows bucket, dtype, device type, threads) -> "kernel" | "dequantize"
+QUANT_FORCE = None  # None (measure) | "kernel" | "dequantize"
+QUANT_MAX_ROWS = 64  # more rows than this: the dequantize path, unmeasured
+QUANT_KERNELS = {  # (device type, bits) -> the kernel the "kernel" path calls, where torch has it for the device
+    ("cpu", 8): "torch._weight_int8pack_mm",
+    ("cuda", 8): "torch._weight_int8pack_mm",
+    ("cpu", 4): "torch._weight_int4pack_mm_for_cpu",
+    ("cuda", 4): "torch._weight_int4pack_mm",
+}
+QUANT_FORMATS = {  # what a checkpoint's "quantization" entry says of its tensors
+    8: "int8: W.q int8 (out, in), W.scale (out,) in the model's dtype; W = q * scale[:, None]",
+    4: "int4: W.q uint8 (out, in/2), byte j of a row = (q[2j] + 8) << 4 | (q[2j+1] + 8); W.scale (out, "
+       "in/group_size) in the model's dtype; W[n, k] = q[n, k] * scale[n, k // group_size]",
+}
+
+
+def quantize_int8(w):
+    """Symmetric int8 with one scale per output row: w (out, in) -> q int8 (out, in), scale (out,):
+
+        scale[n] = max_k |w[n, k]| / 127,    q[n, k] = round(w[n, k] / scale[n])  in -127..127
+
+    so that |w - q scale| <= scale / 2 everywhere. The scale is rounded to w's dtype first and q is
+    computed against the rounded scale, so the bound holds for the scale as it is stored (a bf16
+    rounding moves the largest |w| / scale to below 127.5, which still rounds to 127)."""
+    w32 = w.float()
+    scale = (w32.abs().amax(dim=1) / 127).to(w.dtype)
+    s = scale.float().clamp(min=torch.finfo(torch.float32).tiny)[:, None]  # a zero row: q = 0
+    return torch.round(w32 / s).clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(q, scale, dtype):
+    """q scale, (out, in) in dtype."""
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+def pack_int4(q):
+    """Integers q (out, in) in -8..7 -> uint8 (out, in/2): byte j of a row holds q[2j] + 8 in its
+    high four bits and q[2j+1] + 8 in its low four (the layout torch's CUDA int4 kernel packs from)."""
+    u = (q + 8).to(torch.uint8)
+    return u[:, 0::2] << 4 | u[:, 1::2]
+
+
+def unpack_int4(packed):
+    """The inverse of pack_int4: uint8 (out, in/2) -> int8 (out, in) in -8..7."""
+    nibbles = torch.stack((packed >> 4, packed & 15), dim=-1)  # (out, in/2, 2): the high one first
+    return nibbles.view(packed.size(0), -1).to(torch.int8) - 8
+
+
+def quantize_int4(w, group_size):
+    """Symmetric int4 in groups of group_size consecutive inputs: w (out, in) -> packed uint8
+    (out, in/2) (see pack_int4), scale (out, in/group_size):
+
+        scale[n, g] = max |w[n, gG : (g+1)G]| / 7,    q[n, k] = round(w[n, k] / scale[n, k // G])  in -7..7
+
+    so that |w - q scale| <= scale / 2 in every group (-8 stays unused: the range is symmetric).
+    As in quantize_int8 q is computed against the scale as stored."""
+    out, n_in = w.shape
+    w32 = w.float().view(out, n_in // group_size, group_size)
+    scale = (w32.abs().amax(dim=-1) / 7).to(w.dtype)
+    s = scale.float().clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+    q = torch.round(w32 / s).clamp(-7, 7).view(out, n_in).to(torch.int8)
+    return pack_int4(q), scale
+
+
+def dequantize_int4(packed, scale, dtype):
+    """q scale, group by group, (out, in) in dtype."""
+    q = unpack_int4(packed)
+    out, n_in = q.shape
+    return (q.view(out, scale.size(1), -1).to(dtype) * scale.to(dtype)[..., None]).view(out, n_in)
+
+
+class QuantizedWeight(nn.Module):
+    """The weight of a Linear in 8 or 4 bits (quantize_int8, quantize_int4), in place of its weight
+    Parameter: the state dict holds c_q.weight.q and c_q.weight.scale (QUANT_FORMATS), and linear()
+    multiplies by it. Frozen: nothing in it has a gradient; LoRA adapters train beside it."""
+
+    def __init__(self, weight, bits, group_size=None):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        self.out_features, self.in_features = weight.shape
+        with torch.no_grad():
+            q, scale = quantize_int8(weight) if bits == 8 else quantize_int4(weight, group_size)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.kernel_int4 = None  # (device, dtype, packed, scale_and_zeros) as torch's int4 kernel reads them
+        self.last_path = None  # the path of the last matmul without gradients, for bench.py
+
+    def numel(self):
+        return self.out_features * self.in_features
+
+    def dequantize(self, dtype=None):
+        """The weight (out, in) it stands for, in dtype (default the scale's, the model's)."""
+        dequantize = dequantize_int8 if self.bits == 8 else dequantize_int4
+        return dequantize(self.q, self.scale, dtype or self.scale.dtype)
+
+    def int4_kernel_weight(self, device, dtype):
+        """The weight and scales as torch's int4 kernel on this device takes them: its own packing of
+        the nibbles (made here, once, and kept beside q: another half byte per weight while the
+        kernel is in use) and (scale, zero) pairs (in/G, out, 2) in dtype, zero 0 (symmetric)."""
+        if self.kernel_int4 is None or self.kernel_int4[:2] != (device, dtype):
+            if device.type == "cuda":  # packs from our layout; inner k tiles: the largest that fits
+                tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+                packed = torch._convert_weight_to_int4pack(self.q, tiles)
+            else:  # the CPU kernel packs from one int32 per weight, 0..15 (it subtracts the 8)
+                packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.q).to(torch.int32) + 8, 2)
+            scale = self.scale.to(dtype).t()
+            self.kernel_int4 = (device, dtype, packed, torch.stack((scale, torch.zeros_like(scale)), -1).contiguous())
+        return self.kernel_int4[2:]
+
+    def extra_repr(self):
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"int{self.bits}{group}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def count_weights(module):
+    """The parameters of module, each shared tensor once, plus the weights its QuantizedWeights
+    stand for."""
+    return sum(p.numel() for p in module.parameters()) + sum(
+        m.numel() for m in module.modules() if isinstance(m, QuantizedWeight))
+
+
+def _dequantized_matmul(x, q, scale, bits):
+    """x (rows, in) W^T for W = q scale, rebuilt in x's dtype."""
+    if bits == 8:  # x (q scale)^T = (x q^T) scale: the row scales factor out of the matmul
+        return linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    return linear(x, dequantize_int4(q, scale, x.dtype))
+
+
+def _quantized_matmul(x, w, path):
+    """x (rows, in) W^T -> (rows, out), in x's dtype, by path "kernel" or "dequantize"."""
+    if path == "dequantize":
+        return _dequantized_matmul(x, w.q, w.scale, w.bits)
+    if w.bits == 8:
+        return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
+    packed, scale_and_zeros = w.int4_kernel_weight(x.device, x.dtype)
+    if x.is_cuda:
+        return torch._weight_int4pack_mm(x, packed, w.group_size, scale_and_zeros)
+    return torch._weight_int4pack_mm_for_cpu(x, packed, w.group_size, scale_and_zeros)
+
+
+def _quantized_path(x, w):
+    """The path for x (rows, in) times w without gradients, measured (see QUANT_PATHS above)."""
+    rows = x.size(0)
+    if rows > QUANT_MAX_ROWS:
+        return "dequantize"
+    bucket = 1 << (rows - 1).bit_length()  # a prompt of any length up to 64 costs at most 7 measurements
+    key = (w.bits, w.group_size, w.out_features, w.in_features, bucket, x.dtype, x.device.type, torch.get_num_threads())
+    path = QUANT_FORCE or QUANT_PATHS.get(key)
+    if path is None:
+        try:  # a kernel that refuses this input (its dtype, its shape, this device) is no candidate
+            _quantized_matmul(x, w, "kernel")
+            kernel = _faster(lambda: _quantized_matmul(x, w, "dequantize"), lambda: _quantized_matmul(x, w, "kernel"),
+                             x.device)
+        except (RuntimeError, NotImplementedError):
+            kernel = False
+        path = QUANT_PATHS[key] = "kernel" if kernel else "dequantize"
+        if not kernel:
+            w.kernel_int4 = None  # not used: give its memory back
+    return path
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """x W^T for a frozen quantized W under autograd. F.linear on the dequantized W would keep that
+    full-precision W alive until the backward pass, for every layer at once; this keeps only the
+    integers and dequantizes again for dx = dy W. W gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale, bits):
+        ctx.save_for_backward(q, scale)
+        ctx.bits = bits
+        return _dequantized_matmul(x, q, scale, bits)  # what the same rows compute without autograd
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, scale = ctx.saved_tensors
+        if ctx.bits == 8:  # dy (q scale) = (dy scale) q
+            return (dy * scale.to(dy.dtype)) @ q.to(dy.dtype), None, None, None
+        return dy @ dequantize_int4(q, scale, dy.dtype), None, None, None
+
+
+def quantized_linear(x, weight, bias=None):
+    """x W^T + b for a QuantizedWeight W, computed in the activation dtype: autocast's when it is
+    on (torch's int kernels are not on autocast's lists), else x's."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    x2 = x.reshape(-1, x.size(-1)).to(dtype).contiguous()  # (rows, in): the kernels take 2-D inputs
+    if torch.is_grad_enabled() and x2.requires_grad:
+        y = _DequantizedMatmul.apply(x2, weight.q, weight.scale, weight.bits)
+    else:
+        path = _quantized_path(x2, weight)
+        weight.last_path = QUANT_KERNELS.get((x.device.type, weight.bits), "kernel") if path == "kernel" else "dequantize"
+        y = _quantized_matmul(x2, weight, path)
+    y = y.view(*x.shape[:-1], weight.out_features)
+    return y if bias is None else y + bias.to(dtype)
+
+
+# -----------------------------------------------------------------------------
 # the model
 
 
@@ -764,6 +997,7 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.compiled_decode_step = None  # set by compile_decode()
+        self.quantization = None  # set by quantize(): {bits, group_size, quantize_head, format}
         if config.lora_rank > 0:
             self._add_lora()  # after the base init, so a seed gives the same base weights either way
 
@@ -917,6 +1151,8 @@ class GPT(nn.Module):
         learned to be unlikely outputs, which pushed them all the same way, so as inputs they are
         nearly one vector."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.wte.weight.device)
+        if isinstance(self.lm_head.weight, QuantizedWeight):
+            raise ValueError("reset_token_rows: the head is quantized (quantize_head); reset before quantizing")
         tables = [self.wte.weight] + ([] if self.config.tie_weights else [self.lm_head.weight])
         for w in tables:
             fresh = torch.randn(len(ids), w.size(1), generator=generator, device="cpu").to(w) * 0.02
@@ -1167,7 +1403,11 @@ class GPT(nn.Module):
         """Fold every adapter into its weight (W += scale B A): the model then runs as a plain GPT,
         at the plain cost (and the memory of one more copy of the adapted weights, kept to undo
         it). Merging twice is refused. Train only unmerged: merged, the adapters are bypassed and
-        get no gradient. state_dict() is the same merged or not."""
+        get no gradient. state_dict() is the same merged or not. A quantized base is refused: it has
+        no full-precision weight to fold into (merged_state_dict() dequantizes for an export)."""
+        if self.quantization:
+            raise ValueError(f"merge_lora: the base weights are int{self.quantization['bits']} (quantize): "
+                             "use merged_state_dict() for the merged weights, dequantized")
         for layer in self.lora_layers():
             layer.merge()
 
@@ -1191,14 +1431,24 @@ class GPT(nn.Module):
                 layer.enabled = True
 
     def merged_state_dict(self):
-        """The weights of the plain GPT this model computes: adapters folded in, adapter keys
-        left out. Loads strictly into GPT(dataclasses.replace(config, lora_rank=0)). The model
-        itself is left as it is, merged or not."""
+        """The weights of the plain full-precision GPT this model computes: adapters folded in,
+        adapter keys left out, quantized weights dequantized (here, once: the export of a QLoRA
+        run). Loads strictly into GPT(dataclasses.replace(config, lora_rank=0)). The model itself
+        is left as it is, merged or not, quantized or not."""
         sd = {k: v for k, v in self.state_dict().items() if not is_lora_key(k)}
         for name, layer in self.named_modules():
-            if isinstance(layer, LoRALinear):
+            if not isinstance(layer, Linear):
+                continue
+            if isinstance(layer.weight, QuantizedWeight):
+                del sd[name + ".weight.q"], sd[name + ".weight.scale"]
+                w = layer.weight.dequantize()
+            else:
                 w = layer.weight.detach()  # the merged weight itself when merged
-                sd[name + ".weight"] = w if layer.merged else (upcast(w) + layer.delta_weight().detach()).to(w.dtype)
+            if isinstance(layer, LoRALinear) and not layer.merged:
+                w = (upcast(w) + layer.delta_weight().detach()).to(w.dtype)
+            sd[name + ".weight"] = w
+        if self.config.tie_weights:  # a quantized copy of a tied head is the table, which is exact
+            sd["lm_head.weight"] = sd["wte.weight"]
         return sd
 
     def lora_state_dict(self):
@@ -1239,6 +1489,60 @@ class GPT(nn.Module):
         self._check_keys("base state dict", sd, own)
         self.load_state_dict(sd, strict=False)
 
+    # --- quantization ------------------------------------------------------------
+
+    @torch.no_grad()
+    def quantize(self, bits, group_size=None, quantize_head=False):
+        """Store the weight of every linear layer of the blocks in bits = 8 (int8, a scale per
+        output row) or 4 (int4, a scale per group_size = 32 | 64 | 128 inputs, two weights a byte),
+        weight-only and symmetric (see quantize_int8, quantize_int4); the matmuls then read the
+        integers (quantized_linear). Quantize in the dtype the model will run in: the scales are
+        stored in it. -> the model. Refused with a ValueError naming the setting: other bits, a
+        group_size that does not divide a layer's input width, a model already quantized, LoRA
+        adapters merged into the weights (the base must be the pretrained one; unmerge first).
+
+        Left in floating point: the MoE routers (n_expert x n_embd, a rounding error there changes
+        which expert a token goes to rather than nudging an output), the scalar head, the norms,
+        and unless quantize_head the token embedding and LM head: the head's logits are the most
+        precision-sensitive numbers of the model (every weight of it moves every logit of the
+        softmax), and a tied head is the embedding table itself. With quantize_head a tied head
+        gets a quantized copy of the table for its matmul, the lookup keeps the table.
+
+        LoRA adapters stay in full precision beside a quantized weight and train on it (QLoRA):
+        add them first (lora_rank in the config), then quantize. state_dict() then holds the
+        integers and scales (QUANT_FORMATS) and the adapters; merged_state_dict() the merged
+        weights, dequantized."""
+        if bits not in (8, 4):
+            raise ValueError(f"quantize: bits={bits!r}: 8 (int8, a scale per output row) or 4 (int4, group-wise)")
+        if bits == 8 and group_size is not None:
+            raise ValueError(f"quantize: group_size={group_size}: int8 has one scale per output row, no groups "
+                             "(group_size is for bits=4)")
+        if bits == 4 and group_size not in (32, 64, 128):
+            raise ValueError(f"quantize: group_size={group_size!r}: int4 groups are 32, 64 or 128 inputs")
+        if self.quantization:
+            raise ValueError(f"quantize: the model is already int{self.quantization['bits']}; quantize once, "
+                             "from the full-precision weights")
+        if any(layer.merged for layer in self.lora_layers()):
+            raise ValueError("quantize: the LoRA adapters are merged into the weights (merge_lora); unmerge_lora() "
+                             "first: a quantized base keeps its adapters beside it")
+        layers = [(name, m) for name, m in self.named_modules() if isinstance(m, Linear)
+                  and linear_role(name) != "router" and (name != "lm_head" or quantize_head)]
+        for name, m in layers:
+            if bits == 4 and m.in_features % group_size:
+                raise ValueError(f"quantize: group_size={group_size} does not divide the input width "
+                                 f"{m.in_features} of {name}")
+        for name, m in layers:  # the float weight is freed as its layer is done
+            weight = m.weight.detach()
+            del m.weight  # a Parameter's name takes only a Parameter: free it for the module
+            m.weight = QuantizedWeight(weight, bits, group_size)
+            del weight
+        self.quantization = dict(bits=bits, group_size=group_size, quantize_head=quantize_head,
+                                 format=QUANT_FORMATS[bits])
+        return self
+
+    def quantized_weights(self):
+        return [m for m in self.modules() if isinstance(m, QuantizedWeight)]
+
     # --- a larger vocabulary -----------------------------------------------------
 
     @torch.no_grad()
@@ -1255,6 +1559,8 @@ class GPT(nn.Module):
         if isinstance(self.lm_head, LoRALinear):
             raise ValueError("resize_vocab: the head has LoRA adapters (lora_targets has lm_head); "
                              "resize before adding them")
+        if isinstance(self.lm_head.weight, QuantizedWeight):
+            raise ValueError("resize_vocab: the head is quantized (quantize_head); resize before quantizing")
 
         def grown(w):  # (old, C) -> (vocab_size, C)
             mean = upcast(w).mean(dim=0, keepdim=True).to(w.dtype)
@@ -1269,27 +1575,32 @@ class GPT(nn.Module):
     # --- sizes, FLOPs, optimizer -----------------------------------------------
 
     def num_params(self, non_embedding=True, active=False):
-        """Parameters, each shared tensor counted once. As in nanoGPT, non_embedding leaves out
-        the position table (the token table stays: with tied weights it is also the LM head).
-        active counts only what one token uses: n_expert_active of each MoE layer's routed experts."""
-        n = sum(p.numel() for p in self.parameters())
+        """Parameters, each shared tensor counted once, a quantized weight as the numbers it stands
+        for. As in nanoGPT, non_embedding leaves out the position table (the token table stays: with
+        tied weights it is also the LM head). active counts only what one token uses:
+        n_expert_active of each MoE layer's routed experts."""
+        n = count_weights(self)
+        if self.config.tie_weights and isinstance(self.lm_head.weight, QuantizedWeight):
+            n -= self.lm_head.weight.numel()  # a quantized copy of the tied table: the same weights
         if non_embedding and self.config.pos_emb == "learned":
             n -= self.wpe.weight.numel()
         if active:
             for moe in self.moe_layers():
-                n -= (moe.n_expert - moe.k) * sum(p.numel() for p in moe.experts[0].parameters())
+                n -= (moe.n_expert - moe.k) * count_weights(moe.experts[0])
         return n
 
     def flops_per_token(self, T=None):
         """Training FLOPs (forward + backward) per token for sequences of length T: 6 per weight
         (2 forward, 4 backward) plus attention's QK^T and AV, as in the PaLM paper's appendix.
         With MoE only the active weights count: a token skips the experts it is not routed to.
-        A frozen weight (LoRA) costs 4, not 6: its own gradient is never computed."""
+        A frozen weight (LoRA, a quantized base) costs 4, not 6: its own gradient is never computed."""
         cfg = self.config
         T = cfg.block_size if T is None else T
         context = T if cfg.sliding_window is None else min(T, cfg.sliding_window + cfg.n_sink)
         n_active = self.num_params(active=True)
-        n_frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad) if cfg.lora_rank else 0
+        n_frozen = 0
+        if cfg.lora_rank or self.quantization:
+            n_frozen = self.num_params(non_embedding=False) - sum(p.numel() for p in self.parameters() if p.requires_grad)
         return 6 * n_active - 2 * min(n_frozen, n_active) + 12 * cfg.n_layer * cfg.n_embd * context
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -1552,7 +1863,7 @@ def to_hf(model, bos_token_id=None, eos_token_id=None):
     GPT2LMHeadModel or LlamaForCausalLM (hf_architecture refuses the rest). A LoRA model goes out
     with its adapters merged into the weights; a bias=False GPT-2 with zero biases."""
     cfg = model.config
-    sd = model.merged_state_dict() if cfg.lora_rank else model.state_dict()
+    sd = model.merged_state_dict() if cfg.lora_rank or model.quantization else model.state_dict()
     cfg = replace(cfg, lora_rank=0)
     arch = hf_architecture(cfg)
     dtype = str(sd["wte.weight"].dtype).removeprefix("torch.")

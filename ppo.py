@@ -99,6 +99,8 @@ lora_rank = 0  # > 0: train low-rank adapters (and the value head) only; the ref
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+quantize = "none"  # none | int8 | int4 frozen base weights: with lora_rank > 0, QLoRA
+quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # rollout
 prompts_per_iter = 64  # P prompts per iteration per process
 samples_per_prompt = 1  # completions sampled for each prompt (PPO needs no group; a prompt's share its prefill)
@@ -200,7 +202,8 @@ value = None
 try:
     # the saved policy is a plain GPT: a shared value head is stored beside it, and goes back on here
     model = common.model_from_checkpoint(ckpt, ckpt_path, {"scalar_head": shared} if resumed else
-                                         dict(train_args, scalar_head=shared))
+                                         dict(train_args, scalar_head=shared), quantize=quantize,
+                                         quant_group_size=quant_group_size, trains=not eval_only)
     if shared and resumed:
         model.score_head.load_state_dict(ckpt["value_head"])
     elif resumed:  # separate: the value network as it was saved

@@ -69,6 +69,8 @@ lora_rank = 0  # > 0: train low-rank adapters (and the scalar head) only
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+quantize = "none"  # none | int8 | int4 weights (frozen): train LoRA on them (QLoRA) or evaluate (eval_only)
+quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # reward
 loss = "bt"  # bt (Bradley-Terry) | margin_ranking | bt_margin (Bradley-Terry with a margin, Llama 2)
 margin = 1.0  # the margin m of a pair without a margin field (margin_ranking, bt_margin)
@@ -135,7 +137,8 @@ def pair_margins(pairs):
 
 train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
-    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else {**train_args, "scalar_head": True})
+    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else {**train_args, "scalar_head": True},
+                                         quantize=quantize, quant_group_size=quant_group_size, trains=not eval_only)
 except ValueError as e:
     sys.exit(f"init_from: {e}")
 if not model.config.scalar_head:

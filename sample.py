@@ -17,6 +17,13 @@ is needed.
 Export a checkpoint for transformers (AutoModelForCausalLM, AutoTokenizer), then exit:
     python sample.py --out_dir=out-sft --export_hf=out-sft-hf
 
+Quantize the weights at load (weight-only, model.quantize), or write a quantized checkpoint that
+loads anywhere a checkpoint is taken. With bf16 activations (--dtype=bfloat16) the CPU's int8 and
+int4 kernels run; with float32 ones each matmul usually dequantizes its weight (model.QUANT_PATHS):
+    python sample.py --out_dir=out-shakespeare --quantize=int8 --dtype=bfloat16
+    python sample.py --out_dir=out-shakespeare --quantize=int4 --quant_group_size=64 --export_quantized=out-shakespeare/int4.pt
+    python sample.py --ckpt=out-shakespeare/int4.pt
+
 It prints each sample as it is generated, separated by a line of dashes, and on stderr the speed:
     [sample 1: 500 tokens in 1.42s, 352 tokens/s]
 
@@ -38,7 +45,7 @@ import time
 import torch
 
 import common
-from model import GPT, GPTConfig, from_nanogpt, save_hf
+from model import GPT, from_nanogpt, save_hf
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -47,6 +54,7 @@ ckpt = ""  # a checkpoint file to load instead of out_dir's (nanoGPT's ckpt.pt f
 init_from = ""  # the same as ckpt, by the name train.py and sft.py give it
 nanogpt_meta = ""  # a nanoGPT char-level meta.pkl, for a nanoGPT checkpoint of such a dataset
 export_hf = ""  # a folder to write the model to for transformers (config.json, model.safetensors, tokenizer), then exit
+export_quantized = ""  # a checkpoint file to write the model to as quantize makes it (smaller), then exit
 # sampling
 start = "\n"  # the prompt, or FILE:path to read it from a file
 allow_special = False  # True: special-token strings in the prompt (<|endoftext|>) become those tokens
@@ -62,6 +70,8 @@ system = ""  # chat: a system message that opens the conversation (empty: none)
 seed = 1337
 device = "auto"
 dtype = "auto"  # auto | float32 | bfloat16 | float16
+quantize = "none"  # none | int8 | int4: weight-only, applied at load (a quantized checkpoint loads as it was stored)
+quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 compile = False  # torch.compile the decode step, kept only where it measures faster (model.compile_decode)
 # -----------------------------------------------------------------------------
 
@@ -99,34 +109,34 @@ class CharTokenizer:
 
 
 def load(out_dir, ckpt_path):
-    """-> (model, tokenizer, checkpoint path) from a checkpoint of ours or of nanoGPT."""
+    """-> (model, tokenizer, checkpoint path, meta) from a checkpoint of ours (meta: its dataset's
+    and tokenizer's) or of nanoGPT (meta None), quantized as the checkpoint or quantize says."""
     if not ckpt_path:
         if not os.path.isdir(out_dir):
             raise FileNotFoundError(f"out_dir {out_dir!r} does not exist; train first or pass --ckpt=FILE")
         best, last = os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "ckpt.pt")
         ckpt_path = best if os.path.isfile(best) else last
     checkpoint = common.load_checkpoint(ckpt_path)
-    if "meta" in checkpoint:  # ours
-        config = GPTConfig(**checkpoint["model_args"])
-        state_dict = common.clean_state_dict(checkpoint["model"])
-        tokenizer = common.tokenizer_from_meta(checkpoint["meta"])
-    else:  # nanoGPT's: no meta; a char-level vocabulary from its meta.pkl, else GPT-2's
-        config, state_dict = from_nanogpt(checkpoint["model"], checkpoint["model_args"])
-        if nanogpt_meta:
-            tokenizer = CharTokenizer(nanogpt_meta)
-        elif config.vocab_size in (50257, 50304):
-            import bpe
+    if "meta" in checkpoint:  # ours, quantized or not
+        model = common.model_from_checkpoint(checkpoint, ckpt_path, quantize=quantize, quant_group_size=quant_group_size)
+        return model, common.tokenizer_from_meta(checkpoint["meta"]), ckpt_path, checkpoint["meta"]
+    # nanoGPT's: no meta; a char-level vocabulary from its meta.pkl, else GPT-2's
+    config, state_dict = from_nanogpt(checkpoint["model"], checkpoint["model_args"])
+    if nanogpt_meta:
+        tokenizer = CharTokenizer(nanogpt_meta)
+    elif config.vocab_size in (50257, 50304):
+        import bpe
 
-            tokenizer = bpe.gpt2_tokenizer(("<|endoftext|>",))
-        else:
-            raise ValueError(f"{ckpt_path} is a nanoGPT checkpoint with a {config.vocab_size}-token vocabulary: "
-                             f"pass its char-level meta.pkl with --nanogpt_meta=PATH")
+        tokenizer = bpe.gpt2_tokenizer(("<|endoftext|>",))
+    else:
+        raise ValueError(f"{ckpt_path} is a nanoGPT checkpoint with a {config.vocab_size}-token vocabulary: "
+                         f"pass its char-level meta.pkl with --nanogpt_meta=PATH")
     model = GPT(config)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {ckpt_path} does not fit its own model config: {e}") from None
-    return model, tokenizer, ckpt_path
+    return common.quantize_model(model, quantize, quant_group_size), tokenizer, ckpt_path, None
 
 
 def encode_prompt(tokenizer, text):
@@ -148,11 +158,15 @@ def main():
     dt = common.pick_dtype(dtype, device_type)
     if ckpt and init_from and ckpt != init_from:
         raise ValueError(f"--ckpt={ckpt} and --init_from={init_from} name two checkpoints; give one")
-    model, tokenizer, path = load(out_dir, ckpt or init_from)
+    model, tokenizer, path, meta = load(out_dir, ckpt or init_from)
     model.eval().to(dev)
-    print(f"loaded {path}: {model.num_params() / 1e6:.2f}M parameters, {tokenizer.kind} tokenizer", file=sys.stderr)
+    q = model.quantization or {}
+    weights = f", int{q['bits']} weights" + (f" in groups of {q['group_size']}" if q["group_size"] else "") if q else ""
+    print(f"loaded {path}: {model.num_params() / 1e6:.2f}M parameters, {tokenizer.kind} tokenizer{weights}", file=sys.stderr)
     if export_hf:
         return export(model, tokenizer, export_hf)
+    if export_quantized:
+        return save_quantized(model, meta, path, export_quantized)
     if dt == "auto":  # a CPU with bf16 instructions: bf16 weights only where they measure faster here
         model, dt = common.choose_decode_dtype(model, dev)
         print(f"dtype auto: decoding in {dt} (measured)", file=sys.stderr)
@@ -203,6 +217,21 @@ def export(model, tokenizer, folder):
             print(f"note: the tokenizer is not written: {e}", file=sys.stderr)
     print(f"wrote {written} to {folder}: {hf['architectures'][0]}" +
           (" (LoRA adapters merged)" if model.config.lora_rank else ""), file=sys.stderr)
+
+
+def save_quantized(model, meta, path, out):
+    """Write the model as it is now (quantize=int8 | int4: the integers and scales, and the format
+    in the checkpoint's "quantization" entry) to the checkpoint file out, which loads wherever a
+    checkpoint is taken."""
+    if not model.quantization:
+        raise ValueError("export_quantized needs quantize=int8 or quantize=int4 (or a quantized checkpoint)")
+    if meta is None:
+        raise ValueError(f"export_quantized: {path} carries no tokenizer (meta): only checkpoints of this repository")
+    common.save_checkpoint({"model": model.state_dict(), "model_args": model.config.to_dict(),
+                            "quantization": model.quantization, "meta": meta, "source": path,
+                            "git": common.git_commit()}, out)
+    print(f"wrote {out}: {os.path.getsize(out) / 1e6:.1f} MB ({os.path.getsize(path) / 1e6:.1f} MB as read from {path})"
+          if os.path.isfile(path) else f"wrote {out}", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,9 @@ latest state, for resume, the same format as train.py's, so sample.py loads it),
 weights with the best val loss), log.jsonl and samples.txt (prompts, references and the model's
 answers at each eval). With lora_rank > 0 only adapters train (and with train_embeddings the token
 embedding too); best.pt and, at the end, merged.pt hold the plain model with the adapters folded
-in, and lora.pt the adapters alone (and the embedding), to load on top of the base.
+in, and lora.pt the adapters alone (and the embedding), to load on top of the base. With quantize
+= int8 | int4 too, the base stays quantized while the adapters train (QLoRA), and merged.pt is the
+base dequantized once, with the adapters folded in.
 
 A tiny run on a laptop CPU (about 10 minutes, after python train.py config/tiny_shakespeare.py):
     python sft.py config/sft_tasks.py
@@ -22,9 +24,11 @@ A tiny run on a laptop CPU (about 10 minutes, after python train.py config/tiny_
 One GPU, or several:
     python sft.py --init_from=out/ckpt.pt --sft_dataset=my_chats --batch_size=64 --out_dir=out-sft
     torchrun --standalone --nproc_per_node=8 sft.py --init_from=out/ckpt.pt --gradient_accumulation_steps=8
-Resume, or measure a checkpoint without training:
+Resume, or measure a checkpoint without training (quantized too), or LoRA on an int4 base (QLoRA):
     python sft.py config/sft_tasks.py --init_from=resume
     python sft.py config/sft_tasks.py --eval_only=True --eval_prompts=100000 --out_dir=out-sft-base
+    python sft.py config/sft_tasks.py --init_from=out-sft/best.pt --eval_only=True --quantize=int8 --out_dir=out-sft-int8
+    python sft.py config/sft_tasks_lora.py --quantize=int4 --out_dir=out-sft-qlora
 
 A healthy run prints the resolved config, the data (conversations, tokens, what was dropped), then
 (config/sft_tasks.py on 2 CPU cores)
@@ -68,6 +72,8 @@ lora_rank = 0  # > 0: train low-rank adapters only, save the merged model and th
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
 lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+quantize = "none"  # none | int8 | int4 weights (frozen): train LoRA on them (QLoRA) or evaluate (eval_only)
+quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # sft
 curriculum = "none"  # none | length | difficulty: the first epoch runs from easy to hard (difficulty field, else length)
 eval_prompts = 240  # held-out prompts answered greedily at each eval, balanced over task and difficulty (0 = none)
@@ -194,7 +200,8 @@ def get_batch(seqs):
 
 train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
-    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args)
+    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args, quantize=quantize,
+                                         quant_group_size=quant_group_size, trains=not eval_only)
     if model.config.vocab_size < tok.n_vocab:  # chat tokens appended above: rows for them
         model.resize_vocab(meta["vocab_size"])
 except ValueError as e:
@@ -325,6 +332,7 @@ if raw_model.config.lora_rank > 0 and not eval_only and not loop.nonfinite and m
     if raw_model.wte.weight.requires_grad:  # trained with them: it goes with them
         adapters["embedding"] = raw_model.wte.weight.detach().clone()
     common.save_checkpoint({**adapters, "model_args": raw_model.config.to_dict(), "iter_num": loop.iter_num,
+                            "quantization": raw_model.quantization,  # the base they were trained on
                             "config": config, "git": common.git_commit(), "stage": "sft", "base": base},
                            os.path.join(out_dir, "lora.pt"))
     print(f"saved {os.path.join(out_dir, 'merged.pt')} (adapters merged) and {os.path.join(out_dir, 'lora.pt')} "

@@ -14,9 +14,12 @@ Several GPUs on one node, or two nodes (run the second command on each node, wit
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
         train.py config/gpt2_124m.py
-Resume, or fine-tune from a checkpoint (with LoRA, say):
+Resume, or fine-tune from a checkpoint (with LoRA, say, or LoRA on an int4 base: QLoRA), or measure one:
     python train.py config/tiny_shakespeare.py --init_from=resume
     python train.py --init_from=out/ckpt.pt --lora_rank=8 --learning_rate=1e-3 --out_dir=out-lora
+    python train.py --init_from=out/ckpt.pt --lora_rank=8 --quantize=int4 --learning_rate=1e-3 --out_dir=out-qlora
+    python train.py config/tiny_shakespeare.py --init_from=out-shakespeare/best.pt --eval_only=True --quantize=int8 \
+        --out_dir=out-eval-int8
 
 A healthy run prints the resolved config, then lines such as (loss is the cross-entropy; a MoE
 model adds its aux_loss, z_loss and load_cv beside it)
@@ -80,6 +83,8 @@ distill_alpha = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * D(teacher_T || st
 distill_temperature = 2.0  # T, the temperature of both distributions in the distillation term
 distill_loss = "forward_kl"  # forward_kl | reverse_kl | jsd (the generalized JSD of GKD)
 distill_beta = 0.5  # jsd's interpolation: m = beta p + (1 - beta) q
+quantize = "none"  # none | int8 | int4 weights (frozen): train LoRA on them (QLoRA) or evaluate (eval_only)
+quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # optimizer
 learning_rate = 1e-3  # peak
 max_iters = 5000  # total iterations
@@ -159,7 +164,7 @@ model_args["vocab_size"] = meta["vocab_size"]
 ckpt, resumed = None, False
 if init_from == "scratch":
     try:
-        model = GPT(GPTConfig(**model_args))
+        model = common.quantize_model(GPT(GPTConfig(**model_args)), quantize, quant_group_size, trains=not eval_only)
     except ValueError as e:
         sys.exit(f"config error: {e}")
 else:
@@ -167,7 +172,8 @@ else:
     try:
         if "meta" in ckpt:  # the checkpoint's ids must mean what the dataset's ids mean
             common.check_same_tokenizer(ckpt["meta"], f"init_from={path}", meta, f"dataset {dataset}")
-        model = common.model_from_checkpoint(ckpt, path, None if resumed else model_args)
+        model = common.model_from_checkpoint(ckpt, path, None if resumed else model_args, quantize=quantize,
+                                             quant_group_size=quant_group_size, trains=not eval_only)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if master:
