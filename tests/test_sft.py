@@ -255,3 +255,27 @@ def test_lora_with_train_embeddings_changes_only_adapters_and_the_embedding(sft_
     adapted.load_state_dict(b["model"])
     x = torch.randint(0, 256, (2, 16))
     torch.testing.assert_close(again(x)[0], adapted(x)[0])
+
+
+def test_rows_of_ids_pretraining_never_saw_restart(sft_setup):
+    # train.py records the ids its text never had; SFT restarts their embedding rows (norm: random
+    # directions as long as the other rows), and only theirs
+    base, data, tmp = sft_setup
+    ckpt = common.load_checkpoint(base)
+    unseen = list(range(48, 58)) + list(range(256, 261))  # the digits and the special tokens
+    ckpt["meta"]["unseen_ids"] = unseen
+    marked = str(tmp / "marked.pt")
+    common.save_checkpoint(ckpt, marked)
+    out = str(tmp / "out")
+    res = sft(marked, data, out, "--max_iters=1", "--eval_interval=1", "--learning_rate=0", "--min_lr=0",
+              "--eval_prompts=0")
+    assert "re-initialised the embedding rows of the 15 ids the pretraining text never contained (norm)" in res.stdout
+    before, after = ckpt["model"]["wte.weight"], common.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]["wte.weight"]
+    changed = {i for i in range(before.size(0)) if not torch.equal(before[i], after[i])}
+    assert changed == set(unseen)
+    others = [i for i in range(before.size(0)) if i not in changed]
+    torch.testing.assert_close(after[unseen].norm(dim=1), torch.full((15,), before[others].norm(dim=1).mean().item()))
+    assert torch.nn.functional.normalize(after[unseen], dim=1).matmul(
+        torch.nn.functional.normalize(after[unseen], dim=1).T).triu(1).abs().max() < 0.9  # no longer one vector
+    res = sft(marked, data, str(tmp / "bad"), "--reinit_unseen=zero", check=False)
+    assert res.returncode != 0 and "reinit_unseen must be none | init | norm" in res.stderr
