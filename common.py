@@ -1547,8 +1547,9 @@ class Logger:
     def log(self, step, prefix=None, **values):
         if not self.enabled:
             return
-        # six significant digits, not decimals: a KL of 3e-7 must not log as 0
-        values = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in values.items() if v is not None}
+        # floats at full precision: rounding to a few decimals logged a KL of 3e-7 as 0, and to a few
+        # digits made an int8 and an fp32 val loss equal; the printed line is the short one
+        values = {k: v for k, v in values.items() if v is not None}
         print((prefix + " " if prefix else "") + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()), flush=True)
         self.file.write(json.dumps(values) + "\n")
         self.file.flush()
