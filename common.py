@@ -553,11 +553,18 @@ def model_from_checkpoint(ckpt, path, train_args=None, quantize="none", quant_gr
     """The GPT a checkpoint holds. The architecture is the checkpoint's; of train_args (a script's
     model settings) only what is training-only may change it: dropout, the lora_* fields (a plain
     checkpoint fine-tuned with adapters) and scalar_head (an SFT model becoming a reward model,
-    with a fresh head). A resume passes none. A quantized checkpoint loads as it was stored (its
+    with a fresh head). A resume passes none. A LoRA checkpoint given train_args (a new stage) has
+    its adapters merged first. A quantized checkpoint loads as it was stored (its
     "quantization" entry); quantize (none | int8 | int4, int4 in groups of quant_group_size) is
     a stage's setting, applied after loading, see quantize_model; trains: the stage will train it."""
     from model import GPT, GPTConfig
 
+    if train_args is not None and ckpt["model_args"].get("lora_rank", 0) > 0:
+        # a LoRA checkpoint starting a new stage: its adapters are folded into the weights first, so
+        # the model starts as what it computes, and fresh adapters start from that (their
+        # reference, the weights with adapters off, is then the starting policy, not its base)
+        inner = model_from_checkpoint(ckpt, path)
+        ckpt = {"model": inner.merged_state_dict(), "model_args": dict(ckpt["model_args"], lora_rank=0)}
     model_args = dict(ckpt["model_args"])
     for k, v in (train_args or {}).items():
         if k in ("dropout", "scalar_head") or k.startswith("lora_"):
@@ -653,18 +660,26 @@ def mean_loss(model, batches, ctx, ddp, weight=None):
     return (total[0] / total[1]).item()
 
 
-def load_teacher(path, meta, device, distill_loss, distill_alpha):
-    """A distillation teacher: a checkpoint of this repository, frozen, in eval mode, on device.
-    It must share the student's tokenizer (compared from both metas: the error names both).
-    Checks the distillation settings too. -> the teacher model."""
-    if distill_loss not in ("forward_kl", "reverse_kl", "jsd") or not 0.0 <= distill_alpha <= 1.0:
-        raise ValueError(f"distill_loss must be forward_kl | reverse_kl | jsd and 0 <= distill_alpha <= 1, "
-                         f"got {distill_loss!r} and {distill_alpha}")
-    ckpt = load_checkpoint(path)
-    if "meta" not in ckpt:
-        raise ValueError(f"teacher {path} carries no tokenizer (meta): not a checkpoint of this repository")
-    check_same_tokenizer(ckpt["meta"], f"teacher {path}", meta, "the student")
-    return model_from_checkpoint(ckpt, path).to(device).eval().requires_grad_(False)
+def load_teacher(path, meta, ddp, distill_loss, distill_alpha, distill_temperature):
+    """A distillation teacher (train.py and sft.py): a checkpoint of this repository, frozen, in eval
+    mode, on the device. It must share the student's tokenizer (compared from both metas: the
+    message names both). The distillation settings are checked too, and the master says what the
+    loss is. -> the teacher model; exits with a one-line message when anything is wrong."""
+    try:
+        if distill_loss not in ("forward_kl", "reverse_kl", "jsd") or not 0.0 <= distill_alpha <= 1.0:
+            raise ValueError(f"distill_loss must be forward_kl | reverse_kl | jsd and 0 <= distill_alpha <= 1, "
+                             f"got {distill_loss!r} and {distill_alpha}")
+        ckpt = load_checkpoint(path)
+        if "meta" not in ckpt:
+            raise ValueError(f"teacher {path} carries no tokenizer (meta): not a checkpoint of this repository")
+        check_same_tokenizer(ckpt["meta"], f"teacher {path}", meta, "the student")
+        teacher = model_from_checkpoint(ckpt, path).to(ddp.device).eval().requires_grad_(False)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"teacher: {e}")
+    if ddp.master:
+        print(f"teacher {path}: {teacher.num_params() / 1e6:.2f}M parameters; loss = {1 - distill_alpha:g} CE "
+              f"+ {distill_alpha:g} T^2 {distill_loss} at T = {distill_temperature:g}")
+    return teacher
 
 
 class RewardModel:
@@ -924,8 +939,8 @@ def read_preferences(path):
             prompt, chosen, rejected = c[:n], c[n]["content"], r[n]["content"]
         if not prompt:
             raise ValueError("the prompt is empty")
-        margin = obj.get("margin")
-        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        margin = obj.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):  # null included
             raise ValueError(f"'margin' must be a number, got {margin!r:.40}")
         row = {k: obj[k] for k in ("margin", "task", "difficulty", "answer") if k in obj}
         return {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -942,8 +957,12 @@ def render_pairs(rows, tok, max_len):
         if row["chosen"] == row["rejected"]:
             same += 1
             continue
-        c = tok.render_conversation(row["prompt"] + [{"role": "assistant", "content": row["chosen"]}])
-        r = tok.render_conversation(row["prompt"] + [{"role": "assistant", "content": row["rejected"]}])
+        # the reply mask covers the final reply and its <|end|> only: an earlier assistant turn of a
+        # multi-turn prompt is prompt, the same in both, and must not count as reply tokens
+        n_prompt = len(tok.render_prompt(row["prompt"]))
+        c, r = (tok.render_conversation(row["prompt"] + [{"role": "assistant", "content": row[k]}])
+                for k in ("chosen", "rejected"))
+        c, r = ((ids, [0] * n_prompt + mask[n_prompt:]) for ids, mask in (c, r))
         if max(len(c[0]), len(r[0])) > max_len:
             long += 1
             continue
@@ -1046,7 +1065,9 @@ class Loop:
     config is the stage's resolved settings: out_dir, max_iters, eval_interval, log_interval,
     eval_only, always_save_checkpoint and the wandb_* keys are read from it by name. checkpoint()
     and save_best() write out_dir/ckpt.pt (with **loop.state() in it) and out_dir/best.pt.
-    resume_from is the checkpoint being resumed, or None.
+    resume_from is the checkpoint being resumed, or None. metric names what evaluated() is given,
+    lower being better (the RL stages follow err_rl, not a loss); the checkpoint keeps it as
+    best_val_loss either way.
 
     Exact resume: the checkpoint records the last evaluated iteration (a Ctrl-C checkpoint is
     written after the iteration counter moved on, possibly onto an eval boundary that was not
@@ -1054,8 +1075,8 @@ class Loop:
     evaluates and saves exactly what the uninterrupted run would have.
     """
 
-    def __init__(self, config, ddp, resume_from, checkpoint, save_best):
-        self.ddp, self.checkpoint, self.save_best = ddp, checkpoint, save_best
+    def __init__(self, config, ddp, resume_from, checkpoint, save_best, metric="val loss"):
+        self.ddp, self.checkpoint, self.save_best, self.metric = ddp, checkpoint, save_best, metric
         self.max_iters, self.eval_interval = config["max_iters"], config["eval_interval"]
         self.log_interval, self.eval_only = config["log_interval"], config["eval_only"]
         self.always_save = config["always_save_checkpoint"]
@@ -1157,7 +1178,7 @@ class Loop:
         self.ddp.check_in_sync(model)
         if self.ddp.master and not self.nonfinite and not self.eval_only:
             print(f"done: {self.iter_num - self.start_iter} iterations in {time.time() - self.t_start:.1f}s, "
-                  f"best val loss {self.best_val_loss:.4f}")
+                  f"best {self.metric} {self.best_val_loss:.4f}")
         self.logger.close()
         self.ddp.close()
         if self.nonfinite:
@@ -1448,10 +1469,12 @@ def evaluate_rl(loop, model, examples, pass_examples, tok, ctx, config):
     (config's eval_batch_size, eval_max_new_tokens, pass_k_samples, seed), plus err_rl, the number
     best.pt follows: 1 - the mean greedy exact match over the trained cells (rl_tasks; all prompts
     when it names none). The stats go to the log as an "answers" line (with s, the seconds it
-    took), eval_show examples to out_dir/samples.txt, and err_rl to loop.evaluated, which saves
-    ckpt.pt and best.pt. -> the stats."""
+    took), eval_show examples to out_dir/samples.txt. -> the stats ({} without prompts); the stage
+    hands err_rl to loop.evaluated, which saves ckpt.pt and best.pt."""
     from data.tasks.tasks import exact_match
 
+    if not (examples or pass_examples):
+        return {}
     t0 = time.time()
     ddp = loop.ddp
     stats, answers = evaluate_policy(model, examples, pass_examples, tok, ctx, ddp, config["eval_batch_size"],
@@ -1463,7 +1486,6 @@ def evaluate_rl(loop, model, examples, pass_examples, tok, ctx, config):
         write_samples(os.path.join(config["out_dir"], "samples.txt"), examples, answers, loop.iter_num,
                       config["eval_show"], exact_match)
     loop.log("answers", **stats, s=time.time() - t0)
-    loop.evaluated(stats.get("err_rl", float("inf")))
     return stats
 
 

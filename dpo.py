@@ -59,7 +59,6 @@ not falling far (nll with sft_coef > 0):
         grad_norm=... lr=... ms=... tok_s=... mfu=... eta=...
 """
 
-import contextlib
 import math
 import os
 import shlex
@@ -71,7 +70,6 @@ import torch
 
 import common
 import losses
-from data.tasks.tasks import exact_match
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -193,15 +191,12 @@ train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lo
 try:
     model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args, quantize=quantize,
                                          quant_group_size=quant_group_size, trains=not eval_only)
-    reference = None  # with LoRA the reference is the policy itself, adapters off: nothing to load
-    if model.config.lora_rank == 0:
-        reference = common.model_from_checkpoint(common.load_checkpoint(reference_path), reference_path)
-        reference.to(ddp.device).eval().requires_grad_(False)
+    reference = common.Reference(model, reference_path, ddp.device)  # with LoRA: the policy, adapters off
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 if master:
     print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}; "
-          f"reference: {reference_path if reference is not None else 'the policy with adapters off'}"
+          f"reference: {reference}"
           f"{', precomputed' if precompute_ref else ', live'}")
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
@@ -221,25 +216,30 @@ def reply_batch(pairs):
 
 
 @torch.no_grad()
-def reply_logps(m, pairs):
-    """The summed reply log-probs of pairs under the model m, in eval mode, batch_size pairs a
-    forward -> (N, 2): chosen, rejected."""
-    was_training = m.training
-    m.eval()
+def reply_logps(logprobs, pairs):
+    """The summed reply log-probs of pairs, batch_size pairs a forward -> (N, 2): chosen, rejected.
+    logprobs(inputs, targets) gives the per-token log-probs of a batch."""
     out = [torch.zeros(0, 2, device=ddp.device)]
     for k in range(0, len(pairs), batch_size):
         inputs, targets, _ = reply_batch(pairs[k : k + batch_size])
         with ctx:
-            logp = m.logprobs(inputs, targets, vocab_limit=tok.n_vocab).sum(1)  # (2B,)
+            logp = logprobs(inputs, targets).sum(1)  # (2B,)
         out.append(logp.float().view(2, -1).t())
-    m.train(was_training)
     return torch.cat(out)
+
+
+def policy_logps(pairs):
+    """(N, 2) under the policy, in eval mode (as the reference is scored)."""
+    raw_model.eval()
+    try:
+        return reply_logps(lambda inputs, targets: raw_model.logprobs(inputs, targets, vocab_limit=tok.n_vocab), pairs)
+    finally:
+        raw_model.train()
 
 
 def reference_logps(pairs):
     """(N, 2) under the reference: the frozen starting policy, or the policy with its adapters off."""
-    with (contextlib.nullcontext(reference) if reference is not None else raw_model.adapters_off()) as m:
-        return reply_logps(m, pairs)
+    return reply_logps(lambda inputs, targets: reference.logprobs(inputs, targets, None, 1.0, tok.n_vocab), pairs)
 
 
 ref_train, ref_val = None, {}
@@ -268,7 +268,8 @@ def save_best():
                         reference=reference_path)
 
 
-loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best)
+loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best,
+                   metric="err_rl" if eval_examples else "val loss")
 ckpt = None  # free it
 if master and not (resumed or eval_only):
     open(os.path.join(out_dir, "samples.txt"), "w").close()
@@ -291,7 +292,7 @@ def evaluate_pairs():
     out, pooled, pooled_n = {}, 0.0, 0
     for name, pairs in val_pairs.items():
         mine = pairs[ddp.rank :: ddp.world_size]
-        policy = reply_logps(raw_model, mine)
+        policy = policy_logps(mine)
         ref = ref_val[name] if precompute_ref else reference_logps(mine)
         n = torch.tensor([[sum(c[1][1:]), sum(r[1][1:])] for c, r, _ in mine], dtype=torch.float32).view(-1, 2)
         part = torch.cat(ddp.gather_objects(torch.cat((policy.cpu(), ref.cpu(), n), dim=1)))  # (N, 6)
@@ -308,22 +309,6 @@ def evaluate_pairs():
     return out
 
 
-def evaluate_answers():
-    """Greedy answers on every cell's held-out task prompts, pass@k on the rl_tasks cells'; err_rl,
-    1 - the mean exact match over the rl_tasks cells, is the number best.pt follows."""
-    if not (eval_examples or pass_examples):
-        return {}
-    stats, answers = common.evaluate_policy(raw_model, eval_examples, pass_examples, tok, ctx, ddp, eval_batch_size,
-                                            eval_max_new_tokens, pass_k_samples, seed=seed)
-    err_rl = common.rl_error(stats, rl_tasks)
-    if err_rl is not None:
-        stats["err_rl"] = err_rl
-    if master and eval_show and eval_examples:
-        common.write_samples(os.path.join(out_dir, "samples.txt"), eval_examples, answers, loop.iter_num, eval_show,
-                             exact_match)
-    return stats
-
-
 # -----------------------------------------------------------------------------
 # training loop
 
@@ -334,10 +319,7 @@ while True:
         t_eval = time.time()
         pair_eval = evaluate_pairs()
         loop.log("eval", **pair_eval, lr=lr, s=time.time() - t_eval)
-        t_eval = time.time()
-        answer_eval = evaluate_answers()
-        if answer_eval:
-            loop.log("answers", **answer_eval, s=time.time() - t_eval)
+        answer_eval = common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
         # best.pt follows the greedy answers; with no task prompts to answer, the held-out pairs' loss
         loop.evaluated(answer_eval.get("err_rl", pair_eval.get("val_loss", math.inf)))
     if loop.done():

@@ -96,7 +96,7 @@ scale_rewards = "group"  # group | batch | none: what the centred rewards are di
 skip_zero_std = False  # leave groups whose rewards are all equal out of the loss (they have A = 0 anyway)
 loss_type = "grpo"  # grpo | dapo | dr_grpo: how per-token losses are averaged (losses.aggregate)
 clip_eps = 0.2  # the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]
-clip_eps_high = 0.2  # = clip_eps is PPO's clip; larger is DAPO's clip-higher
+clip_eps_high = 0.0  # 0 = clip_eps (PPO's clip); larger is DAPO's clip-higher
 kl_coef = 0.04  # weight of the k3 KL to the reference per token (0 = no reference at all)
 grpo_iterations = 1  # mu: optimizer passes over each rollout batch
 num_minibatches = 1  # optimizer steps per pass (the batch of P x G completions is cut into these)
@@ -131,11 +131,15 @@ config = common.configure(globals())
 
 if scale_rewards not in ("group", "batch", "none") or loss_type not in ("grpo", "dapo", "dr_grpo"):
     sys.exit("config error: scale_rewards must be group | batch | none, loss_type grpo | dapo | dr_grpo")
-if group_size < 2 or prompts_per_iter < 1 or grpo_iterations < 1 or num_minibatches < 1 or temperature <= 0:
-    sys.exit("config error: need group_size >= 2, prompts_per_iter >= 1, grpo_iterations >= 1, "
-             "num_minibatches >= 1, temperature > 0")
+if group_size < 2 or prompts_per_iter < 1 or grpo_iterations < 1 or temperature <= 0:
+    sys.exit("config error: need group_size >= 2, prompts_per_iter >= 1, grpo_iterations >= 1, temperature > 0")
+if not 1 <= num_minibatches <= prompts_per_iter * group_size:
+    sys.exit(f"config error: need 1 <= num_minibatches <= prompts_per_iter x group_size = {prompts_per_iter * group_size}")
+clip_eps_high = clip_eps_high or clip_eps
 if not 0 < clip_eps < 1 or clip_eps_high < clip_eps or kl_coef < 0:
-    sys.exit("config error: need 0 < clip_eps < 1, clip_eps_high >= clip_eps, kl_coef >= 0")
+    sys.exit("config error: need 0 < clip_eps < 1, clip_eps_high >= clip_eps (0 = clip_eps), kl_coef >= 0")
+if dropout > 0 or lora_dropout > 0:  # the rollout samples without it, and the ratio compares two forwards
+    sys.exit("config error: RL needs dropout = 0 and lora_dropout = 0: the ratio compares two forwards of the same weights")
 ddp, _, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed, None, out_dir)
 master = ddp.master
 
@@ -178,7 +182,7 @@ def save_best():
                         best_val_loss=loop.best_val_loss, config=config, meta=meta, stage="grpo")
 
 
-loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best)
+loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best, metric="err_rl")
 ckpt = None  # free it
 if master and not (resumed or eval_only):
     open(os.path.join(out_dir, "samples.txt"), "w").close()
@@ -192,7 +196,8 @@ while True:
     lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
                                                 decay_lr))
     if loop.eval_due():  # greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
-        common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
+        stats = common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
+        loop.evaluated(stats.get("err_rl", float("inf")))  # ckpt.pt; best.pt when err_rl is a new best
     if loop.done():
         break
 
@@ -230,18 +235,21 @@ while True:
     # ---- the update: grpo_iterations passes over the batch, num_minibatches steps each -------
     rows = torch.arange(N, device=ddp.device)
     clipped_n = kl_sum = ent_sum = tokens_seen = 0.0
-    loss_value, grad_norm = torch.zeros((), device=ddp.device), torch.zeros(())
+    loss_sum, steps, grad_norm = torch.zeros((), device=ddp.device), 0, torch.zeros(())
     for _ in range(grpo_iterations):
-        for mb in rows.chunk(num_minibatches):
+        for mb in rows.tensor_split(num_minibatches):
             m = mask[mb]
-            # the totals of this step over every process: DDP averages the gradients, hence the means
+            # the totals of this step over every process: DDP averages the gradients, hence the means.
+            # Dr. GRPO divides by every sampled row, left-out truncated ones too: a constant
             n_tokens = ddp.all_reduce_mean(m.sum().float()).item()
-            n_samples = ddp.all_reduce_mean(m.any(dim=1).sum().float()).item()
+            n_samples = ddp.all_reduce_mean((torch.tensor(float(len(mb))) if loss_type == "dr_grpo"
+                                             else m.any(dim=1).sum()).float().to(ddp.device)).item()
             if n_tokens == 0:
                 continue  # nothing to learn from: every completion left out
             with ctx:
                 x, _ = model(inputs[mb], pos=pos[mb], hidden=True)
-                logp, entropy = raw_model.head_logprobs(x, targets[mb], temperature, tok.n_vocab, entropy=True)
+                # the entropy is only logged here, so it is computed without a graph
+                logp, entropy = raw_model.head_logprobs(x, targets[mb], temperature, tok.n_vocab, entropy="log")
                 old = logp.detach() if reuse_old else old_logp[mb]
                 per_token, clipped = losses.clipped_surrogate(logp, old, advantages[mb], clip_eps, clip_eps_high)
                 if ref_logp is not None:
@@ -252,7 +260,8 @@ while True:
                 loss = loss + raw_model.aux_loss()  # MoE: plus its load-balancing terms
             scaler.scale(loss).backward()
             grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
-            loss_value = loss.detach()
+            loss_sum += loss.detach()
+            steps += 1
             clipped_n += (clipped & m).sum().item()
             ent_sum += (entropy.detach() * m).sum().item()
             tokens_seen += m.sum().item()
@@ -261,7 +270,7 @@ while True:
 
     n_gen = out.mask.sum().item()
     tokens_seen = max(tokens_seen, 1.0)
-    if loop.step_done(loss_value, tokens=n_gen, lr=lr, reward=rewards.mean(), reward_std=rewards.std(),
+    if loop.step_done(loss_sum / max(steps, 1), tokens=n_gen, lr=lr, reward=rewards.mean(), reward_std=rewards.std(),
                       **reward_parts, em=sum(exact_match(ex, t) for ex, t in zip(examples, texts)) / N,
                       kl=kl_sum / tokens_seen if ref_logp is not None else None, clip=clipped_n / tokens_seen,
                       entropy=ent_sum / tokens_seen, len=n_gen / N, zero_std=zero_std.float().mean(),

@@ -617,7 +617,7 @@ class Completions:
 
 
 def last_index(mask):
-    """The index of the last True in each row of mask (B, T) -> (B,) (0 for a row with none)."""
+    """The index of the last True in each row of mask (B, T) -> (B,) (T - 1 for a row with none)."""
     T = mask.size(1)
     return T - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)
 
@@ -1112,10 +1112,11 @@ class GPT(nn.Module):
 
     def head_logprobs(self, x, targets, temperature=1.0, vocab_limit=None, entropy=False):
         """logprobs from final hidden states x (B, T, n_embd) -> (logprobs (B, T), entropy (B, T)
-        of the same tempered distribution, or None). The head runs on chunks of rows, so the float32
-        logits of only one chunk exist at a time; with gradients each chunk is recomputed in the
-        backward pass (activation checkpointing) instead of being kept. At this repo's vocab sizes
-        one chunk is the whole batch."""
+        of the same tempered distribution, or None). entropy: False (None back), True (with its
+        graph, for an entropy bonus), or "log" (detached: for the log only, no graph kept for it).
+        The head runs on chunks of rows, so the float32 logits of only one chunk exist at a time;
+        with gradients each chunk is recomputed in the backward pass (activation checkpointing)
+        instead of being kept. At this repo's vocab sizes one chunk is the whole batch."""
         if temperature <= 0:
             raise ValueError(f"log-probs need the sampling temperature > 0, got {temperature} "
                              "(greedy decoding has no distribution to score)")
@@ -1127,7 +1128,11 @@ class GPT(nn.Module):
             logits = upcast(self.lm_head(xc))[:, :V] / temperature
             lse = torch.logsumexp(logits, dim=-1)
             logp = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1) - lse
-            ent = lse - (F.softmax(logits, dim=-1) * logits).sum(-1) if entropy else torch.zeros_like(lse)
+            if not entropy:
+                return logp, torch.zeros_like(lse)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy is True):
+                lg = logits if entropy is True else logits.detach()
+                ent = torch.logsumexp(lg, dim=-1) - (F.softmax(lg, dim=-1) * lg).sum(-1)
             return logp, ent
 
         rows = max(1, LOGPROB_CHUNK // V)
@@ -1268,7 +1273,9 @@ class GPT(nn.Module):
         if pos is None:
             pos = torch.arange(L, device=idx.device)[None].expand(B, L)
         tokens, cache = idx, None
-        if num_samples > 1 and not use_cache:
+        if num_samples > 1 and not (use_cache and (L <= cfg.block_size or cfg.unbounded_positions)):
+            # no prefill to share (the reference path, or a prompt too long for the cache): the
+            # samples start as copies of their prompt
             tokens, pos = idx.repeat_interleave(num_samples, 0), pos.repeat_interleave(num_samples, 0)
         try:
             for _ in range(max_new_tokens):

@@ -170,6 +170,8 @@ rules = {  # each broken rule is one clause of the message
     "need ppo_epochs >= 1": ppo_epochs >= 1,
     f"need 1 <= num_minibatches <= prompts_per_iter x samples_per_prompt = {N}": 1 <= num_minibatches <= N,
     "need temperature > 0": temperature > 0,
+    "RL needs dropout = 0 and lora_dropout = 0: the ratio compares two forwards of the same weights":
+        dropout == 0 and lora_dropout == 0,
     "need 0 < clip_eps < 1 and clip_value > 0": 0 < clip_eps < 1 and clip_value > 0,
     "need 0 <= gamma <= 1 and 0 <= lam <= 1": 0 <= gamma <= 1 and 0 <= lam <= 1,
     "need kl_coef >= 0, target_kl >= 0 and kl_horizon > 0": kl_coef >= 0 and target_kl >= 0 and kl_horizon > 0,
@@ -257,7 +259,7 @@ def save_best():
                         iter_num=loop.iter_num, best_val_loss=loop.best_val_loss, config=config, meta=meta, stage="ppo")
 
 
-loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best)
+loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best, metric="err_rl")
 ckpt = None  # free it
 if master and not (resumed or eval_only):
     open(os.path.join(out_dir, "samples.txt"), "w").close()
@@ -271,7 +273,8 @@ while True:
     if value is not None:  # the value network's rate follows the same schedule
         common.set_lr(value_optimizer, lr * (value_learning_rate or learning_rate) / learning_rate)
     if loop.eval_due():  # greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
-        common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
+        stats = common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
+        loop.evaluated(stats.get("err_rl", float("inf")))  # ckpt.pt; best.pt when err_rl is a new best
     if loop.done():
         break
 

@@ -74,7 +74,7 @@ quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # reward
 loss = "bt"  # bt (Bradley-Terry) | margin_ranking | bt_margin (Bradley-Terry with a margin, Llama 2)
 margin = 1.0  # the margin m of a pair without a margin field (margin_ranking, bt_margin)
-center_coef = 0.0  # adds center_coef * mean((r_c + r_r)^2), keeping rewards centred (0 = off)
+center_coef = 0.0  # adds center_coef * mean((r_c + r_r)^2) to the training loss, keeping rewards centred (0 = off)
 eval_pairs = 2000  # held-out pairs per folder measured at each eval (0 = all)
 calibration_bins = 10  # bins of sigmoid(r_c - r_r) for the calibration error
 stats_pairs = 1000  # training pairs whose answers give the reward's mean and std for the checkpoint
@@ -196,15 +196,13 @@ ckpt = None  # free it
 # evaluation: accuracy, reward gap, rank correlation with the checker, calibration
 
 
-def pair_loss(r_c, r_r, m):
-    """The ranking loss of this run, plus the centring term: the objective, whether training or not."""
+def ranking_loss(r_c, r_r, m):
+    """The ranking loss of this run (the centring term is added apart, so val losses compare)."""
     if loss == "bt":
-        out = losses.bradley_terry_loss(r_c, r_r)
-    elif loss == "bt_margin":
-        out = losses.bradley_terry_loss(r_c, r_r, m)
-    else:
-        out = losses.margin_ranking_loss(r_c, r_r, m)
-    return out + center_coef * losses.center_loss(r_c, r_r) if center_coef else out
+        return losses.bradley_terry_loss(r_c, r_r)
+    if loss == "bt_margin":
+        return losses.bradley_terry_loss(r_c, r_r, m)
+    return losses.margin_ranking_loss(r_c, r_r, m)
 
 
 def evaluate():
@@ -222,7 +220,8 @@ def evaluate():
         rows = [row for _, _, row in part]
         m = torch.tensor([row.get("margin", margin) for row in rows])
         n = len(rows)
-        stats = {"val_loss": pair_loss(rc, rr, m).item(), "acc": (rc > rr).float().mean().item(),
+        stats = {"val_loss": ranking_loss(rc, rr, m).item(), "center": losses.center_loss(rc, rr).item(),
+                 "acc": (rc > rr).float().mean().item(),
                  "gap": (rc - rr).mean().item()}
         cells = {}
         for a, b, row in part:
@@ -260,7 +259,8 @@ while True:
         break
 
     # ---- the training step --------------------------------------------------------------
-    total, correct, gap, n_tokens = torch.zeros((), device=ddp.device), 0.0, 0.0, 0
+    total, n_tokens = torch.zeros((), device=ddp.device), 0
+    acc_gap = torch.zeros(2, device=ddp.device)  # this process's (accuracy, mean reward gap) of the iteration
     for micro_step in range(grad_accum):
         pairs = [train_pairs[i] for i in stream.indices(loop.iter_num, micro_step)]
         idx, _, lengths = common.pair_batch(pairs, pad_id, ddp.device)
@@ -270,18 +270,20 @@ while True:
             x, _ = model(idx, hidden=True)  # chosen and rejected in one forward
             r = raw_model.head_scores(x)[torch.arange(idx.size(0), device=ddp.device), lengths - 1]
             r_c, r_r = r[: len(pairs)], r[len(pairs):]
-            objective = pair_loss(r_c, r_r, pair_margins(pairs)) / grad_accum  # <- the ranking loss
+            objective = ranking_loss(r_c, r_r, pair_margins(pairs)) / grad_accum  # <- the ranking loss
             total += objective.detach()
+            if center_coef:  # rewards kept near 0: the ranking losses see only differences
+                objective = objective + center_coef * losses.center_loss(r_c, r_r) / grad_accum
             objective = objective + raw_model.aux_loss() / grad_accum  # MoE: plus its load-balancing terms
         scaler.scale(objective).backward()
-        correct += (r_c > r_r).float().mean().item() / grad_accum
-        gap += (r_c - r_r).mean().item() / grad_accum
+        acc_gap += torch.stack(((r_c > r_r).float().mean(), (r_c - r_r).mean())).detach() / grad_accum
         n_tokens += int(lengths.sum())
     grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
     # --------------------------------------------------------------------------------------
 
     flops = raw_model.flops_per_token(idx.size(1)) * n_tokens
-    if loop.step_done(total, tokens=n_tokens, flops=flops, acc=correct, gap=gap, lr=lr, grad_norm=grad_norm):
+    acc, gap = ddp.all_reduce_mean(acc_gap).tolist()
+    if loop.step_done(total, tokens=n_tokens, flops=flops, acc=acc, gap=gap, lr=lr, grad_norm=grad_norm):
         break
 
 loop.close(raw_model)

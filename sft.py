@@ -215,12 +215,16 @@ except ValueError as e:
     sys.exit(f"init_from: {e}")
 if master:
     print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}")
-if reinit_unseen != "none" and not resumed and meta.get("unseen_ids"):
-    model.reset_token_rows(meta["unseen_ids"], match_norm=reinit_unseen == "norm",
-                           generator=torch.Generator().manual_seed(seed))
+unseen = meta.get("unseen_ids") or []
+if reinit_unseen != "none" and unseen and not resumed and not eval_only:
+    model.reset_token_rows(unseen, match_norm=reinit_unseen == "norm", generator=torch.Generator().manual_seed(seed))
     if master:
-        print(f"re-initialised the embedding rows of the {len(meta['unseen_ids'])} ids the pretraining text never "
-              f"contained ({reinit_unseen})")
+        print(f"re-initialised the embedding rows of the {len(unseen)} ids the pretraining text never contained "
+              f"({reinit_unseen})")
+# what this run's checkpoints call unseen is what its own data never shows either: a later stage
+# must not restart the rows SFT has just taught
+seen_here = {t for ids, _ in train_seqs for t in ids}
+meta = dict(meta, unseen_ids=[i for i in unseen if i not in seen_here])
 if train_embeddings and model.config.lora_rank > 0:
     # Adapters alone cannot fix an embedding the base never learned: tiny shakespeare has no digits
     # and no chat tokens, so their rows were only ever pushed down as outputs and all point the
@@ -232,15 +236,8 @@ raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
                                                               dynamic=True, ctx=ctx)
 
-teacher_model = None
-if teacher:
-    try:
-        teacher_model = common.load_teacher(teacher, meta, ddp.device, distill_loss, distill_alpha)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"teacher: {e}")
-    if master:
-        print(f"teacher {teacher}: {teacher_model.num_params() / 1e6:.2f}M parameters; loss = {1 - distill_alpha:g} CE "
-              f"+ {distill_alpha:g} T^2 {distill_loss} at T = {distill_temperature:g}")
+teacher_model = (common.load_teacher(teacher, meta, ddp, distill_loss, distill_alpha, distill_temperature)
+                 if teacher else None)
 
 
 def checkpoint():

@@ -181,15 +181,8 @@ else:
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None, ctx=ctx)
 
-teacher_model = None
-if teacher:
-    try:
-        teacher_model = common.load_teacher(teacher, meta, ddp.device, distill_loss, distill_alpha)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"teacher: {e}")
-    if master:
-        print(f"teacher {teacher}: {teacher_model.num_params() / 1e6:.2f}M parameters; loss = {1 - distill_alpha:g} CE "
-              f"+ {distill_alpha:g} T^2 {distill_loss} at T = {distill_temperature:g}")
+teacher_model = (common.load_teacher(teacher, meta, ddp, distill_loss, distill_alpha, distill_temperature)
+                 if teacher else None)
 
 
 def checkpoint():

@@ -229,3 +229,34 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     assert model.compiled_decode_step is not None
     compiled = model.generate(idx, 12, generator=torch.Generator().manual_seed(1))
     assert torch.equal(compiled, eager)
+
+
+def test_a_lora_checkpoint_starting_a_new_stage_is_its_own_reference():
+    # GRPO (or PPO, DPO) from a LoRA SFT checkpoint with LoRA again: the policy starts as the
+    # checkpoint computes, and adapters off (the reference) is that same model, not the pre-SFT base
+    import common
+
+    torch.manual_seed(0)
+    cfg = tiny(lora_rank=4, lora_targets=("attn",))
+    sft = GPT(cfg).double().eval()
+    with torch.no_grad():
+        for layer in sft.lora_layers():
+            layer.lora_B.normal_()
+    ckpt = {"model": sft.state_dict(), "model_args": cfg.to_dict()}
+    idx = torch.randint(0, 37, (2, 9))
+    policy = common.model_from_checkpoint(ckpt, "sft.pt", {"lora_rank": 4, "lora_targets": ("attn",)}).double().eval()
+    torch.testing.assert_close(policy(idx)[0], sft(idx)[0], atol=1e-5, rtol=1e-5)  # stored in float32
+    with policy.adapters_off():
+        torch.testing.assert_close(policy(idx)[0], sft(idx)[0], atol=1e-5, rtol=1e-5)  # the reference is the start
+    assert all(not layer.lora_B.any() for layer in policy.lora_layers())  # fresh adapters
+    resumed = common.model_from_checkpoint(ckpt, "sft.pt").double().eval()  # a resume keeps them as they are
+    assert any(layer.lora_B.any() for layer in resumed.lora_layers())
+
+
+def test_group_samples_of_a_prompt_longer_than_block_size():
+    # no cache to share past block_size: the samples start as copies and every step recomputes
+    model = build(tiny(block_size=16, tie_weights=False), sharpen=2.0)
+    prompt = torch.randint(0, 37, (20,), generator=torch.Generator().manual_seed(0))
+    a = model.complete([prompt], 4, num_samples=3, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    b = model.complete([prompt] * 3, 4, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert a.idx.shape == (3, 24) and torch.equal(a.idx, b.idx)

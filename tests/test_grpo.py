@@ -124,6 +124,9 @@ def test_bad_settings_stop_with_a_message(rl_setup):
     for args, message in ((["--loss_type=ppo"], "loss_type grpo | dapo | dr_grpo"),
                           (["--group_size=1"], "group_size >= 2"),
                           (["--reward=scores"], "unknown reward 'scores'"),
-                          (["--rl_tasks=add/9"], "no prompts for the cells ['add/9']")):
+                          (["--rl_tasks=add/9"], "no prompts for the cells ['add/9']"),
+                          (["--dropout=0.1"], "RL needs dropout = 0"),
+                          (["--num_minibatches=100"], "need 1 <= num_minibatches <= prompts_per_iter x group_size = 16"),
+                          (["--clip_eps=0.3", "--clip_eps_high=0.25"], "clip_eps_high >= clip_eps")):
         res = grpo(base, data, str(tmp / "bad"), *args, check=False)
         assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)

@@ -56,6 +56,7 @@ def test_malformed_pairs_name_file_and_line(tmp_path):
         (json.dumps({"prompt": "q", "chosen": "a"}), "expected 'chosen' and 'rejected'"),
         (json.dumps({"prompt": "q", "chosen": 3, "rejected": "b"}), "'chosen' must be a string"),
         (json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}), "'margin' must be a number"),
+        (json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "margin": None}), "'margin' must be a number"),
         (json.dumps({"prompt": [{"role": "robot", "content": "q"}], "chosen": "a", "rejected": "b"}), "role 'robot'"),
         (json.dumps({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                      "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}),
@@ -81,6 +82,16 @@ def test_identical_and_overlong_pairs_are_counted_not_dropped_silently():
     idx, mask, lengths = common.pair_batch(pairs * 2, tok.special_id("<|endoftext|>"), "cpu")
     assert idx.shape == (4, len(ids_c)) and lengths.tolist() == [len(ids_c)] * 2 + [len(ids_r)] * 2
     assert idx[0, lengths[0] - 1] == tok.special_id("<|end|>") and mask.sum(1).tolist() == [2, 2, 2, 2]
+
+
+def test_the_reply_mask_is_the_final_reply_only_in_a_multi_turn_prompt():
+    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "HELLO"},
+              {"role": "user", "content": "2 + 2?"}]
+    pairs, _ = common.render_pairs([{"prompt": prompt, "chosen": "4", "rejected": "five"}], tok, 100)
+    (ids_c, mask_c), (ids_r, mask_r), _ = pairs[0]
+    assert tok.decode([t for t, m in zip(ids_c, mask_c) if m]) == "4<|end|>"  # not HELLO<|end|> too
+    assert tok.decode([t for t, m in zip(ids_r, mask_r) if m]) == "five<|end|>"
 
 
 def test_rules_pairs_are_near_misses_of_the_reference(tmp_path):

@@ -277,5 +277,12 @@ def test_rows_of_ids_pretraining_never_saw_restart(sft_setup):
     torch.testing.assert_close(after[unseen].norm(dim=1), torch.full((15,), before[others].norm(dim=1).mean().item()))
     assert torch.nn.functional.normalize(after[unseen], dim=1).matmul(
         torch.nn.functional.normalize(after[unseen], dim=1).T).triu(1).abs().max() < 0.9  # no longer one vector
+    # the SFT checkpoint calls unseen only what its data never showed (the data has digits and <|end|>)
+    saved = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    left = set(saved["meta"]["unseen_ids"])
+    assert left < set(unseen) and not left & {ord(c) for c in "0123456789"} and 260 not in left
+    # evaluating an SFT checkpoint restarts nothing, even when its meta lists unseen ids
+    res = sft(marked, data, str(tmp / "eval"), f"--init_from={out}/ckpt.pt", "--eval_only=True", "--eval_prompts=0")
+    assert "re-initialised" not in res.stdout
     res = sft(marked, data, str(tmp / "bad"), "--reinit_unseen=zero", check=False)
     assert res.returncode != 0 and "reinit_unseen must be none | init | norm" in res.stderr
