@@ -22,6 +22,7 @@ Sections:
   prefill  prompt tokens/s for a prefill_len-token prompt
   grpo     one GRPO iteration of grpo.py on a random model: its time split into generation,
            scoring and update, rollout tokens/s, beside batched decode at the same batch size
+  ppo      the same for one PPO iteration of ppo.py (as many completions, one per prompt)
   profile  a torch.profiler table of one decode step at position ~500
   quant    decode tokens/s, batch 1, N = quant_new_tokens, for each of quant_shapes in fp32, bf16
            (model.to(bfloat16)), int8 and int4 (model.quantize over a quant_base model), the precisions
@@ -56,7 +57,7 @@ from model import GPT, GPTConfig, KVCache
 # -----------------------------------------------------------------------------
 # I/O
 json = ""  # write the figures to this path as JSON as well
-sections = "decode,hf,rolling,batch,train,prefill"  # any of decode,hf,rolling,batch,train,prefill,grpo,profile
+sections = "decode,hf,rolling,batch,train,prefill"  # any of decode,hf,rolling,batch,train,prefill,grpo,ppo,quant,qlora_memory,profile
 # model (GPT-2's architecture by default, to compare with other GPT-2 implementations)
 vocab_size = 65
 block_size = 1024
@@ -309,10 +310,11 @@ def bench_prefill(model):
     return [row]
 
 
-def bench_grpo():
-    """grpo.py itself, a few iterations on this shape's random weights (byte tokenizer) and the task
-    prompts, timed by its own log: generation, scoring and update seconds per iteration, and
-    rollout tokens/s, beside batched decode of the same number of rows."""
+def bench_rl(script):
+    """grpo.py or ppo.py itself, a few iterations on this shape's random weights (byte tokenizer) and
+    the task prompts, timed by its own log: generation, scoring and update seconds per iteration,
+    and rollout tokens/s, beside batched decode of the same number of rows. PPO samples one
+    completion per prompt: it gets grpo_prompts x grpo_group prompts, the same number of rows."""
     import json as json_module
     import os
     import subprocess
@@ -331,15 +333,16 @@ def bench_grpo():
         tasks = os.path.join(tmp, "tasks")
         subprocess.run([sys.executable, os.path.join(here, "data", "tasks", "prepare.py"), f"--out_dir={tasks}",
                         "--train_per_cell=50", "--val_per_cell=5"], check=True, capture_output=True)
-        args = [sys.executable, os.path.join(here, "grpo.py"), f"--init_from={os.path.join(tmp, 'base.pt')}",
+        batch_args = [f"--prompts_per_iter={grpo_prompts}", f"--group_size={grpo_group}"] if script == "grpo" else \
+            [f"--prompts_per_iter={grpo_prompts * grpo_group}"]
+        args = [sys.executable, os.path.join(here, f"{script}.py"), f"--init_from={os.path.join(tmp, 'base.pt')}",
                 f"--prompt_dataset={tasks}", f"--out_dir={os.path.join(tmp, 'out')}", f"--max_iters={grpo_iters}",
-                f"--prompts_per_iter={grpo_prompts}", f"--group_size={grpo_group}", "--eval_interval=1000",
-                "--eval_prompts=0", "--pass_k_prompts=0", f"--device={dev}", f"--dtype={dtype}",
-                f"--compile={compile}"]
+                *batch_args, "--eval_interval=1000", "--eval_prompts=0", "--pass_k_prompts=0", f"--device={dev}",
+                f"--dtype={dtype}", f"--compile={compile}"]
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
         res = subprocess.run(args, capture_output=True, text=True, env=env)
         if res.returncode != 0:
-            print(f"grpo     failed:\n{res.stderr[-2000:]}")
+            print(f"{script:8s} failed:\n{res.stderr[-2000:]}")
             return []
         with open(os.path.join(tmp, "out", "log.jsonl")) as f:
             steps = [r for r in map(json_module.loads, f) if "gen_s" in r][1:]  # the first warms up
@@ -351,7 +354,7 @@ def bench_grpo():
     med = {k: statistics.median(r[k] for r in steps) for k in ("gen_s", "score_s", "update_s", "rollout_tok_s", "len")}
     row = {"rows": rows_n, **med, "iter_s": med["gen_s"] + med["score_s"] + med["update_s"],
            "batched_decode_tok_s": rows_n * 16 / t}
-    print_row("grpo", row)
+    print_row(script, row)
     return [row]
 
 
@@ -535,7 +538,7 @@ if __name__ == "__main__":
     device_type = "cuda" if dev.startswith("cuda") else dev
     amp = common.autocast(device_type, common.pick_dtype(dtype, device_type))
     wanted = [s for s in sections.split(",") if s]
-    unknown = set(wanted) - {"decode", "hf", "rolling", "batch", "train", "prefill", "grpo", "profile", "quant",
+    unknown = set(wanted) - {"decode", "hf", "rolling", "batch", "train", "prefill", "grpo", "ppo", "profile", "quant",
                              "qlora_memory", "memory_one"}
     if unknown:
         sys.exit(f"config error: unknown sections {sorted(unknown)}")
@@ -561,8 +564,9 @@ if __name__ == "__main__":
         results["train"] = bench_train()
     if "prefill" in wanted:
         results["prefill"] = bench_prefill(model)
-    if "grpo" in wanted:
-        results["grpo"] = bench_grpo()
+    for script in ("grpo", "ppo"):
+        if script in wanted:
+            results[script] = bench_rl(script)
     if "profile" in wanted:
         profile_decode(model)
     del model

@@ -26,14 +26,14 @@ def test_bench_smoke(tmp_path):
 def test_bench_hf_and_grpo_sections(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    res = run_script("bench.py", "--sections=hf,grpo", "--hf_lengths=8", "--repeats=1", "--n_layer=1", "--n_embd=32",
+    res = run_script("bench.py", "--sections=hf,grpo,ppo", "--hf_lengths=8", "--repeats=1", "--n_layer=1", "--n_embd=32",
                      "--n_head=2", "--block_size=64", "--grpo_prompts=2", "--grpo_group=2", "--grpo_iters=2",
                      f"--json={out}", "--device=cpu", "--threads=1")
     data = json.loads(out.read_text())
     assert data["hf"][0]["n"] == 8 and data["hf"][0]["ratio"] > 0 and data["hf"][0]["hf_tok_s"] > 0
     g = data["grpo"][0]
     assert g["rows"] == 4 and g["gen_s"] > 0 and g["update_s"] > 0 and g["batched_decode_tok_s"] > 0
-    assert "grpo     rows=4" in res.stdout
+    assert "grpo     rows=4" in res.stdout and "ppo      rows=4" in res.stdout and data["ppo"][0]["update_s"] > 0
 
 
 def test_bench_hf_is_skipped_without_transformers(tmp_path):
