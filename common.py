@@ -470,14 +470,15 @@ def restore_training_state(ckpt, ddp, optimizer, scaler):
 
 
 def prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate, betas, resume_from=None,
-                     dynamic=None, ctx=None):
+                     dynamic=None, ctx=None, head_lr_scale=1.0):
     """Put a model on the device with its AdamW and fp16 grad scaler (their state and the RNG
     restored from the checkpoint resume_from, when resuming), print its size, then compile it
     and wrap it for DDP. -> (model, the model to call in the loop, optimizer, scaler); the first
     is the plain module, for checkpoints, generation and flop counts. dynamic is passed on to
     torch.compile (True where batch shapes vary). ctx, setup's Autocast: where its dtype is still
     "auto" (a CPU with bf16 instructions), a training step of this model is timed in float32 and
-    in bf16 and the faster is set."""
+    in bf16 and the faster is set. head_lr_scale: a scalar head's rate relative to the rest
+    (configure_optimizers)."""
     model.to(ddp.device)
     if ctx is not None and ctx.dtype == "auto":  # a CPU with bf16 instructions: measure which is faster
         if resume_from is not None and resume_from.get("dtype") in ("float32", "bfloat16"):
@@ -489,7 +490,7 @@ def prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate, be
                       f"{times['bfloat16'] * 1000:.0f} ms in bfloat16 autocast: using {ctx.dtype}")
         dtype = ctx.dtype
     scaler = torch.amp.GradScaler(ddp.device_type, enabled=(dtype == "float16"))
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, ddp.device_type)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, ddp.device_type, head_lr_scale)
     if resume_from is not None:
         restore_training_state(resume_from, ddp, optimizer, scaler)
     if ddp.master:
@@ -1040,8 +1041,10 @@ def preference_splits(folders, tok, max_len, eval_pairs=0, train=True, verbose=T
 
 
 def set_lr(optimizer, lr):
+    """Every group's rate to lr, times the group's own lr_scale (1 unless configure_optimizers set
+    one) -> lr."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 

@@ -1610,9 +1610,12 @@ class GPT(nn.Module):
             n_frozen = self.num_params(non_embedding=False) - sum(p.numel() for p in self.parameters() if p.requires_grad)
         return 6 * n_active - 2 * min(n_frozen, n_active) + 12 * cfg.n_layer * cfg.n_embd * context
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, head_lr_scale=1.0):
         """AdamW over the trainable parameters: weight decay on matrices that multiply
-        activations, none on norms, biases, untied embedding tables and LoRA adapters."""
+        activations, none on norms, biases, untied embedding tables and LoRA adapters. A scalar
+        head in a model that also trains its backbone (PPO's value head) may learn at
+        head_lr_scale times the rate: it starts from nothing while the backbone is fine-tuned.
+        Each group carries its lr_scale, which common.set_lr applies."""
         embeddings = {id(self.wte.weight)} if not self.config.tie_weights else set()
         if self.config.pos_emb == "learned":
             embeddings.add(id(self.wpe.weight))
@@ -1620,11 +1623,15 @@ class GPT(nn.Module):
         # shrink the random A toward zero whatever the data says (with lora_rank > 0 they are
         # the only trainable parameters, so the decay group is then empty)
         exempt = embeddings | {id(p) for n, p in self.named_parameters() if is_lora_key(n)}
-        params = [p for p in self.parameters() if p.requires_grad]
+        head = {id(p) for p in self.score_head.parameters()} if self.score_head is not None and head_lr_scale != 1.0 else set()
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in head]
         decay = [p for p in params if p.dim() >= 2 and id(p) not in exempt]
         no_decay = [p for p in params if p.dim() < 2 or id(p) in exempt]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        if head:
+            groups.append({"params": list(self.score_head.parameters()), "weight_decay": 0.0, "lr_scale": head_lr_scale,
+                           "lr": learning_rate * head_lr_scale})
         fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 

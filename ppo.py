@@ -36,6 +36,8 @@ scalar_head), one forward gives the log-probs and the values, one optimizer, the
 by vf_coef, the gradient norm clipped jointly. separate: a second GPT with a scalar head, started
 from the reward model (value_init = reward, InstructGPT's choice) or from init_from with a fresh head
 (value_init = sft), with its own optimizer at value_learning_rate, its gradient clipped on its own;
+(shared, value_learning_rate sets the head's rate alone: a fresh head learns faster than the
+fine-tuned backbone it sits on);
 one more forward and backward per minibatch.
 
 The log-probs are those of the distribution the tokens were sampled from: softmax(logits /
@@ -139,7 +141,7 @@ eval_batch_size = 256  # rows per generate call in the eval
 eval_show = 12  # examples appended to out_dir/samples.txt at each eval
 # optimizer
 learning_rate = 3e-5  # peak, of the policy (and, shared, its value head)
-value_learning_rate = 0.0  # separate: the value network's peak rate, on the same schedule (0 = learning_rate)
+value_learning_rate = 0.0  # the value head's (shared) or network's (separate) peak rate, same schedule (0 = learning_rate)
 max_iters = 300  # total iterations
 weight_decay = 0.0
 beta1 = 0.9
@@ -231,9 +233,10 @@ if master:
     print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}; "
           f"reference: {reference or 'none (kl_coef 0)'}; value: "
           f"{'a head on the policy' if shared else f'a separate network from {ckpt_path if resumed else start_path}'}")
-raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
-                                                              (beta1, beta2), resume_from=ckpt if resumed else None,
-                                                              dynamic=True, ctx=ctx)
+# a shared value head starts from nothing: it may learn faster than the fine-tuned backbone
+raw_model, model, optimizer, scaler = common.prepare_training(
+    model, ddp, dtype, compile, weight_decay, learning_rate, (beta1, beta2), resume_from=ckpt if resumed else None,
+    dynamic=True, ctx=ctx, head_lr_scale=(value_learning_rate or learning_rate) / learning_rate if shared else 1.0)
 if value is not None:
     value_state = None
     if resumed:  # its RNG is the one the policy's restore has just set: setting it again changes nothing

@@ -174,3 +174,18 @@ def test_autocast_context_follows_its_dtype_once_settled():
             assert (x @ x).dtype == torch.bfloat16
         assert (x @ x).dtype == torch.bfloat16
     assert (x @ x).dtype == torch.float32
+
+
+def test_a_scalar_head_may_learn_at_its_own_rate():
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, n_embd=16, scalar_head=True))
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), "cpu", head_lr_scale=30.0)
+    head = {id(p) for p in model.score_head.parameters()}
+    common.set_lr(opt, 2e-5)  # the schedule's rate: the head's group gets 30 times it
+    for group in opt.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert group["lr"] == pytest.approx(6e-4 if ids == head else 2e-5) and (not ids & head or ids == head)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len([p for p in model.parameters() if p.requires_grad])
+    plain = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), "cpu")
+    assert len(plain.param_groups) == 2  # no scale: the head is with the rest
