@@ -1055,6 +1055,7 @@ class Loop:
 
         loop = common.Loop(config, ddp, resume_from, checkpoint, save_best)
         while True:
+            lr = loop.lr(optimizer)           # the schedule's rate for this iteration
             if loop.eval_due():
                 ... evaluate, loop.log("eval", val_loss=...) ...
                 loop.evaluated(val_loss)      # best_val_loss, ckpt.pt and best.pt
@@ -1066,7 +1067,7 @@ class Loop:
         loop.close(raw_model)
 
     config is the stage's resolved settings: out_dir, max_iters, eval_interval, log_interval,
-    eval_only, always_save_checkpoint and the wandb_* keys are read from it by name. checkpoint()
+    eval_only, always_save_checkpoint, the schedule's keys and the wandb_* keys are read from it by name. checkpoint()
     and save_best() write out_dir/ckpt.pt (with **loop.state() in it) and out_dir/best.pt.
     resume_from is the checkpoint being resumed, or None. metric names what evaluated() is given,
     lower being better (the RL stages follow err_rl, not a loss); the checkpoint keeps it as
@@ -1080,6 +1081,7 @@ class Loop:
 
     def __init__(self, config, ddp, resume_from, checkpoint, save_best, metric="val loss"):
         self.ddp, self.checkpoint, self.save_best, self.metric = ddp, checkpoint, save_best, metric
+        self.config = config
         self.max_iters, self.eval_interval = config["max_iters"], config["eval_interval"]
         self.log_interval, self.eval_only = config["log_interval"], config["eval_only"]
         self.always_save = config["always_save_checkpoint"]
@@ -1103,6 +1105,13 @@ class Loop:
 
     def log(self, prefix, **values):
         self.logger.log(self.iter_num, prefix, iter=self.iter_num, **values)
+
+    def lr(self, optimizer):
+        """The learning rate of this iteration by the stage's schedule (config's learning_rate,
+        warmup_iters, lr_decay_iters, min_lr, decay_lr: see lr_at), set on optimizer. -> it."""
+        c = self.config
+        return set_lr(optimizer, lr_at(self.iter_num, c["learning_rate"], c["warmup_iters"], c["lr_decay_iters"],
+                                       c["min_lr"], c["decay_lr"]))
 
     def eval_due(self):
         if self.eval_only:
@@ -1291,15 +1300,16 @@ def task_data(name, ddp):
     return folder
 
 
-def rl_start(init_from, out_dir):
-    """The start of an RL stage: load_start, the tokenizer the policy's meta carries, and the path
-    of the reference, the starting policy (a resumed run keeps the one its first run started
-    from). -> (checkpoint, its path, resumed, tokenizer, reference path). Exits with a one-line
-    message when the checkpoint carries no tokenizer."""
+def post_training_start(init_from, out_dir, eval_only=False):
+    """The start of a post-training stage (reward, GRPO, PPO, DPO): load_start, the tokenizer the
+    checkpoint's meta carries, and the path of the reference, the starting policy (a resumed run,
+    or a stage's checkpoint being measured, keeps the one its first run started from).
+    -> (checkpoint, its path, resumed, tokenizer, reference path). Exits with a one-line message
+    when the checkpoint carries no tokenizer."""
     ckpt, path, resumed = load_start(init_from, out_dir)
     if "meta" not in ckpt:
-        sys.exit(f"{path} carries no tokenizer (meta): RL needs a checkpoint of this repository")
-    reference_path = ckpt.get("reference", path) if resumed else init_from
+        sys.exit(f"{path} carries no tokenizer (meta): post-training needs a checkpoint of this repository")
+    reference_path = ckpt.get("reference", path) if resumed or eval_only else init_from
     return ckpt, path, resumed, tokenizer_from_meta(ckpt["meta"]), reference_path
 
 
@@ -1327,14 +1337,29 @@ def rl_prompts(prompt_dataset, rl_tasks, tok, block_size, max_new_tokens, eval_p
     return fits, held_out_prompts(val_rows, eval_prompts, tok), pass_k
 
 
-def rl_batch(examples, stream, iter_num, ddp, seed):
-    """What an RL stage rolls out at iteration iter_num: this process's share of stream's batch
-    (an EpochStream over examples), its prompts as tensors on the device, and the generator the
-    sampling draws from, seeded by (seed, rank, iter_num), so that a resumed run samples exactly
-    what the uninterrupted run would have. -> (examples, prompts, generator)"""
+def timed(fn, *args):
+    """fn(*args) and the seconds it took -> (result, seconds)."""
+    t0 = time.time()
+    return fn(*args), time.time() - t0
+
+
+def rollout(model, examples, stream, iter_num, ddp, ctx, tok, config, samples):
+    """The sampling of an RL iteration: this process's share of stream's batch (an EpochStream over
+    examples), each prompt continued by `samples` completions in one batched generate with the KV
+    cache (the samples of a prompt share its prefill), each stopping at <|end|>, with config's
+    max_new_tokens, temperature, top_k and top_p, drawn from a generator seeded by (seed, rank,
+    iter_num) so that a resumed run samples exactly what the uninterrupted run would have.
+    -> (the examples, one per row: row p * samples + s is sample s of prompt p; model.Completions;
+    the seconds it took)."""
+    t0 = time.time()
     batch = [examples[i] for i in stream.indices(iter_num, 0)]
     prompts = [torch.tensor(ex["prompt"], device=ddp.device) for ex in batch]
-    return batch, prompts, torch.Generator(ddp.device).manual_seed(hash((seed, ddp.rank, iter_num)) % 2**63)
+    g = torch.Generator(ddp.device).manual_seed(hash((config["seed"], ddp.rank, iter_num)) % 2**63)
+    with ctx:
+        out = model.complete(prompts, config["max_new_tokens"], samples, config["temperature"], config["top_k"] or None,
+                             config["top_p"] if config["top_p"] < 1 else None, stop_tokens=tok.special_id("<|end|>"),
+                             generator=g, vocab_limit=tok.n_vocab)
+    return [ex for ex in batch for _ in range(samples)], out, time.time() - t0
 
 
 class Reference:
@@ -1467,16 +1492,18 @@ def rl_error(stats, cells):
     return 1 - sum(stats[k] for k in keys) / len(keys) if keys else None
 
 
-def evaluate_rl(loop, model, examples, pass_examples, tok, ctx, config):
+def evaluate_rl(loop, model, examples, pass_examples, tok, ctx, config, evaluated=True):
     """An RL stage's eval at the loop's iteration: evaluate_policy with the stage's settings
     (config's eval_batch_size, eval_max_new_tokens, pass_k_samples, seed), plus err_rl, the number
     best.pt follows: 1 - the mean greedy exact match over the trained cells (rl_tasks; all prompts
     when it names none). The stats go to the log as an "answers" line (with s, the seconds it
-    took), eval_show examples to out_dir/samples.txt. -> the stats ({} without prompts); the stage
-    hands err_rl to loop.evaluated, which saves ckpt.pt and best.pt."""
+    took), eval_show examples to out_dir/samples.txt, and (evaluated) err_rl to loop.evaluated,
+    which saves ckpt.pt, and best.pt at a new best. -> the stats ({} without prompts)."""
     from data.tasks.tasks import exact_match
 
     if not (examples or pass_examples):
+        if evaluated:
+            loop.evaluated(float("inf"))
         return {}
     t0 = time.time()
     ddp = loop.ddp
@@ -1489,6 +1516,8 @@ def evaluate_rl(loop, model, examples, pass_examples, tok, ctx, config):
         write_samples(os.path.join(config["out_dir"], "samples.txt"), examples, answers, loop.iter_num,
                       config["eval_show"], exact_match)
     loop.log("answers", **stats, s=time.time() - t0)
+    if evaluated:
+        loop.evaluated(stats.get("err_rl", float("inf")))
     return stats
 
 

@@ -149,15 +149,11 @@ master = ddp.master
 # -----------------------------------------------------------------------------
 # the policy to start from, its reference, the pairs and the task prompts
 
-ckpt, ckpt_path, resumed = common.load_start(init_from, out_dir)
-if "meta" not in ckpt:
-    sys.exit(f"{ckpt_path} carries no tokenizer (meta): DPO needs a checkpoint of this repository")
+# the reference is the starting policy; a resumed run, or a DPO checkpoint being measured, names its own
+ckpt, ckpt_path, resumed, tok, reference_path = common.post_training_start(init_from, out_dir, eval_only)
 meta = ckpt["meta"]
-tok = common.tokenizer_from_meta(meta)
 block_size = ckpt["model_args"]["block_size"]
 pad_id = tok.special_id("<|endoftext|>")
-# the starting policy; a resumed run, or a DPO checkpoint being measured, names its own
-reference_path = ckpt.get("reference", ckpt_path) if resumed or eval_only else init_from
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 if build_pairs:  # the master builds what is missing, the others wait for it
@@ -313,13 +309,13 @@ def evaluate_pairs():
 # training loop
 
 while True:
-    lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
-                                                decay_lr))
+    lr = loop.lr(optimizer)
     if loop.eval_due():
         t_eval = time.time()
         pair_eval = evaluate_pairs()
         loop.log("eval", **pair_eval, lr=lr, s=time.time() - t_eval)
-        answer_eval = common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
+        answer_eval = common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config,
+                                         evaluated=False)  # best.pt follows err_rl, or the pairs' loss without prompts
         # best.pt follows the greedy answers; with no task prompts to answer, the held-out pairs' loss
         loop.evaluated(answer_eval.get("err_rl", pair_eval.get("val_loss", math.inf)))
     if loop.done():

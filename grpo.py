@@ -146,7 +146,7 @@ master = ddp.master
 # -----------------------------------------------------------------------------
 # the policy to start from, its tokenizer, and the prompts
 
-ckpt, ckpt_path, resumed, tok, reference_path = common.rl_start(init_from, out_dir)
+ckpt, ckpt_path, resumed, tok, reference_path = common.post_training_start(init_from, out_dir, eval_only)
 meta, end_id = ckpt["meta"], tok.special_id("<|end|>")
 train_examples, eval_examples, pass_examples = common.rl_prompts(
     prompt_dataset, rl_tasks, tok, ckpt["model_args"]["block_size"], max_new_tokens, eval_prompts, pass_k_prompts, ddp)
@@ -193,26 +193,19 @@ if master and not (resumed or eval_only):
 
 N = prompts_per_iter * group_size  # completions per iteration per process
 while True:
-    lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
-                                                decay_lr))
+    lr = loop.lr(optimizer)
     if loop.eval_due():  # greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
-        stats = common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
-        loop.evaluated(stats.get("err_rl", float("inf")))  # ckpt.pt; best.pt when err_rl is a new best
+        common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
     if loop.done():
         break
 
     # ---- rollout: P prompts x G samples in one batched generate ------------------------------
-    t0 = time.time()
-    batch, prompts, g = common.rl_batch(train_examples, stream, loop.iter_num, ddp, seed)
-    with ctx:
-        out = raw_model.complete(prompts, max_new_tokens, group_size, temperature, top_k or None,
-                                 top_p if top_p < 1 else None, stop_tokens=end_id, generator=g, vocab_limit=tok.n_vocab)
-    t_gen = time.time() - t0
+    # examples[i] is the task of row i: row p * G + s is sample s of prompt p
+    examples, out, t_gen = common.rollout(raw_model, train_examples, stream, loop.iter_num, ddp, ctx, tok, config,
+                                          group_size)
 
     # ---- rewards and group-relative advantages ------------------------------------------------
-    t0 = time.time()
-    examples = [ex for ex in batch for _ in range(group_size)]  # row p * G + g is sample g of prompt p
-    rewards, reward_parts, texts = rewarder(examples, out)
+    (rewards, reward_parts, texts), t_score = common.timed(rewarder, examples, out)
     advantages, zero_std = losses.group_advantages(rewards, group_size, scale_rewards)
     inputs, targets, pos = out.idx[:, :-1], out.targets(), out.pos[:, :-1]
     # the completion tokens, each a target of the position before it; a completion cut off by
@@ -220,7 +213,6 @@ while True:
     mask = out.loss_mask(drop_truncated=mask_truncated)
     if skip_zero_std:
         mask = mask & ~zero_std.repeat_interleave(group_size)[:, None]
-    t_score = time.time() - t0
 
     # ---- old and reference log-probs, once per rollout -----------------------------------------
     t0 = time.time()

@@ -190,7 +190,7 @@ master = ddp.master
 # -----------------------------------------------------------------------------
 # the policy to start from, its tokenizer, and the prompts
 
-ckpt, ckpt_path, resumed, tok, reference_path = common.rl_start(init_from, out_dir)
+ckpt, ckpt_path, resumed, tok, reference_path = common.post_training_start(init_from, out_dir, eval_only)
 meta, end_id = ckpt["meta"], tok.special_id("<|end|>")
 train_examples, eval_examples, pass_examples = common.rl_prompts(
     prompt_dataset, rl_tasks, tok, ckpt["model_args"]["block_size"], max_new_tokens, eval_prompts, pass_k_prompts, ddp)
@@ -271,34 +271,26 @@ if master and not (resumed or eval_only):
 # training loop
 
 while True:
-    lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
-                                                decay_lr))
+    lr = loop.lr(optimizer)
     if value is not None:  # the value network's rate follows the same schedule
         common.set_lr(value_optimizer, lr * (value_learning_rate or learning_rate) / learning_rate)
     if loop.eval_due():  # greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
-        stats = common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
-        loop.evaluated(stats.get("err_rl", float("inf")))  # ckpt.pt; best.pt when err_rl is a new best
+        common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
     if loop.done():
         break
 
     # ---- rollout: P prompts x samples_per_prompt completions in one batched generate ---------
-    t0 = time.time()
-    batch, prompts, g = common.rl_batch(train_examples, stream, loop.iter_num, ddp, seed)
-    with ctx:
-        out = raw_model.complete(prompts, max_new_tokens, samples_per_prompt, temperature, top_k or None,
-                                 top_p if top_p < 1 else None, stop_tokens=end_id, generator=g, vocab_limit=tok.n_vocab)
-    t_gen = time.time() - t0
+    # examples[i] is the task of row i: row p * S + s is sample s of prompt p
+    examples, out, t_gen = common.rollout(raw_model, train_examples, stream, loop.iter_num, ddp, ctx, tok, config,
+                                          samples_per_prompt)
 
     # ---- the sequence rewards ------------------------------------------------------------------
-    t0 = time.time()
-    examples = [ex for ex in batch for _ in range(samples_per_prompt)]  # row p * S + s is sample s of prompt p
-    seq_rewards, reward_parts, texts = rewarder(examples, out)
+    (seq_rewards, reward_parts, texts), t_score = common.timed(rewarder, examples, out)
     scores = seq_rewards
     if reward_scaling:  # by the std of every reward so far, on every process (so the same on each)
         moments = losses.running_moments(*moments, torch.tensor(ddp.gather_objects(seq_rewards.tolist())))
         std = math.sqrt(moments[2] / max(moments[0] - 1, 1))
         scores = seq_rewards / (std if std > 1e-6 else 1.0)  # 1 while the rewards have not varied
-    t_score = time.time() - t0
 
     # ---- once per rollout, without gradients: old log-probs, the reference's, the values --------
     t0 = time.time()

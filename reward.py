@@ -111,11 +111,8 @@ master = ddp.master
 # -----------------------------------------------------------------------------
 # the checkpoint to start from, and the pairs rendered by its chat template
 
-ckpt, ckpt_path, resumed = common.load_start(init_from, out_dir)
-if "meta" not in ckpt:
-    sys.exit(f"{ckpt_path} carries no tokenizer (meta): a reward model needs a checkpoint of this repository")
+ckpt, ckpt_path, resumed, tok, _ = common.post_training_start(init_from, out_dir)
 meta = ckpt["meta"]
-tok = common.tokenizer_from_meta(meta)
 block_size = ckpt["model_args"]["block_size"]
 pad_id = tok.special_id("<|endoftext|>")
 try:
@@ -248,8 +245,7 @@ def evaluate():
 # training loop
 
 while True:
-    lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
-                                                decay_lr))
+    lr = loop.lr(optimizer)
     if loop.eval_due():
         t_eval = time.time()
         stats = evaluate()

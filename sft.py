@@ -277,8 +277,7 @@ def n_loss_tokens(Y):
 # training loop
 
 while True:
-    lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
-                                                decay_lr))
+    lr = loop.lr(optimizer)
     if loop.eval_due():
         split_loss = {split: common.mean_loss(model, batches, ctx, ddp, n_loss_tokens) for split, batches in eval_batches.items()}
         loop.log("eval", train_loss=split_loss["train"], val_loss=split_loss["val"], lr=lr)

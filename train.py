@@ -221,8 +221,7 @@ def sample_text(n_tokens):
 tokens_per_step = grad_accum * batch_size * block_size  # this process's, per iteration
 flops_per_step = raw_model.flops_per_token(block_size) * tokens_per_step
 while True:
-    lr = common.set_lr(optimizer, common.lr_at(loop.iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr,
-                                                decay_lr))
+    lr = loop.lr(optimizer)
     if loop.eval_due():
         split_loss = {split: common.mean_loss(model, batches, ctx, ddp) for split, batches in eval_batches.items()}
         loop.log("eval", train_loss=split_loss["train"], val_loss=split_loss["val"],
