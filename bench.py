@@ -33,8 +33,8 @@ Sections:
 
 Timing: warm-up runs, then the median of `repeats` runs, synchronising the GPU around each; two
 paths compared side by side alternate, run after run. The fast paths model.py chose by measuring
-(model.LINEAR_PATHS) are printed at the end. Run it alone on the machine: it warns when the load
-average says another process is using the CPU.
+(model.LINEAR_PATHS) are printed at the end. Run it alone on the machine: it warns when other
+processes keep a core busy (measured over a second at the start).
 """
 
 import collections
@@ -510,10 +510,29 @@ def print_row(section, row):
     print(f"{section:8s} " + "  ".join(cells), flush=True)
 
 
+def busy_cores(seconds=1.0):
+    """How many cores other processes keep busy, measured over `seconds` while this one sleeps:
+    the busy share of /proc/stat's CPU time times the core count (Linux). Elsewhere the 1-minute
+    load average, which also counts a process that has just ended."""
+
+    def busy_total():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        idle = ticks[3] + ticks[4]  # idle and iowait
+        return sum(ticks) - idle, sum(ticks)
+
+    try:
+        b0, t0 = busy_total()
+        time.sleep(seconds)
+        b1, t1 = busy_total()
+        return (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def machine():
-    """What produced the figures: CPU model, torch version, threads; and a warning when the load
-    average says another process is using the CPU (timings would be off)."""
-    import os
+    """What produced the figures: CPU model, torch version, threads; and a warning when another
+    process is using the CPU (timings would be off)."""
     import platform
 
     cpu = platform.processor() or "cpu"
@@ -524,9 +543,9 @@ def machine():
         pass
     if device_type == "cuda":
         cpu += f", GPU {torch.cuda.get_device_name()}"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = busy_cores()
     if load > 0.5:
-        print(f"warning: load average {load:.2f}: another process is using the CPU, the timings will be off")
+        print(f"warning: other processes keep {load:.2f} cores busy: the timings will be off")
     return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(), "load": round(load, 2)}
 
 
