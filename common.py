@@ -1349,9 +1349,7 @@ def rollout(model, examples, stream, iter_num, ddp, ctx, tok, config, samples):
     cache (the samples of a prompt share its prefill), each stopping at <|end|>, with config's
     max_new_tokens, temperature, top_k and top_p, drawn from a generator seeded by (seed, rank,
     iter_num) so that a resumed run samples exactly what the uninterrupted run would have.
-    -> (the examples, one per row: row p * samples + s is sample s of prompt p; model.Completions;
-    the seconds it took)."""
-    t0 = time.time()
+    -> (the examples, one per row: row p * samples + s is sample s of prompt p; model.Completions)."""
     batch = [examples[i] for i in stream.indices(iter_num, 0)]
     prompts = [torch.tensor(ex["prompt"], device=ddp.device) for ex in batch]
     g = torch.Generator(ddp.device).manual_seed(hash((config["seed"], ddp.rank, iter_num)) % 2**63)
@@ -1359,7 +1357,7 @@ def rollout(model, examples, stream, iter_num, ddp, ctx, tok, config, samples):
         out = model.complete(prompts, config["max_new_tokens"], samples, config["temperature"], config["top_k"] or None,
                              config["top_p"] if config["top_p"] < 1 else None, stop_tokens=tok.special_id("<|end|>"),
                              generator=g, vocab_limit=tok.n_vocab)
-    return [ex for ex in batch for _ in range(samples)], out, time.time() - t0
+    return [ex for ex in batch for _ in range(samples)], out
 
 
 class Reference:

@@ -315,7 +315,7 @@ while True:
         pair_eval = evaluate_pairs()
         loop.log("eval", **pair_eval, lr=lr, s=time.time() - t_eval)
         answer_eval = common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config,
-                                         evaluated=False)  # best.pt follows err_rl, or the pairs' loss without prompts
+                                         evaluated=False)
         # best.pt follows the greedy answers; with no task prompts to answer, the held-out pairs' loss
         loop.evaluated(answer_eval.get("err_rl", pair_eval.get("val_loss", math.inf)))
     if loop.done():

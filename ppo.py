@@ -191,7 +191,7 @@ master = ddp.master
 # the policy to start from, its tokenizer, and the prompts
 
 ckpt, ckpt_path, resumed, tok, reference_path = common.post_training_start(init_from, out_dir, eval_only)
-meta, end_id = ckpt["meta"], tok.special_id("<|end|>")
+meta = ckpt["meta"]
 train_examples, eval_examples, pass_examples = common.rl_prompts(
     prompt_dataset, rl_tasks, tok, ckpt["model_args"]["block_size"], max_new_tokens, eval_prompts, pass_k_prompts, ddp)
 stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp)
@@ -281,8 +281,8 @@ while True:
 
     # ---- rollout: P prompts x samples_per_prompt completions in one batched generate ---------
     # examples[i] is the task of row i: row p * S + s is sample s of prompt p
-    examples, out, t_gen = common.rollout(raw_model, train_examples, stream, loop.iter_num, ddp, ctx, tok, config,
-                                          samples_per_prompt)
+    (examples, out), t_gen = common.timed(common.rollout, raw_model, train_examples, stream, loop.iter_num, ddp,
+                                          ctx, tok, config, samples_per_prompt)
 
     # ---- the sequence rewards ------------------------------------------------------------------
     (seq_rewards, reward_parts, texts), t_score = common.timed(rewarder, examples, out)
