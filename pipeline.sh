@@ -78,9 +78,11 @@ stage() {
         dpo) run dpo "$PYTHON" dpo.py config/dpo_tasks.py --init_from="$OUT/out-sft/ckpt.pt" --preference_dataset="$(realpath "$OUT/pairs/policy_rl")" --prompt_dataset="$(realpath "$OUT/tasks")" --out_dir="$OUT/out-dpo" $(tiny dpo) ;;
         sft_cot) run sft_cot "$PYTHON" sft.py config/sft_tasks_cot.py --init_from="$OUT/out-shakespeare/ckpt.pt" --sft_dataset="$(realpath "$OUT/tasks_cot")" --out_dir="$OUT/out-sft-cot" $(tiny sft_cot) ;;
         grpo_cot) run grpo_cot "$PYTHON" grpo.py config/grpo_tasks_cot.py --init_from="$OUT/out-sft-cot/ckpt.pt" --prompt_dataset="$(realpath "$OUT/tasks_cot_rl")" --out_dir="$OUT/out-grpo-cot" $(tiny grpo_cot) ;;
+        # sft and sft_cot are the first evals of the GRPO runs that start from them: the same held-out
+        # prompts (every one) as the later stages answer, where sft.py's own evals answer 240
         report) run report "$PYTHON" report.py --out="$OUT/report.md" --figures="$OUT/report" --times="$LOGS/times.json" \
-            --pretrain_dir="$OUT/out-shakespeare" --reward_dir="$OUT/out-reward" \
-            --stages="base=$OUT/out-sft,sft=$OUT/out-sft,grpo=$OUT/out-grpo,ppo=$OUT/out-ppo,dpo=$OUT/out-dpo,sft_cot=$OUT/out-sft-cot,grpo_cot=$OUT/out-grpo-cot" ;;
+            --pretrain_dir="$OUT/out-shakespeare" --sft_dirs="sft=$OUT/out-sft,sft_cot=$OUT/out-sft-cot" --reward_dir="$OUT/out-reward" \
+            --stages="base=$OUT/out-sft@first,sft=$OUT/out-grpo@first,grpo=$OUT/out-grpo,ppo=$OUT/out-ppo,dpo=$OUT/out-dpo,sft_cot=$OUT/out-grpo-cot@first,grpo_cot=$OUT/out-grpo-cot" ;;
         *) echo "pipeline: unknown stage '$1' (stages: data pretrain sft pairs reward grpo ppo dpo sft_cot grpo_cot report)" >&2; exit 2 ;;
     esac
 }
@@ -105,4 +107,4 @@ for s in "$@"; do
 done
 times_json
 echo "pipeline: done in $(( $(date +%s) - t_start )) s; the report is $OUT/report.md"
-echo "chat with the final model: python sample.py --out_dir=$OUT/out-grpo --chat=True"
+echo "chat with the last model: python sample.py --out_dir=$OUT/out-grpo-cot --chat=True (or out-sft, out-grpo, out-ppo, out-dpo)"

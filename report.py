@@ -26,10 +26,12 @@ import common
 out = "report.md"  # the report to write
 figures = ""  # folder for the PNG curves (empty: next to the report)
 times = "out-pipeline/times.json"  # the pipeline's stage times: {"stage": seconds, ...}
-# the stages: name=out_dir, in the order of the table
-stages = ("base=out-sft", "sft=out-sft", "grpo=out-grpo", "ppo=out-ppo", "dpo=out-dpo", "sft_cot=out-sft-cot",
+# the stages: name=out_dir, in the order of the table; a column is the last held-out eval of that
+# out_dir's log, or with @first its first one (the model that stage started from, on that stage's prompts)
+stages = ("base=out-sft@first", "sft=out-sft", "grpo=out-grpo", "ppo=out-ppo", "dpo=out-dpo", "sft_cot=out-sft-cot",
           "grpo_cot=out-grpo-cot")
 pretrain_dir = "out-shakespeare"
+sft_dirs = ("sft=out-sft", "sft_cot=out-sft-cot")  # the fine-tuning runs whose training loss is drawn
 reward_dir = "out-reward"
 rl_tasks = ("add/3", "sub/2", "sub/3", "sort/2", "sort/3")  # the cells the RL stages train on
 # -----------------------------------------------------------------------------
@@ -92,9 +94,10 @@ def draw(logs, folder):
     os.makedirs(folder, exist_ok=True)
     made = []
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name in ("pretrain", "sft"):
-        rows = logs.get(name) or []
-        steps = [r for r in rows if "loss" in r and "iter" in r]
+    trained = {"pretrain": logs.get("pretrain")}
+    trained.update({name: read_log(d) for name, d in (s.split("=", 1) for s in sft_dirs)})
+    for name, rows in trained.items():
+        steps = [r for r in rows or [] if "loss" in r and "iter" in r]
         if steps:
             ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], label=name)
     ax.set_xlabel("iteration"), ax.set_ylabel("training loss (cross-entropy)"), ax.set_yscale("log"), ax.legend()
@@ -119,13 +122,13 @@ def draw(logs, folder):
 
 def main():
     stage_dirs = dict(s.split("=", 1) for s in stages)
-    logs = {name: read_log(d) for name, d in stage_dirs.items()}
+    logs = {name: read_log(d.removesuffix("@first")) for name, d in stage_dirs.items()}
     logs["pretrain"] = read_log(pretrain_dir)
     columns, missing = {}, []
     for name, rows in logs.items():
         if name == "pretrain":
             continue
-        ev = answers(rows, first=name == "base") if rows else None
+        ev = answers(rows, first=stage_dirs[name].endswith("@first")) if rows else None
         if ev is None:
             missing.append(f"{name} ({stage_dirs[name]})")
         else:
@@ -140,6 +143,10 @@ def main():
               "Greedy answers to held-out prompts, exact match after stripping whitespace; * marks the cells the RL "
               "stages train on; base is the pretrained model before SFT.", "", table(columns) if columns else "(no evals)",
               ""]
+    firsts = [f"{name} is the first eval in {d.removesuffix('@first')}" for name, d in stage_dirs.items()
+              if d.endswith("@first") and name in columns]
+    if firsts:
+        lines += ["Columns measured where a later stage started: " + "; ".join(firsts) + ".", ""]
     if missing:
         lines += [f"Not in the table (no log with an eval): {', '.join(missing)}.", ""]
     lines += ["## Alignment stages", ""]

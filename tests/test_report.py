@@ -39,13 +39,14 @@ def test_the_table_and_the_times(logs):
     out = logs / "report.md"
     run_script("report.py", f"--out={out}", f"--times={logs / 'pipe' / 'times.json'}", f"--pretrain_dir={logs / 'pre'}",
                f"--reward_dir={logs / 'rm'}", "--rl_tasks=add/3,sub/2",
-               f"--stages=base={logs / 'sft'},sft={logs / 'sft'},grpo={logs / 'grpo'},ppo={logs / 'nope'}")
+               f"--stages=base={logs / 'sft'}@first,sft={logs / 'sft'},grpo={logs / 'grpo'},ppo={logs / 'nope'}")
     text = out.read_text()
     assert "| task/difficulty | base | sft | grpo |" in text
     assert "| add/1 | 0.00 | 1.00 | 1.00 |" in text
     assert "| add/3 * | 0.00 | 0.25 | 0.75 |" in text  # base is SFT's first eval, the rest their last
     assert "| **RL cells (*)** | **0.00** | **0.38** | **0.62** |" in text  # (0.25 + 0.5) / 2, (0.75 + 0.5) / 2
     assert "Not in the table (no log with an eval): ppo" in text
+    assert f"Columns measured where a later stage started: base is the first eval in {logs / 'sft'}." in text
     assert "Reward model (held-out pairs): acc 0.950, spearman 0.810" in text
     assert "grpo: KL to the reference per token at the end 0.0030 (max 0.0030)" in text
     assert "| **total** | **1400** (23.3 min) |" in text
@@ -55,7 +56,7 @@ def test_pictures_when_matplotlib_is_there(logs):
     pytest.importorskip("matplotlib")
     out = logs / "report.md"
     run_script("report.py", f"--out={out}", f"--figures={logs / 'fig'}", f"--pretrain_dir={logs / 'pre'}",
-               f"--stages=sft={logs / 'sft'},grpo={logs / 'grpo'}")
+               f"--sft_dirs=sft={logs / 'sft'}", f"--stages=sft={logs / 'sft'},grpo={logs / 'grpo'}")
     assert (logs / "fig" / "loss.png").stat().st_size > 1000 and (logs / "fig" / "rl.png").stat().st_size > 1000
     assert "![loss.png](fig/loss.png)" in out.read_text()
 
