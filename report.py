@@ -121,14 +121,16 @@ def draw(logs, folder):
 
 
 def main():
-    stage_dirs = dict(s.split("=", 1) for s in stages)
-    logs = {name: read_log(d.removesuffix("@first")) for name, d in stage_dirs.items()}
+    specs = dict(s.split("=", 1) for s in stages)
+    stage_dirs = {name: d.removesuffix("@first") for name, d in specs.items()}
+    firsts = {name for name, d in specs.items() if d.endswith("@first")}  # columns from the first eval
+    logs = {name: read_log(d) for name, d in stage_dirs.items()}
     logs["pretrain"] = read_log(pretrain_dir)
     columns, missing = {}, []
     for name, rows in logs.items():
         if name == "pretrain":
             continue
-        ev = answers(rows, first=stage_dirs[name].endswith("@first")) if rows else None
+        ev = answers(rows, first=name in firsts) if rows else None
         if ev is None:
             missing.append(f"{name} ({stage_dirs[name]})")
         else:
@@ -143,10 +145,10 @@ def main():
               "Greedy answers to held-out prompts, exact match after stripping whitespace; * marks the cells the RL "
               "stages train on; base is the pretrained model before SFT.", "", table(columns) if columns else "(no evals)",
               ""]
-    firsts = [f"{name} is the first eval in {d.removesuffix('@first')}" for name, d in stage_dirs.items()
-              if d.endswith("@first") and name in columns]
-    if firsts:
-        lines += ["Columns measured where a later stage started: " + "; ".join(firsts) + ".", ""]
+    started = [f"{name} is the first eval in {stage_dirs[name]}" for name in stage_dirs
+               if name in firsts and name in columns]
+    if started:
+        lines += ["Columns measured where a later stage started: " + "; ".join(started) + ".", ""]
     if missing:
         lines += [f"Not in the table (no log with an eval): {', '.join(missing)}.", ""]
     lines += ["## Alignment stages", ""]
