@@ -25,8 +25,9 @@ Sections:
   ppo      the same for one PPO iteration of ppo.py (as many completions, one per prompt)
   profile  a torch.profiler table of one decode step at position ~500
   quant    decode tokens/s, batch 1, N = quant_new_tokens, for each of quant_shapes in fp32, bf16
-           (model.to(bfloat16)), int8 and int4 (model.quantize over a quant_base model), the precisions
-           alternated within every repeat; the kernel each quantized matmul ran (model.QUANT_KERNELS)
+           (model.to(bfloat16)), int8 and int4 (model.quantize over a quant_base model), and int8 / int4
+           with the LM head quantized as well (+head), the precisions alternated within every repeat;
+           the kernel each quantized matmul ran (model.QUANT_KERNELS)
   qlora_memory  peak resident memory (VmHWM) of memory_steps training steps at memory_shape: full
            fine-tune, LoRA on an fp32 base, on an int8 base, on an int4 base; each in a fresh process
            (section memory_one), so that no variant's peak is another's
@@ -93,7 +94,7 @@ grpo_iters = 3  # iterations timed (the first, with its warm-up, is dropped)
 prefill_len = 512
 # quantized decode; a shape is n_layer x n_head x n_embd : vocab_size (GPT-2 124M is 12x12x768:50304)
 quant_shapes = ("6x6x384:65", "12x12x768:50304")
-quant_precisions = ("fp32", "bf16", "int8", "int4")
+quant_precisions = ("fp32", "bf16", "int8", "int4", "int8+head", "int4+head")  # +head: the LM head quantized too
 quant_new_tokens = 512  # new tokens per decode (capped at block_size - prompt_len)
 quant_group_size = 64  # int4: inputs that share one scale
 quant_base = "bfloat16"  # int8 / int4: the dtype of all they leave in floating point, activations included
@@ -104,6 +105,7 @@ memory_batch = 4  # sequences per step
 memory_block = 256  # tokens per sequence
 memory_steps = 2
 memory_lora_rank = 8  # on c_q and c_v, as the LoRA figures were measured
+memory_grad_checkpointing = False  # recompute each block in the backward pass (model.grad_checkpointing)
 # timing and system
 repeats = 3  # timed runs per figure (median); the uncached decode runs once
 device = "auto"
@@ -402,11 +404,12 @@ def bench_quant():
                 models[p] = reference
             elif p == "bf16":
                 models[p] = copy.deepcopy(reference).to(torch.bfloat16)
-            elif p in ("int8", "int4"):
-                bits = int(p[3:])
-                models[p] = copy.deepcopy(reference).to(base).quantize(bits, quant_group_size if bits == 4 else None)
+            elif p.removesuffix("+head") in ("int8", "int4"):
+                bits = int(p[3])
+                models[p] = copy.deepcopy(reference).to(base).quantize(bits, quant_group_size if bits == 4 else None,
+                                                                      quantize_head=p.endswith("+head"))
             else:
-                sys.exit(f"config error: quant_precisions are fp32 | bf16 | int8 | int4, got {p!r}")
+                sys.exit(f"config error: quant_precisions are fp32 | bf16 | int8 | int4 | int8+head | int4+head, got {p!r}")
         n = min(quant_new_tokens, block_size - prompt_len)
         prompt = torch.randint(0, shape["vocab_size"], (1, prompt_len), device=dev)
         for m in models.values():  # warm up; the first decode step measures the paths (LINEAR_PATHS, QUANT_PATHS)
@@ -450,6 +453,7 @@ def bench_memory_one(variant):
     model = GPT(GPTConfig(**args)).to(dev)
     if bits:
         model.quantize(bits, quant_group_size if bits == 4 else None)
+    model.grad_checkpointing = memory_grad_checkpointing
     gc.collect()
     built = vm_kb("VmRSS")
     try:  # reset the high-water mark to the present RSS: the peak is then the training steps'

@@ -333,6 +333,14 @@ def linear(x, weight, bias=None):
     return _split_linear(x, weight, bias, n) if path == "split" else F.linear(x, weight, bias)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout that is skipped where it does nothing (eval mode, or p = 0): a decode step of a
+    6-layer model passes through 13 of them, and nn.Dropout calls into ATen each time anyway."""
+
+    def forward(self, x):
+        return super().forward(x) if self.training and self.p > 0 else x
+
+
 class Linear(nn.Linear):
     """nn.Linear with linear() above for decoding; the same parameters and state-dict keys."""
 
@@ -349,7 +357,7 @@ class Attention(nn.Module):
         self.c_k = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
         self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
         self.dropout = config.dropout
 
     def forward(self, x, rope, mask, cache):
@@ -391,7 +399,7 @@ class MLP(nn.Module):
         if self.swiglu:
             self.c_gate = Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         if self.swiglu:
@@ -501,9 +509,12 @@ class KVCache:
         self.padded = False  # does any row start with padding? (decided at prefill)
 
     def slot_of(self, pos):
+        """The slot of position pos (a tensor, or an int)."""
         if self.window is None:
             return pos
         ring = self.n_sink + (pos - self.n_sink) % self.window
+        if not torch.is_tensor(pos):
+            return pos if pos < self.n_sink else ring
         return torch.where(pos < self.n_sink, pos, ring)
 
     def begin(self, pos):
@@ -513,6 +524,7 @@ class KVCache:
         if self.window is not None:  # of a long prompt keep only the sinks and the last W
             keep = keep & ((pos < self.n_sink) | (pos > pos[:, -1:] - self.window))
         self.slots = torch.where(keep, self.slot_of(pos), self.n_slots)
+        self.slot = None  # the one slot every row writes in this decode step, where known here
         self.is_prefill = self.k is None
         if self.is_prefill:
             self.padded = bool((pos[:, 0] < 0).any())
@@ -524,6 +536,9 @@ class KVCache:
             self.length += 1
             self.visible = min(self.length, self.n_slots)  # no row has written past this yet
             if not self.padded:
+                # without padding a row's positions are its columns 0, 1, ..., the same in every
+                # row, so this step's token is at position length - 1 in all of them
+                self.slot = self.slot_of(self.length - 1)
                 return None
         # slot s holds a position <= the row's newest one exactly when s <= that position
         return (torch.arange(self.visible, device=pos.device) <= pos)[:, None, None, :]  # (B, 1, 1, S)
@@ -536,7 +551,10 @@ class KVCache:
             shape = (B, H, self.n_slots + 1, D)
             self.k = [torch.zeros(shape, device=k.device, dtype=k.dtype) for _ in range(self.config.n_layer)]
             self.v = [torch.zeros(shape, device=k.device, dtype=k.dtype) for _ in range(self.config.n_layer)]
-        if T == 1:  # decode: row b writes its one slot; index_put_ stays in place when compiled
+        if T == 1 and self.slot is not None:  # decode, every row at the same slot: a plain copy
+            self.k[layer][:, :, self.slot] = k[:, :, 0]
+            self.v[layer][:, :, self.slot] = v[:, :, 0]
+        elif T == 1:  # decode: row b writes its one slot; index_put_ stays in place when compiled
             rows = torch.arange(B, device=k.device)
             self.k[layer][rows, :, self.slots[:, 0]] = k[:, :, 0]
             self.v[layer][rows, :, self.slots[:, 0]] = v[:, :, 0]
@@ -701,7 +719,7 @@ class LoRALinear(Linear):
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = Dropout(dropout)
         self.merged = False  # True while scale * B A is folded into the weight
         self.enabled = True  # False: the adapter is skipped (GPT.adapters_off)
         self._base_weight = None  # the original W while merged
@@ -983,7 +1001,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.pos_emb == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = make_norm(config)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
@@ -997,6 +1015,11 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.compiled_decode_step = None  # set by compile_decode()
+        # activation checkpointing for training: keep only each block's input in the forward pass
+        # and recompute the block in the backward pass (about one more forward of compute, for the
+        # activations of one block at a time instead of all of them), and the loss over chunks of
+        # the logits (see forward); the stages' grad_checkpointing setting
+        self.grad_checkpointing = False
         self.quantization = None  # set by quantize(): {bits, group_size, quantize_head, format}
         if config.lora_rank > 0:
             self._add_lora()  # after the base init, so a seed gives the same base weights either way
@@ -1038,6 +1061,8 @@ class GPT(nn.Module):
         cache: a KVCache to fill (prefill, the whole prompt) or to extend (one token per row).
         hidden: return the final hidden states (B, T, n_embd) after the last norm instead of
             the logits, for a scalar head (reward, value).
+        With grad_checkpointing, targets and gradients on, the logits come back None: the loss is
+        taken chunk by chunk without ever holding all of them.
         """
         cfg = self.config
         B, T = idx.shape
@@ -1061,10 +1086,19 @@ class GPT(nn.Module):
             if cache is not None:
                 cache.begin(p.expand(B, T))
         for block in self.h:
-            x = block(x, rope, mask, cache)
+            if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
         x = self.ln_f(x)
         if hidden:
             return x, None
+        if targets is not None and self.grad_checkpointing and torch.is_grad_enabled():
+            # at a large vocabulary the float32 logits of the batch, and their gradient, are the
+            # largest activations of a step: take the same loss over chunks of rows instead, each
+            # recomputed in the backward pass (head_logprobs), and return no logits
+            logp, _ = self.head_logprobs(x, targets)
+            return None, -logp.sum() / (targets >= 0).sum()
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

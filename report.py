@@ -27,9 +27,11 @@ out = "report.md"  # the report to write
 figures = ""  # folder for the PNG curves (empty: next to the report)
 times = "out-pipeline/times.json"  # the pipeline's stage times: {"stage": seconds, ...}
 # the stages: name=out_dir, in the order of the table; a column is the last held-out eval of that
-# out_dir's log, or with @first its first one (the model that stage started from, on that stage's prompts)
-stages = ("base=out-sft@first", "sft=out-sft", "grpo=out-grpo", "ppo=out-ppo", "dpo=out-dpo", "sft_cot=out-sft-cot",
-          "grpo_cot=out-grpo-cot")
+# out_dir's log, or with @first its first one (the model that stage started from, on that stage's
+# prompts): SFT's columns are the first evals of the GRPO runs that start from them, on every held-out
+# prompt as the later stages are (sft.py's own evals answer 240), as pipeline.sh passes them
+stages = ("base=out-sft@first", "sft=out-grpo@first", "grpo=out-grpo", "ppo=out-ppo", "dpo=out-dpo",
+          "sft_cot=out-grpo-cot@first", "grpo_cot=out-grpo-cot")
 pretrain_dir = "out-shakespeare"
 sft_dirs = ("sft=out-sft", "sft_cot=out-sft-cot")  # the fine-tuning runs whose training loss is drawn
 reward_dir = "out-reward"

@@ -109,6 +109,7 @@ backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo otherwise) | nccl | gl
 device = "auto"  # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"  # auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
 compile = True  # torch.compile the model (skipped on CPU and MPS)
+grad_checkpointing = False  # recompute each block in the backward pass instead of keeping its activations
 seed = 1337
 # -----------------------------------------------------------------------------
 config = common.configure(globals())
@@ -120,6 +121,8 @@ if curriculum not in ("none", "length", "difficulty"):
     sys.exit(f"config error: curriculum must be none | length | difficulty, got {curriculum!r}")
 if batch_size < 1 or eval_prompts < 0 or eval_max_new_tokens < 1 or eval_show < 0:
     sys.exit("config error: need batch_size >= 1, eval_prompts >= 0, eval_max_new_tokens >= 1, eval_show >= 0")
+if teacher and grad_checkpointing:
+    sys.exit("config error: grad_checkpointing takes the loss without the full logits, which distillation (teacher) needs")
 ddp, grad_accum, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed,
                                                     gradient_accumulation_steps, out_dir)
 master = ddp.master
@@ -231,6 +234,7 @@ if train_embeddings and model.config.lora_rank > 0:
     # same way (cosine 0.9 between any two), and a frozen table can neither tell 3 from 7 nor learn
     # to say <|end|>. The usual remedy (PEFT's modules_to_save) is to train the table as well.
     model.wte.weight.requires_grad_(True)
+model.grad_checkpointing = grad_checkpointing
 # batches vary in length: dynamic=True compiles one graph for all of them
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,

@@ -102,11 +102,14 @@ backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo otherwise) | nccl | gl
 device = "auto"  # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"  # auto (bf16 where supported, fp16 on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
 compile = True  # torch.compile the model (skipped on CPU and MPS)
+grad_checkpointing = False  # recompute each block in the backward pass instead of keeping its activations
 seed = 1337
 # -----------------------------------------------------------------------------
 config = common.configure(globals())
 # -----------------------------------------------------------------------------
 
+if teacher and grad_checkpointing:
+    sys.exit("config error: grad_checkpointing takes the loss without the full logits, which distillation (teacher) needs")
 ddp, grad_accum, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed,
                                                     gradient_accumulation_steps, out_dir)
 master = ddp.master
@@ -178,6 +181,7 @@ else:
         sys.exit(f"error: {e}")
     if master:
         print(f"{'resuming' if resumed else 'starting'} from {path} at iter {ckpt.get('iter_num', 0) if resumed else 0}")
+model.grad_checkpointing = grad_checkpointing
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None, ctx=ctx)
 

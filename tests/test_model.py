@@ -322,3 +322,29 @@ def test_cached_equals_reference_with_two_threads(kw):
     a = model.generate(prompts, 20, temperature=0)
     b = model.generate(prompts, 20, temperature=0, use_cache=False)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kw", [dict(dropout=0.1), dict(n_expert=4, n_expert_active=2, dropout=0.1),
+                                dict(lora_rank=4, pos_emb="rope", sliding_window=5)])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(kw, monkeypatch):
+    # the blocks are recomputed in the backward pass with the forward's random state (dropout), and
+    # the loss is taken over chunks of 5 rows' logits (of 36), none of them kept
+    import model as model_module
+
+    monkeypatch.setattr(model_module, "LOGPROB_CHUNK", 5 * 37)
+    grads = []
+    for ckpt in (False, True):
+        model = build(tiny(**kw), sharpen=1.0).train()  # float64
+        model.grad_checkpointing = ckpt
+        idx = torch.randint(0, 37, (3, 12), generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(7)
+        targets = idx.roll(-1, 1).masked_fill(idx % 3 == 0, -1)  # some positions without a loss
+        logits, loss = model(idx, targets)
+        assert (logits is None) == ckpt
+        (loss + model.aux_loss()).backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, a), (loss_b, b) = grads
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=0)
+    assert a.keys() == b.keys() and len(a) > 0
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-9, atol=1e-12, msg=n)
