@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from model import upcast
+
 # -----------------------------------------------------------------------------
 # reward models: a scalar r for a (prompt, reply), trained on pairs (chosen, rejected)
 
@@ -340,9 +342,8 @@ def distill_loss(student_logits, teacher_logits, targets, temperature=1.0, kind=
     distributions. logits (B, T, V), targets (B, T)."""
     V = student_logits.size(-1) if vocab_limit is None else vocab_limit
     keep = targets.reshape(-1) >= 0
-    at_least_fp32 = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 -> fp32; fp64 stays
-    s = student_logits.reshape(-1, student_logits.size(-1))[keep, :V].to(at_least_fp32) / temperature
-    t = teacher_logits.reshape(-1, teacher_logits.size(-1))[keep, :V].to(at_least_fp32) / temperature
+    s = upcast(student_logits.reshape(-1, student_logits.size(-1))[keep, :V]) / temperature
+    t = upcast(teacher_logits.reshape(-1, teacher_logits.size(-1))[keep, :V]) / temperature
     log_q, log_p = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
     if kind == "forward_kl":
         per = (log_p.exp() * (log_p - log_q)).sum(-1)
