@@ -550,17 +550,21 @@ def training_step_timer(model, device, batch=4):
     return step
 
 
-def model_from_checkpoint(ckpt, path, train_args=None, quantize="none", quant_group_size=64, trains=False):
+def model_from_checkpoint(ckpt, path, train_args=None, quantize="none", quant_group_size=64, trains=False,
+                          resuming=False):
     """The GPT a checkpoint holds. The architecture is the checkpoint's; of train_args (a script's
     model settings) only what is training-only may change it: dropout, the lora_* fields (a plain
     checkpoint fine-tuned with adapters) and scalar_head (an SFT model becoming a reward model,
-    with a fresh head). A resume passes none. A LoRA checkpoint given train_args (a new stage) has
-    its adapters merged first. A quantized checkpoint loads as it was stored (its
+    with a fresh head). A resume passes none, or only scalar_head with resuming=True (ppo.py's
+    shared value head, stored beside the policy). A LoRA checkpoint starting a new stage (given
+    train_args, not resuming) has its adapters merged first. A quantized checkpoint loads as it was stored (its
     "quantization" entry); quantize (none | int8 | int4, int4 in groups of quant_group_size) is
     a stage's setting, applied after loading, see quantize_model; trains: the stage will train it."""
     from model import GPT, GPTConfig
 
-    if train_args is not None and ckpt["model_args"].get("lora_rank", 0) > 0:
+    if resuming and set(train_args or {}) - {"scalar_head"}:
+        raise ValueError(f"resuming {path}: only scalar_head may be added, not {sorted(set(train_args) - {'scalar_head'})}")
+    if train_args is not None and not resuming and ckpt["model_args"].get("lora_rank", 0) > 0:
         # a LoRA checkpoint starting a new stage: its adapters are folded into the weights first, so
         # the model starts as what it computes, and fresh adapters start from that (their
         # reference, the weights with adapters off, is then the starting policy, not its base)

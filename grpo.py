@@ -206,7 +206,11 @@ while True:
 
     # ---- rewards and group-relative advantages ------------------------------------------------
     (rewards, reward_parts, texts), t_score = common.timed(rewarder, examples, out)
-    advantages, zero_std = losses.group_advantages(rewards, group_size, scale_rewards)
+    # scale_rewards=batch divides by the std of the whole batch: every process's rewards, not this one's
+    batch_std = None
+    if scale_rewards == "batch" and ddp.enabled:
+        batch_std = torch.cat(ddp.gather_objects(rewards.cpu())).std().item()
+    advantages, zero_std = losses.group_advantages(rewards, group_size, scale_rewards, batch_std=batch_std)
     inputs, targets, pos = out.idx[:, :-1], out.targets(), out.pos[:, :-1]
     # the completion tokens, each a target of the position before it; a completion cut off by
     # max_new_tokens says little about its answer, and mask_truncated leaves it out

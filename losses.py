@@ -49,7 +49,7 @@ def center_loss(r_chosen, r_rejected):
 # GRPO: advantages from a group of samples of the same prompt, no value function
 
 
-def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+def group_advantages(rewards, group_size, scale="group", eps=1e-4, batch_std=None):
     """rewards (P * G,), the G = group_size samples of each prompt next to each other ->
     (advantages (P * G,), zero_std (P,) True for groups whose rewards are all equal).
 
@@ -57,6 +57,7 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
 
     s is the std of the sample's group (scale="group", GRPO), of the whole batch ("batch"), or 1
     ("none", Dr. GRPO, which argues the division favours prompts that are too easy or too hard).
+    Under DDP the batch spans processes: batch_std, their rewards' std, replaces this process's.
     The std uses Bessel's correction (n - 1, torch.std's default, as TRL does). A group whose
     rewards are all equal gets A = 0 everywhere: it carries no signal.
     Group (1, 0, 0, 1): mean 0.5, std sqrt(1/3) = 0.5774, A = (+-0.5) / 0.5775 = +-0.8659."""
@@ -69,6 +70,8 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     zero_std = r.std(dim=1) < 1e-8 if group_size > 1 else torch.ones(r.size(0), dtype=torch.bool, device=r.device)
     if scale == "group":
         centred = centred / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch" and batch_std is not None:
+        centred = centred / (batch_std + eps)
     elif scale == "batch":
         centred = centred / (rewards.std() + eps) if rewards.numel() > 1 else centred
     return centred.reshape(-1), zero_std

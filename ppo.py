@@ -207,7 +207,7 @@ try:
     # the saved policy is a plain GPT: a shared value head is stored beside it, and goes back on here
     model = common.model_from_checkpoint(ckpt, ckpt_path, {"scalar_head": shared} if resumed else
                                          dict(train_args, scalar_head=shared), quantize=quantize,
-                                         quant_group_size=quant_group_size, trains=not eval_only)
+                                         quant_group_size=quant_group_size, trains=not eval_only, resuming=resumed)
     if shared and resumed:
         model.score_head.load_state_dict(ckpt["value_head"])
     elif resumed:  # separate: the value network as it was saved

@@ -97,7 +97,8 @@ def test_resume_is_bit_identical_with_several_passes_and_minibatches(rl_setup):
 def test_two_processes_roll_out_their_own_groups_and_stay_in_sync(rl_setup):
     base, data, tmp = rl_setup
     res = run_script("torchrun", "--standalone", "--nproc_per_node=2", "grpo.py", *TINY, f"--init_from={base}",
-                     f"--prompt_dataset={data}", f"--out_dir={tmp / 'ddp'}", "--max_iters=2", "--eval_interval=2")
+                     f"--prompt_dataset={data}", f"--out_dir={tmp / 'ddp'}", "--max_iters=2", "--eval_interval=2",
+                     "--scale_rewards=batch")  # its std gathers every process's rewards
     assert "parameters identical on all 2 processes" in res.stdout
     assert [r["iter"] for r in read_log(str(tmp / "ddp")) if "reward" in r] == [1, 2]
 

@@ -49,6 +49,9 @@ def test_group_advantages_for_each_scaling():
     sb = math.sqrt(1.875 / 7)
     a, _ = losses.group_advantages(r, 4, "batch")
     assert a.tolist() == pytest.approx([c / (sb + 1e-4) for c in (0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75)])
+    # under DDP the std is every process's: given, it replaces this batch's
+    a, _ = losses.group_advantages(r, 4, "batch", batch_std=2.0)
+    assert a.tolist() == pytest.approx([c / 2.0001 for c in (0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75)])
     # none (Dr. GRPO): only centred
     a, _ = losses.group_advantages(r, 4, "none")
     assert a.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75])

@@ -161,6 +161,22 @@ def test_resume_is_bit_identical_with_several_passes_and_minibatches(rl_setup):
     assert all(torch.equal(a["value_head"][k], b["value_head"][k]) for k in a["value_head"])
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_lora_policy_resumes_exactly_with_its_adapters_unmerged(rl_setup, quantize):
+    # a resume must keep the adapters as adapters (the optimizer state is theirs), quantized or not
+    base, data, tmp = rl_setup
+    args = ["--lora_rank=2", f"--quantize={quantize}", "--eval_interval=2", "--eval_prompts=0", "--pass_k_prompts=0"]
+    straight, split = str(tmp / f"straight-{quantize}"), str(tmp / f"split-{quantize}")
+    ppo(base, data, straight, *args, "--max_iters=3")
+    ppo(base, data, split, *args, "--max_iters=2")
+    ppo(base, data, split, *args, "--max_iters=3", "--init_from=resume")
+    assert rows_of(straight) == rows_of(split) and len(rows_of(straight)) == 3
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)
+    assert a["model_args"]["lora_rank"] == b["model_args"]["lora_rank"] == 2
+    assert any("lora_" in k for k in b["model"]) and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_a_separate_value_network_from_the_reward_model_resumes_exactly(rl_setup):
     base, data, tmp = rl_setup
     rm = fake_reward_model(base, str(tmp / "rm.pt"))
