@@ -557,13 +557,15 @@ def model_from_checkpoint(ckpt, path, train_args=None, quantize="none", quant_gr
     checkpoint fine-tuned with adapters) and scalar_head (an SFT model becoming a reward model,
     with a fresh head). A resume passes none, or only scalar_head with resuming=True (ppo.py's
     shared value head, stored beside the policy). A LoRA checkpoint starting a new stage (given
-    train_args, not resuming) has its adapters merged first. A quantized checkpoint loads as it was stored (its
-    "quantization" entry); quantize (none | int8 | int4, int4 in groups of quant_group_size) is
-    a stage's setting, applied after loading, see quantize_model; trains: the stage will train it."""
+    train_args, not resuming) has its adapters merged first. A quantized checkpoint loads as it
+    was stored (its "quantization" entry); quantize (none | int8 | int4, int4 in groups of
+    quant_group_size) is a stage's setting, applied after loading, see quantize_model; trains: the
+    stage will train it."""
     from model import GPT, GPTConfig
 
-    if resuming and set(train_args or {}) - {"scalar_head"}:
-        raise ValueError(f"resuming {path}: only scalar_head may be added, not {sorted(set(train_args) - {'scalar_head'})}")
+    extra = set(train_args or {}) - {"scalar_head"}
+    if resuming and extra:
+        raise ValueError(f"resuming {path}: only scalar_head may be added, not {sorted(extra)}")
     if train_args is not None and not resuming and ckpt["model_args"].get("lora_rank", 0) > 0:
         # a LoRA checkpoint starting a new stage: its adapters are folded into the weights first, so
         # the model starts as what it computes, and fresh adapters start from that (their
