@@ -376,12 +376,13 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 
 
 def lr_at(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
-    """Linear warmup from learning_rate/warmup_iters (never 0 at step 0), then cosine to min_lr at
-    lr_decay_iters, then min_lr."""
-    if not decay_lr:
-        return learning_rate
+    """Linear warmup from learning_rate/warmup_iters (never 0 at step 0) to learning_rate, whatever
+    decay_lr says (a fresh AdamW's first steps are the largest); then with decay_lr cosine to
+    min_lr at lr_decay_iters and min_lr after, without it learning_rate."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / warmup_iters
+    if not decay_lr:
+        return learning_rate
     if it >= lr_decay_iters:
         return min_lr
     ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
@@ -982,13 +983,23 @@ class EpochStream:
     the run's stream is position k % n of epoch k // n. The batch of (iteration, micro-step, rank)
     depends only on those and the seed, so a resumed run draws exactly the batches an
     uninterrupted one would have, with no state to carry. first_epoch (a key per example) orders
-    the first epoch by it, shuffled within equal keys: a curriculum."""
+    the first epoch by it, shuffled within equal keys: a curriculum. cells (a key per example,
+    such as "add/3") visits the cells evenly instead, whatever their sizes: position k of the
+    stream is cell k % C of the C cells (in sorted order), and within that cell position k // C
+    of its own stream of shuffled epochs (an RL stage's rl_cell_weights=uniform)."""
 
-    def __init__(self, n, seed, batch_size, grad_accum, ddp, first_epoch=None):
+    def __init__(self, n, seed, batch_size, grad_accum, ddp, first_epoch=None, cells=None):
         self.n, self.seed, self.batch_size, self.grad_accum = n, seed, batch_size, grad_accum
         self.rank, self.world_size = ddp.rank, ddp.world_size
         self.first_epoch = first_epoch
         self._orders = {}
+        self.cells = None
+        if cells is not None:
+            members = {}
+            for i, c in enumerate(cells):
+                members.setdefault(c, []).append(i)
+            self.cells = [(members[c], EpochStream(len(members[c]), seed * 7919 + j, 1, 1, ddp))
+                          for j, c in enumerate(sorted(members))]
 
     def order(self, epoch):
         if epoch not in self._orders:
@@ -999,9 +1010,17 @@ class EpochStream:
             self._orders = {epoch: order, **{e: o for e, o in self._orders.items() if e == epoch - 1}}
         return self._orders[epoch]
 
+    def at(self, k):
+        """The example at position k of the run's stream."""
+        if self.cells is None:
+            return self.order(k // self.n)[k % self.n]
+        members, stream = self.cells[k % len(self.cells)]
+        j = k // len(self.cells)
+        return members[stream.order(j // len(members))[j % len(members)]]
+
     def indices(self, it, micro_step):
         start = ((it * self.grad_accum + micro_step) * self.world_size + self.rank) * self.batch_size
-        return [self.order(k // self.n)[k % self.n] for k in range(start, start + self.batch_size)]
+        return [self.at(k) for k in range(start, start + self.batch_size)]
 
 
 def pair_batch(pairs, pad_id, device):
@@ -1095,6 +1114,7 @@ class Loop:
         state = resume_from or {}
         self.iter_num = state.get("iter_num", 0)
         self.best_val_loss = state.get("best_val_loss", float("inf"))
+        self.best_iter = state.get("best_iter")  # the iteration best.pt holds, once this run wrote one
         # older checkpoints were always written right after an eval, except Ctrl-C ones
         self.last_eval_iter = state.get("last_eval_iter", self.iter_num if resume_from else -1)
         pending = state.get("pending_loss", (0.0, 0))
@@ -1133,6 +1153,8 @@ class Loop:
         self.best_val_loss = min(self.best_val_loss, val_loss)
         self.last_eval_iter = self.iter_num
         if not self.eval_only and self.iter_num > 0:
+            if improved:
+                self.best_iter = self.iter_num  # before the checkpoint, which carries it
             if self.always_save or improved or self.iter_num == self.max_iters:
                 self.checkpoint()
             if improved:
@@ -1145,8 +1167,8 @@ class Loop:
     def state(self):
         """What a checkpoint needs of the loop. Every process must call it (a collective)."""
         pending = self.ddp.all_reduce_mean(self.loss_sum.detach().clone())
-        return dict(iter_num=self.iter_num, best_val_loss=self.best_val_loss, last_eval_iter=self.last_eval_iter,
-                    pending_loss=(pending.item(), self.steps_since_log))
+        return dict(iter_num=self.iter_num, best_val_loss=self.best_val_loss, best_iter=self.best_iter,
+                    last_eval_iter=self.last_eval_iter, pending_loss=(pending.item(), self.steps_since_log))
 
     def step_done(self, loss, tokens=0, flops=0.0, **metrics):
         """After the optimizer step: count the iteration, and at every log_interval print and log
@@ -1283,7 +1305,7 @@ def write_samples(path, examples, answers, iter_num, n_show, exact_match):
 
 # the folders data/tasks/prepare.py writes, by name under data/, and its arguments for each
 TASK_DATASETS = {"tasks": [], "tasks_cot": ["--cot=True"],
-                 "tasks_cot_rl": ["--cot=True", "--extra_train_difficulties=4"]}
+                 "tasks_cot_rl": ["--cot=True", "--extra_train_difficulties=4"], "tasks_mix": ["--cot_share=0.15"]}
 
 
 def task_data(name, ddp):
@@ -1319,28 +1341,63 @@ def post_training_start(init_from, out_dir, eval_only=False):
     return ckpt, path, resumed, tokenizer_from_meta(ckpt["meta"]), reference_path
 
 
-def rl_prompts(prompt_dataset, rl_tasks, tok, block_size, max_new_tokens, eval_prompts, pass_k_prompts, ddp):
-    """The prompts of an RL stage from prompt_dataset (a folder under data/, or absolute, whose
-    train.jsonl and val.jsonl hold conversations with an "answer"): the training prompts of the
-    rl_tasks cells that leave room for max_new_tokens in block_size (the master says how many),
-    eval_prompts held-out prompts over every cell, pass_k_prompts held-out prompts of the trained
-    cells. -> (train, eval, pass) lists of held_out_prompts' examples. A data/tasks/prepare.py
-    folder is generated when missing (task_data). Exits with a one-line message on a data error."""
-    data_dir = task_data(prompt_dataset, ddp)
+def rl_prompts(config, tok, block_size, ddp):
+    """The prompts of an RL stage, from config's prompt_dataset (a folder under data/, or absolute,
+    whose train.jsonl, val.jsonl and test.jsonl hold conversations with an "answer"; test.jsonl is
+    optional) -> a dict of lists of held_out_prompts' examples:
+
+        train       the training prompts of the rl_tasks cells (all cells when it names none)
+        dev         eval_prompts prompts of val.jsonl over every cell: the evals during training
+        pass_dev    pass_k_prompts prompts of val.jsonl of the trained cells, for pass@k
+        test        test_prompts prompts of test.jsonl over every cell: answered once, at the end
+        pass_test   pass_k_prompts prompts of test.jsonl of the trained cells
+
+    A training prompt's completion may take min(max_new_tokens, block_size - its length) tokens
+    (model.complete); a prompt that leaves no room at all is left out, and a trained cell left with
+    no prompt is a config error naming it. The master prints how many prompts each cell keeps.
+    A data/tasks/prepare.py folder is generated when missing (task_data). Exits with a one-line
+    message on a data error."""
+    data_dir = task_data(config["prompt_dataset"], ddp)
+    cells, max_new_tokens = config["rl_tasks"], config["max_new_tokens"]
+    test_path = os.path.join(data_dir, "test.jsonl")
     try:
         train_rows, _ = read_conversations(os.path.join(data_dir, "train.jsonl"))
         val_rows, _ = read_conversations(os.path.join(data_dir, "val.jsonl"))
-        train = held_out_prompts(cell_rows(train_rows, rl_tasks), len(train_rows), tok)
-        pass_k = held_out_prompts(cell_rows(val_rows, rl_tasks), pass_k_prompts, tok)
+        test_rows = read_conversations(test_path)[0] if os.path.isfile(test_path) else []
+        trained = cell_rows(train_rows, cells)
+        out = {"train": held_out_prompts(trained, len(trained), tok),
+               "dev": held_out_prompts(val_rows, config["eval_prompts"], tok),
+               "pass_dev": held_out_prompts(cell_rows(val_rows, cells), config["pass_k_prompts"], tok),
+               "test": held_out_prompts(test_rows, config["test_prompts"], tok),
+               "pass_test": held_out_prompts(cell_rows(test_rows, cells) if test_rows else [],
+                                             config["pass_k_prompts"], tok)}
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"data error: {e}" + ("; run python data/tasks/prepare.py" if isinstance(e, FileNotFoundError) else ""))
     if any("answer" not in row for row in train_rows[:100]):
         sys.exit(f"data error: {data_dir}/train.jsonl has rows without an 'answer': nothing to check rewards against")
-    fits = [ex for ex in train if len(ex["prompt"]) + max_new_tokens <= block_size]
+    kept, shorter = {}, {}
+    for ex in out["train"]:
+        room = block_size - len(ex["prompt"])
+        c = cell_key(ex)
+        kept.setdefault(c, 0)
+        kept[c] += room > 0
+        shorter[c] = shorter.get(c, 0) + (0 < room < max_new_tokens)
+    empty = sorted(c for c, n in kept.items() if n == 0)
+    if empty:
+        sys.exit(f"config error: the cells {', '.join(empty)} keep no training prompt: every one is "
+                 f"block_size {block_size} tokens or longer")
+    out["train"] = [ex for ex in out["train"] if len(ex["prompt"]) < block_size]
     if ddp.master:
-        print(f"prompts: {len(fits)} of the cells {', '.join(rl_tasks) or 'all'} ({len(train) - len(fits)} "
-              f"left out: no room for {max_new_tokens} new tokens in block_size {block_size})")
-    return fits, held_out_prompts(val_rows, eval_prompts, tok), pass_k
+        print("prompts: " + ", ".join(f"{c} {n}" + (f" ({shorter[c]} with room for fewer than {max_new_tokens} new "
+                                                    f"tokens)" if shorter[c] else "") for c, n in sorted(kept.items())) +
+              f"; dev {len(out['dev'])}, test {len(out['test'])}" +
+              ("" if test_rows else f" (no {test_path}: no test split)"))
+    return out
+
+
+def cell_key(example):
+    """"add/3": an example's task/difficulty cell ("all/all" without those fields)."""
+    return f"{example.get('task', 'all')}/{example.get('difficulty', 'all')}"
 
 
 def timed(fn, *args):
@@ -1473,8 +1530,12 @@ def evaluate_policy(model, examples, pass_examples, tok, ctx, ddp, batch_size, m
                     seed=0):
     """The RL stages' eval: greedy exact match and score per task and difficulty on examples
     (held_out_prompts'), and pass@k for k = 1, 4, 8 (those <= pass_samples) from pass_samples answers
-    at temperature 1 on pass_examples, with the unbiased estimator. -> the dict the log takes."""
-    from data.tasks.tasks import exact_match, metrics
+    at temperature 1 on pass_examples, with the unbiased estimator. On a mixed dataset (examples
+    that may be answered either way) also, from those samples, the share of sampled answers that
+    are worked solutions per cell (swork/add/3 ...) and the exact match of the worked and of the
+    direct ones (sem_worked, sem_direct): what RL can select from. -> (the dict the log takes,
+    the greedy answers)."""
+    from data.tasks.tasks import exact_match, metrics, reply_form
 
     answers = answer_prompts(model, examples, tok, ctx, ddp, batch_size, max_new_tokens)
     out = metrics(examples, answers)
@@ -1485,6 +1546,17 @@ def evaluate_policy(model, examples, pass_examples, tok, ctx, ddp, batch_size, m
         for k in (1, 4, 8):
             if k <= pass_samples:
                 out[f"pass@{k}"] = sum(pass_at_k(pass_samples, c, k) for c in correct) / len(correct)
+        if any(ex.get("format") == "either" for ex in pass_examples):
+            forms = {}  # cell -> [worked, all]; form -> [exact, all]
+            for ex, group in zip(pass_examples, samples):
+                for a in group:
+                    worked = reply_form(a) == "worked"
+                    f = forms.setdefault(cell_key(ex), [0, 0])
+                    f[0], f[1] = f[0] + worked, f[1] + 1
+                    e = forms.setdefault("worked" if worked else "direct", [0, 0])
+                    e[0], e[1] = e[0] + exact_match(ex, a), e[1] + 1
+            for key, (a, n) in sorted(forms.items()):
+                out[f"swork/{key}" if "/" in key else f"sem_{key}"] = a / n
     return out, answers
 
 
@@ -1523,6 +1595,50 @@ def evaluate_rl(loop, model, examples, pass_examples, tok, ctx, config, evaluate
     if evaluated:
         loop.evaluated(stats.get("err_rl", float("inf")))
     return stats
+
+
+def evaluate_test(loop, model, examples, pass_examples, tok, ctx, config, cells=()):
+    """The test split, answered once at the end of a stage (or by eval_only): by the weights the
+    dev split chose (out_dir/best.pt, when this run wrote one), else by model as it is. Logged as a
+    "test" line: evaluate_policy's stats with the standard error of each cell's exact match
+    (se/add/3 ...) and the mean over cells (the trained ones; every cell when cells is empty) with
+    its own (em_cells, se_cells); the master prints the summary. -> the stats ({} without prompts)."""
+    if not (examples or pass_examples):
+        return {}
+    t0, ddp = time.time(), loop.ddp
+    source = f"iter {loop.iter_num}"
+    if loop.best_iter is not None:  # written by the master during this run (or the run it resumes)
+        ddp.barrier()
+        path = os.path.join(config["out_dir"], "best.pt")
+        model = model_from_checkpoint(load_checkpoint(path), path).to(ddp.device).eval()
+        source = f"best.pt of iter {loop.best_iter}"
+    stats, _ = evaluate_policy(model, examples, pass_examples, tok, ctx, ddp, config["eval_batch_size"],
+                               config["eval_max_new_tokens"], config.get("pass_k_samples", 0), seed=config["seed"])
+    for key in [k for k in stats if k.startswith("n/")]:
+        p = stats["em/" + key[2:]]
+        stats["se/" + key[2:]] = math.sqrt(p * (1 - p) / stats[key])
+    mean, se = cells_mean(stats, cells)
+    stats.update(em_cells=mean, se_cells=se)
+    loop.log("test", **stats, of=source, s=time.time() - t0)
+    if ddp.master:
+        shown = [c for c in (cells or ()) if f"em/{c}" in stats]
+        print(f"test, {len(examples)} prompts, {source}: exact match {stats['em']:.3f}; "
+              f"{'the trained cells' if shown else 'mean over cells'} {mean:.3f} +- {se:.3f} (standard error)" +
+              "".join(f"; {c} {stats['em/' + c]:.3f} +- {stats['se/' + c]:.3f}" for c in shown))
+    return stats
+
+
+def cells_mean(stats, cells=()):
+    """The mean exact match over cells (every cell stats has when cells is empty or none of them
+    was measured) and its standard error sqrt(sum of the cells' p (1 - p) / n) / the number of
+    cells, from metrics' em/ and n/ keys. -> (mean, se); (nan, nan) when no cell was measured."""
+    measured = [k[3:] for k in stats if k.startswith("em/")]
+    chosen = [c for c in cells if c in measured] or measured
+    if not chosen:
+        return float("nan"), float("nan")
+    ps = [stats[f"em/{c}"] for c in chosen]
+    var = sum(p * (1 - p) / stats[f"n/{c}"] for p, c in zip(ps, chosen))
+    return sum(ps) / len(ps), math.sqrt(var) / len(ps)
 
 
 # -----------------------------------------------------------------------------

@@ -87,6 +87,7 @@ preference_dataset = ("preferences/policy",)  # folders under data/ (or absolute
 build_pairs = ""  # arguments of data/preferences/prepare.py that build a missing folder (--out_dir added; "" = never)
 prompt_dataset = "tasks"  # a folder under data/ (or absolute) whose val.jsonl holds the eval's task prompts ("" = none)
 rl_tasks = ("add/3", "sub/2", "sub/3", "sort/2", "sort/3")  # the cells err_rl (best.pt) follows (empty: all)
+rl_cell_weights = "uniform"  # uniform: the pairs of each task/difficulty cell as often as another's | rows: as read
 gradient_accumulation_steps = 1  # micro-steps per iteration, summed over all processes
 batch_size = 32  # pairs per micro-step per process (each pair is two conversations)
 # model: only GPTConfig's training-only fields; the architecture is the checkpoint's
@@ -105,7 +106,8 @@ sft_coef = 0.0  # weight of the chosen reply's NLL per token (RPO; 0 = off)
 precompute_ref = True  # the reference's log-probs once before training (then no reference model); else live
 eval_pairs = 1000  # held-out pairs per folder measured at each eval (0 = all)
 # eval
-eval_prompts = 1000  # held-out task prompts answered greedily at each eval, over every cell (0 = none)
+eval_prompts = 1000  # dev task prompts (val.jsonl) answered greedily at each eval, over every cell (0 = none)
+test_prompts = 10000  # test task prompts (test.jsonl) answered once at the end by best.pt, over every cell (0 = none)
 eval_max_new_tokens = 40  # the longest eval answer
 pass_k_prompts = 100  # held-out prompts of the rl_tasks cells for pass@k (0 = none)
 pass_k_samples = 8  # n answers per prompt at temperature 1 for pass@1, 4, 8
@@ -142,6 +144,8 @@ if not 0 <= label_smoothing < 0.5 or (label_smoothing > 0 and loss_type != "robu
              f"got {label_smoothing}")
 if sft_coef < 0 or batch_size < 1 or eval_pairs < 0:
     sys.exit("config error: need sft_coef >= 0, batch_size >= 1, eval_pairs >= 0")
+if rl_cell_weights not in ("uniform", "rows"):
+    sys.exit(f"config error: rl_cell_weights must be uniform | rows, got {rl_cell_weights!r}")
 ddp, grad_accum, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed,
                                                     gradient_accumulation_steps, out_dir)
 master = ddp.master
@@ -171,17 +175,23 @@ try:
     # inputs are a conversation's tokens but its last: block_size + 1 tokens fit
     train_pairs, val_pairs = common.preference_splits(preference_dataset, tok, block_size + 1, eval_pairs,
                                                       train=not eval_only, verbose=master)
+    # the task prompts: val.jsonl is the dev split of the evals during training, test.jsonl (when
+    # there is one) the test split answered once at the end
     data_dir = prompt_dataset if os.path.isabs(prompt_dataset) else os.path.join(ROOT, "data", prompt_dataset)
-    task_rows = common.read_conversations(os.path.join(data_dir, "val.jsonl"))[0] if prompt_dataset else []
-    eval_examples = common.held_out_prompts(task_rows, eval_prompts, tok)
-    pass_examples = common.held_out_prompts(common.cell_rows(task_rows, rl_tasks) if task_rows else [], pass_k_prompts,
-                                            tok)
+    prompts = {}
+    for split, name, n in (("dev", "val", eval_prompts), ("test", "test", test_prompts)):
+        path = os.path.join(data_dir, f"{name}.jsonl")
+        rows = common.read_conversations(path)[0] if prompt_dataset and (split == "dev" or os.path.isfile(path)) else []
+        prompts[split] = common.held_out_prompts(rows, n, tok)
+        prompts["pass_" + split] = common.held_out_prompts(common.cell_rows(rows, rl_tasks) if rows else [],
+                                                           pass_k_prompts, tok)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"data error: {e}" + ("; make the pairs with data/preferences/prepare.py, or set build_pairs"
                                    if isinstance(e, FileNotFoundError) else ""))
 if not eval_only and not train_pairs:
     sys.exit("data error: no training pairs left")
-stream = common.EpochStream(len(train_pairs), seed, batch_size, grad_accum, ddp)
+stream = common.EpochStream(len(train_pairs), seed, batch_size, grad_accum, ddp,  # uniform: cells evenly
+                            cells=[common.cell_key(row) for _, _, row in train_pairs] if rl_cell_weights == "uniform" else None)
 
 train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
@@ -265,7 +275,7 @@ def save_best():
 
 
 loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best,
-                   metric="err_rl" if eval_examples else "val loss")
+                   metric="err_rl" if prompts["dev"] else "val loss")
 ckpt = None  # free it
 if master and not (resumed or eval_only):
     open(os.path.join(out_dir, "samples.txt"), "w").close()
@@ -314,7 +324,7 @@ while True:
         t_eval = time.time()
         pair_eval = evaluate_pairs()
         loop.log("eval", **pair_eval, lr=lr, s=time.time() - t_eval)
-        answer_eval = common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config,
+        answer_eval = common.evaluate_rl(loop, raw_model, prompts["dev"], prompts["pass_dev"], tok, ctx, config,
                                          evaluated=False)
         # best.pt follows the greedy answers; with no task prompts to answer, the held-out pairs' loss
         loop.evaluated(answer_eval.get("err_rl", pair_eval.get("val_loss", math.inf)))
@@ -360,4 +370,5 @@ while True:
     if loop.step_done(total, tokens=n_tokens, flops=flops, **dict(zip(names, values)), grad_norm=grad_norm, lr=lr):
         break
 
+common.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], tok, ctx, config, rl_tasks)
 loop.close(raw_model)

@@ -71,6 +71,7 @@ wandb_run_name = "grpo"
 # data
 prompt_dataset = "tasks"  # a folder under data/ (or absolute) with train.jsonl, val.jsonl: prompts with answers
 rl_tasks = ("add/3", "sub/2", "sub/3", "sort/2", "sort/3")  # task/difficulty cells to train on (empty: all)
+rl_cell_weights = "uniform"  # uniform: each cell as often as the others | rows: in proportion to its training rows
 # model: only GPTConfig's training-only fields; the architecture is the checkpoint's
 dropout = 0.0  # keep 0: the ratio compares forwards of the same weights
 lora_rank = 0  # > 0: train low-rank adapters only; the reference is then the base, adapters off
@@ -101,7 +102,8 @@ kl_coef = 0.04  # weight of the k3 KL to the reference per token (0 = no referen
 grpo_iterations = 1  # mu: optimizer passes over each rollout batch
 num_minibatches = 1  # optimizer steps per pass (the batch of P x G completions is cut into these)
 # eval
-eval_prompts = 1000  # held-out prompts answered greedily at each eval, over every cell (0 = none)
+eval_prompts = 1000  # dev prompts (val.jsonl) answered greedily at each eval, over every cell (0 = none)
+test_prompts = 10000  # test prompts (test.jsonl) answered once at the end by best.pt, over every cell (0 = none)
 eval_max_new_tokens = 40  # the longest eval answer
 pass_k_prompts = 100  # held-out prompts of the trained cells for pass@k (0 = none)
 pass_k_samples = 8  # n answers per prompt at temperature 1 for pass@1, 4, 8
@@ -131,6 +133,8 @@ config = common.configure(globals())
 
 if scale_rewards not in ("group", "batch", "none") or loss_type not in ("grpo", "dapo", "dr_grpo"):
     sys.exit("config error: scale_rewards must be group | batch | none, loss_type grpo | dapo | dr_grpo")
+if rl_cell_weights not in ("uniform", "rows"):
+    sys.exit(f"config error: rl_cell_weights must be uniform | rows, got {rl_cell_weights!r}")
 if group_size < 2 or prompts_per_iter < 1 or grpo_iterations < 1 or temperature <= 0:
     sys.exit("config error: need group_size >= 2, prompts_per_iter >= 1, grpo_iterations >= 1, temperature > 0")
 if not 1 <= num_minibatches <= prompts_per_iter * group_size:
@@ -148,9 +152,10 @@ master = ddp.master
 
 ckpt, ckpt_path, resumed, tok, reference_path = common.post_training_start(init_from, out_dir, eval_only)
 meta = ckpt["meta"]
-train_examples, eval_examples, pass_examples = common.rl_prompts(
-    prompt_dataset, rl_tasks, tok, ckpt["model_args"]["block_size"], max_new_tokens, eval_prompts, pass_k_prompts, ddp)
-stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp)
+prompts = common.rl_prompts(config, tok, ckpt["model_args"]["block_size"], ddp)  # train, dev and test splits
+train_examples = prompts["train"]
+stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp,  # uniform: cells evenly
+                            cells=[common.cell_key(ex) for ex in train_examples] if rl_cell_weights == "uniform" else None)
 
 # -----------------------------------------------------------------------------
 # the policy, its reference, the reward
@@ -194,8 +199,8 @@ if master and not (resumed or eval_only):
 N = prompts_per_iter * group_size  # completions per iteration per process
 while True:
     lr = loop.lr(optimizer)
-    if loop.eval_due():  # greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
-        common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
+    if loop.eval_due():  # dev split: greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
+        common.evaluate_rl(loop, raw_model, prompts["dev"], prompts["pass_dev"], tok, ctx, config)
     if loop.done():
         break
 
@@ -229,11 +234,13 @@ while True:
         ref_logp = reference.logprobs(inputs, targets, pos, temperature, tok.n_vocab) if reference else None
 
     # ---- the update: grpo_iterations passes over the batch, num_minibatches steps each -------
-    rows = torch.arange(N, device=ddp.device)
     clipped_n = kl_sum = ent_sum = tokens_seen = 0.0
     loss_sum, steps, grad_norm = torch.zeros((), device=ddp.device), 0, torch.zeros(())
-    for _ in range(grpo_iterations):
-        for mb in rows.tensor_split(num_minibatches):
+    for epoch in range(grpo_iterations):
+        # minibatches cut from a fresh seeded shuffle on every pass (one minibatch: all rows, in order)
+        order = torch.arange(N) if num_minibatches == 1 else torch.randperm(N, generator=torch.Generator().manual_seed(
+            hash((seed, ddp.rank, loop.iter_num, epoch)) % 2**63))
+        for mb in order.to(ddp.device).tensor_split(num_minibatches):
             m = mask[mb]
             # the totals of this step over every process: DDP averages the gradients, hence the means.
             # Dr. GRPO divides by every sampled row, left-out truncated ones too: a constant
@@ -274,4 +281,5 @@ while True:
                       update_s=t_update, rollout_tok_s=n_gen / max(t_gen, 1e-9)):
         break
 
+common.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], tok, ctx, config, rl_tasks)
 loop.close(raw_model)

@@ -1066,7 +1066,9 @@ class GPT(nn.Module):
         """
         cfg = self.config
         B, T = idx.shape
-        if T > cfg.block_size and not cfg.unbounded_positions:
+        # positions, not columns, are what block_size bounds: a left-padded batch of completions with
+        # per-row budgets may be wider than block_size while no row's position reaches it
+        if T > cfg.block_size and not cfg.unbounded_positions and (pos is None or int(pos.max()) >= cfg.block_size):
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         p = pos if pos is not None else torch.arange(T, device=idx.device)[None]
         x = self.wte(idx)  # (B, T, C)
@@ -1287,7 +1289,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        use_cache=True, generator=None, pos=None, vocab_limit=None, num_samples=1):
+                        use_cache=True, generator=None, pos=None, vocab_limit=None, num_samples=1, last_pos=None):
         """Yield (next_token (N,), logits (N, vocab_size)) for each of max_new_tokens steps, with
         N = B * num_samples: sample g of prompt b is row b * num_samples + g.
 
@@ -1297,6 +1299,9 @@ class GPT(nn.Module):
         whole context: the reference the cached path must match. Past block_size, without a
         rolling cache, both crop the context to the last block_size tokens, as nanoGPT does,
         which means a full recompute per step.
+        last_pos (N,): the last position each row may take; a row that has reached it goes on
+        at that position (what it draws then is filler, complete() masks it), so a batch whose
+        rows have budgets of their own never leaves block_size in any row.
         """
         cfg = self.config
         compiled = self.compiled_decode_step
@@ -1307,6 +1312,9 @@ class GPT(nn.Module):
         if pos is None:
             pos = torch.arange(L, device=idx.device)[None].expand(B, L)
         tokens, cache = idx, None
+        # the largest position of any row so far (the longest prompt has no padding): block_size
+        # bounds it, not the number of columns
+        top, cap = L - 1, None if last_pos is None else int(last_pos.max())
         if num_samples > 1 and not (use_cache and (L <= cfg.block_size or cfg.unbounded_positions)):
             # no prefill to share (the reference path, or a prompt too long for the cache): the
             # samples start as copies of their prompt
@@ -1314,7 +1322,7 @@ class GPT(nn.Module):
         try:
             for _ in range(max_new_tokens):
                 T = tokens.size(1)
-                if use_cache and (T <= cfg.block_size or cfg.unbounded_positions):
+                if use_cache and (top < cfg.block_size or cfg.unbounded_positions):
                     if cache is None:
                         max_len = L + max_new_tokens
                         if not cfg.unbounded_positions:
@@ -1333,14 +1341,16 @@ class GPT(nn.Module):
                             logits = logits.clone()
                 else:
                     ctx, ctx_pos = tokens, pos
-                    if T > cfg.block_size and not cfg.unbounded_positions:
+                    if top >= cfg.block_size and not cfg.unbounded_positions:
                         ctx, ctx_pos = tokens[:, -cfg.block_size:], pos[:, -cfg.block_size:]
                         ctx_pos = ctx_pos - ctx_pos[:, :1].clamp(min=0)  # each row restarts at 0
                     logits = self.lm_head(self(ctx, pos=ctx_pos, hidden=True)[0][:, -1])
                 next_token = sample_next(logits, temperature, top_k, top_p, generator, vocab_limit)
                 yield next_token, logits
                 tokens = torch.cat((tokens, next_token[:, None]), dim=1)
-                pos = torch.cat((pos, pos[:, -1:] + 1), dim=1)
+                step = pos[:, -1:] + 1
+                pos = torch.cat((pos, step if last_pos is None else torch.minimum(step, last_pos[:, None])), dim=1)
+                top = top + 1 if cap is None else min(top + 1, cap)
         finally:
             self.train(was_training)
 
@@ -1362,7 +1372,7 @@ class GPT(nn.Module):
         as_list = isinstance(idx, (list, tuple))
         out = self.complete(idx if as_list else list(idx), max_new_tokens, num_samples, temperature, top_k, top_p,
                             stop_tokens=() if eos_token is None else eos_token, generator=generator,
-                            vocab_limit=vocab_limit, use_cache=use_cache, fill_after_stop=True)
+                            vocab_limit=vocab_limit, use_cache=use_cache, fill_after_stop=True, within_block=False)
         if not as_list:
             return out.idx[:, out.prompt_len - idx.size(1):]  # idx had no padding: drop none of it
         prompts = [p for p in idx for _ in range(num_samples)]
@@ -1371,48 +1381,67 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def complete(self, prompts, max_new_tokens, num_samples=1, temperature=1.0, top_k=None, top_p=None,
-                 stop_tokens=(), generator=None, vocab_limit=None, use_cache=True, fill_after_stop=False):
+                 stop_tokens=(), generator=None, vocab_limit=None, use_cache=True, fill_after_stop=False,
+                 within_block=True):
         """Sample num_samples completions of each prompt (a list of 1-D LongTensors), all rows in
         one batch, sharing one prefill per prompt, each row stopping at the first of stop_tokens
-        (an id or several) it draws. -> Completions, what an RL step needs without a second pass:
+        (an id or several) it draws, or when it has max_new_tokens, or (within_block, a model
+        whose positions are bounded) when its sequence fills block_size: a row's budget is
+        min(max_new_tokens, block_size - its prompt's length), so a long prompt gets a shorter
+        completion rather than none. -> Completions, what an RL step needs without a second pass:
 
             idx (N, L + T)  each prompt left-padded to the longest (L), then its completion; the
                             tokens after a row's stop are filler (its stop token repeated, when
                             fill_after_stop, else 0)
-            pos (N, L + T)  positions, negative on the left padding
+            pos (N, L + T)  positions, negative on the left padding and on the filler
             mask (N, L + T) True on the completion's tokens up to and including its stop token
-            truncated (N,)  True where max_new_tokens ran out before a stop token
+            truncated (N,)  True where the budget ran out before a stop token
             prompt_len      L
 
         with N = len(prompts) * num_samples, sample g of prompt p in row p * num_samples + g, and
         T the longest completion: generation stops once every row has stopped. The log-probs of
         the completions are then logprobs(idx[:, :-1], idx[:, 1:] where mask[:, 1:] else -1,
-        pos[:, :-1], temperature, vocab_limit)."""
+        pos[:, :-1], temperature, vocab_limit). Without within_block, a row past block_size goes on
+        in a cropped context (generate's nanoGPT-style sampling)."""
+        device = prompts[0].device
         stops = torch.tensor([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens),
-                             dtype=torch.long, device=prompts[0].device)
+                             dtype=torch.long, device=device)
+        lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(num_samples)
+        budget, last_pos = None, None
+        if within_block and not self.config.unbounded_positions:
+            budget = (self.config.block_size - lengths).clamp(max=max_new_tokens)  # (N,)
+            if int(budget.min()) < 1:
+                raise ValueError(f"a prompt of {int(lengths.max())} tokens leaves no room in block_size "
+                                 f"{self.config.block_size} for a completion")
+            last_pos = lengths + budget - 1
+            max_new_tokens = int(budget.max())
         idx, pos = left_pad(prompts)
         N, L = idx.size(0) * num_samples, idx.size(1)
-        done = torch.zeros(N, dtype=torch.bool, device=idx.device)
+        done = torch.zeros(N, dtype=torch.bool, device=device)
+        stopped = torch.zeros(N, dtype=torch.bool, device=device)
         new, live = [], []
-        for token, _ in self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache,
-                                             generator, pos, vocab_limit, num_samples):
+        for t, (token, _) in enumerate(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, use_cache,
+                                                            generator, pos, vocab_limit, num_samples, last_pos)):
             live.append(~done)  # this row had not stopped before this token: it is the row's own
             if fill_after_stop and new:
                 token = torch.where(done, new[-1], token)
             elif new:
                 token = token.masked_fill(done, 0)
             new.append(token)
-            done = done | torch.isin(token, stops)
+            hit = torch.isin(token, stops) & ~done
+            stopped |= hit
+            done = done | hit if budget is None else done | hit | (budget <= t + 1)
             if bool(done.all()):
                 break
         T = len(new)
         gen = torch.stack(new, dim=1) if new else idx.new_zeros(N, 0)
-        gen_mask = torch.stack(live, dim=1) if live else torch.zeros(N, 0, dtype=torch.bool, device=idx.device)
+        gen_mask = torch.stack(live, dim=1) if live else torch.zeros(N, 0, dtype=torch.bool, device=device)
         idx = torch.cat((idx.repeat_interleave(num_samples, 0), gen), dim=1)
         pos = pos.repeat_interleave(num_samples, 0)
-        pos = torch.cat((pos, pos[:, -1:] + 1 + torch.arange(T, device=idx.device)), dim=1)
-        mask = torch.cat((torch.zeros(N, L, dtype=torch.bool, device=idx.device), gen_mask), dim=1)
-        return Completions(idx=idx, pos=pos, mask=mask, truncated=~done, prompt_len=L)
+        gen_pos = (pos[:, -1:] + 1 + torch.arange(T, device=device)).masked_fill(~gen_mask, -1)  # filler: padding
+        pos = torch.cat((pos, gen_pos), dim=1)
+        mask = torch.cat((torch.zeros(N, L, dtype=torch.bool, device=device), gen_mask), dim=1)
+        return Completions(idx=idx, pos=pos, mask=mask, truncated=~stopped, prompt_len=L)
 
     # --- LoRA ------------------------------------------------------------------
 

@@ -95,6 +95,7 @@ wandb_run_name = "ppo"
 # data
 prompt_dataset = "tasks"  # a folder under data/ (or absolute) with train.jsonl, val.jsonl: prompts with answers
 rl_tasks = ("add/3", "sub/2", "sub/3", "sort/2", "sort/3")  # task/difficulty cells to train on (empty: all)
+rl_cell_weights = "uniform"  # uniform: each cell as often as the others | rows: in proportion to its training rows
 # model: only GPTConfig's training-only fields; the architecture is the checkpoint's
 dropout = 0.0  # keep 0: the ratio compares forwards of the same weights
 lora_rank = 0  # > 0: train low-rank adapters (and the value head) only; the reference is the base, adapters off
@@ -133,7 +134,8 @@ ppo_epochs = 4  # optimizer passes over each rollout batch
 num_minibatches = 1  # optimizer steps per pass (the batch of P x samples_per_prompt is cut into these)
 target_kl_stop = 0.0  # stop the passes after a minibatch whose approx_kl exceeds this (0 = never)
 # eval
-eval_prompts = 1000  # held-out prompts answered greedily at each eval, over every cell (0 = none)
+eval_prompts = 1000  # dev prompts (val.jsonl) answered greedily at each eval, over every cell (0 = none)
+test_prompts = 10000  # test prompts (test.jsonl) answered once at the end by best.pt, over every cell (0 = none)
 eval_max_new_tokens = 40  # the longest eval answer
 pass_k_prompts = 100  # held-out prompts of the trained cells for pass@k (0 = none)
 pass_k_samples = 8  # n answers per prompt at temperature 1 for pass@1, 4, 8
@@ -165,6 +167,7 @@ config = common.configure(globals())
 N = prompts_per_iter * samples_per_prompt  # completions per iteration per process
 rules = {  # each broken rule is one clause of the message
     "value_model must be shared | separate": value_model in ("shared", "separate"),
+    "rl_cell_weights must be uniform | rows": rl_cell_weights in ("uniform", "rows"),
     "value_init must be sft | reward": value_init in ("sft", "reward"),
     "value_init=reward starts a separate value network: set value_model=separate":
         value_init == "sft" or value_model == "separate",
@@ -192,9 +195,10 @@ master = ddp.master
 
 ckpt, ckpt_path, resumed, tok, reference_path = common.post_training_start(init_from, out_dir, eval_only)
 meta = ckpt["meta"]
-train_examples, eval_examples, pass_examples = common.rl_prompts(
-    prompt_dataset, rl_tasks, tok, ckpt["model_args"]["block_size"], max_new_tokens, eval_prompts, pass_k_prompts, ddp)
-stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp)
+prompts = common.rl_prompts(config, tok, ckpt["model_args"]["block_size"], ddp)  # train, dev and test splits
+train_examples = prompts["train"]
+stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp,  # uniform: cells evenly
+                            cells=[common.cell_key(ex) for ex in train_examples] if rl_cell_weights == "uniform" else None)
 if resumed and ("value_head" if shared else "value_model") not in ckpt:
     sys.exit(f"config error: {ckpt_path} was written with the other value_model; resume with the one it started with")
 
@@ -274,8 +278,8 @@ while True:
     lr = loop.lr(optimizer)
     if value is not None:  # the value network's rate follows the same schedule
         common.set_lr(value_optimizer, lr * (value_learning_rate or learning_rate) / learning_rate)
-    if loop.eval_due():  # greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
-        common.evaluate_rl(loop, raw_model, eval_examples, pass_examples, tok, ctx, config)
+    if loop.eval_due():  # dev split: greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
+        common.evaluate_rl(loop, raw_model, prompts["dev"], prompts["pass_dev"], tok, ctx, config)
     if loop.done():
         break
 
@@ -335,7 +339,9 @@ while True:
                 continue  # nothing to learn from: every completion left out
             with ctx:
                 x, _ = model(inputs[mb], pos=pos[mb], hidden=True)
-                logp, entropy = raw_model.head_logprobs(x, targets[mb], temperature, tok.n_vocab, entropy=True)
+                # the entropy bonus needs its graph; without one (ent_coef 0) it is only logged
+                logp, entropy = raw_model.head_logprobs(x, targets[mb], temperature, tok.n_vocab,
+                                                        entropy=True if ent_coef > 0 else "log")
                 if shared:
                     values = raw_model.head_scores(x)
                 else:
@@ -394,4 +400,5 @@ while True:
 
 if value is not None:
     ddp.check_in_sync(raw_value)
+common.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], tok, ctx, config, rl_tasks)
 loop.close(raw_model)

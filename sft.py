@@ -76,7 +76,9 @@ quantize = "none"  # none | int8 | int4 weights (frozen): train LoRA on them (QL
 quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # sft
 curriculum = "none"  # none | length | difficulty: the first epoch runs from easy to hard (difficulty field, else length)
-eval_prompts = 240  # held-out prompts answered greedily at each eval, balanced over task and difficulty (0 = none)
+eval_prompts = 240  # dev prompts (val.jsonl) answered greedily at each eval, balanced over task and difficulty (0 = none)
+test_prompts = 10000  # test prompts (test.jsonl, when there is one) answered once at the end by best.pt (0 = none)
+eval_batch_size = 256  # rows per generate call when answering them
 eval_max_new_tokens = 40  # the longest answer generated, in tokens
 eval_show = 12  # prompt / reference / answer examples appended to out_dir/samples.txt at each eval
 train_embeddings = False  # with LoRA: train the token embedding (= the tied output head) too, not only adapters
@@ -271,6 +273,12 @@ eval_seqs = {  # fixed batches, the same in every run, so eval losses are compar
 eval_batches = {split: [get_batch(seqs[k : k + batch_size]) for k in range(ddp.rank * batch_size, len(seqs), ddp.world_size * batch_size)]
                 for split, seqs in eval_seqs.items()}
 gen_examples = common.held_out_prompts(val_rows, eval_prompts, tok)
+test_path = os.path.join(data_dir, "test.jsonl")
+try:
+    test_rows = common.read_conversations(test_path)[0] if test_prompts and os.path.isfile(test_path) else []
+except ValueError as e:
+    sys.exit(f"data error: {e}")
+test_examples = [ex for ex in common.held_out_prompts(test_rows, test_prompts, tok) if len(ex["prompt"]) < block_size]
 
 
 def n_loss_tokens(Y):
@@ -287,7 +295,7 @@ while True:
         loop.log("eval", train_loss=split_loss["train"], val_loss=split_loss["val"], lr=lr)
         if gen_examples:
             t_gen = time.time()
-            answers = common.answer_prompts(raw_model, gen_examples, tok, ctx, ddp, batch_size, eval_max_new_tokens)
+            answers = common.answer_prompts(raw_model, gen_examples, tok, ctx, ddp, eval_batch_size, eval_max_new_tokens)
             loop.log("answers", **metrics(gen_examples, answers), s=time.time() - t_gen)
             if master and eval_show:
                 common.write_samples(os.path.join(out_dir, "samples.txt"), gen_examples, answers, loop.iter_num,
@@ -344,4 +352,5 @@ if raw_model.config.lora_rank > 0 and not eval_only and not loop.nonfinite and m
                            os.path.join(out_dir, "lora.pt"))
     print(f"saved {os.path.join(out_dir, 'merged.pt')} (adapters merged) and {os.path.join(out_dir, 'lora.pt')} "
           f"(the adapters{' and the embedding' if 'embedding' in adapters else ''}, for the base {base})")
+common.evaluate_test(loop, raw_model, test_examples, [], tok, ctx, config)
 loop.close(raw_model)

@@ -122,7 +122,7 @@ def rl_setup(tmp_path):
     rng = random.Random(0)
     data = tmp_path / "tasks"
     data.mkdir()
-    for split, n in (("train", 10), ("val", 3)):
+    for split, n in (("train", 10), ("val", 3), ("test", 2)):
         write_jsonl(data / f"{split}.jsonl", [generate(t, d, rng) for t in ("add", "copy") for d in (1, 2)
                                               for _ in range(n)])
     return base, str(data), tmp_path

@@ -257,6 +257,7 @@ def test_group_samples_of_a_prompt_longer_than_block_size():
     # no cache to share past block_size: the samples start as copies and every step recomputes
     model = build(tiny(block_size=16, tie_weights=False), sharpen=2.0)
     prompt = torch.randint(0, 37, (20,), generator=torch.Generator().manual_seed(0))
-    a = model.complete([prompt], 4, num_samples=3, temperature=1.0, generator=torch.Generator().manual_seed(1))
-    b = model.complete([prompt] * 3, 4, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    a = model.complete([prompt], 4, num_samples=3, temperature=1.0, generator=torch.Generator().manual_seed(1),
+                       within_block=False)
+    b = model.complete([prompt] * 3, 4, temperature=1.0, generator=torch.Generator().manual_seed(1), within_block=False)
     assert a.idx.shape == (3, 24) and torch.equal(a.idx, b.idx)

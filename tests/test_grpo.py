@@ -59,7 +59,7 @@ def test_script_end_to_end(rl_setup):
     base, data, tmp = rl_setup
     out = str(tmp / "out")
     res = grpo(base, data, out, "--max_iters=4", "--eval_interval=2")
-    assert "prompts: 40 of the cells all" in res.stdout and "reference: " + base in res.stdout
+    assert "prompts: add/1 10, add/2 10, copy/1 10, copy/2 10; dev 12, test 8" in res.stdout and "reference: " + base in res.stdout
     rows = read_log(out)
     steps = [r for r in rows if "reward" in r]
     evals = [r for r in rows if "err_rl" in r]
@@ -72,6 +72,10 @@ def test_script_end_to_end(rl_setup):
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["stage"] == "grpo" and ckpt["reference"] == base and ckpt["iter_num"] == 4
     assert "=== iter 4" in open(os.path.join(out, "samples.txt")).read()
+    # the test split, once, at the end: 2 prompts a cell, with standard errors
+    test = [r for r in rows if "of" in r]
+    assert len(test) == 1 and test[0]["iter"] == 4 and test[0]["n/add/1"] == 2 and "se/copy/2" in test[0]
+    assert "test, 8 prompts, " in res.stdout
     res = run_script("sample.py", f"--out_dir={out}", "--chat=True", "--start=What is 1 + 2?", "--temperature=0",
                      "--max_new_tokens=4", "--device=cpu")
     assert res.returncode == 0

@@ -96,7 +96,7 @@ def test_script_end_to_end_first_update_on_policy_and_a_plain_checkpoint(rl_setu
     base, data, tmp = rl_setup
     out = str(tmp / "out")
     res = ppo(base, data, out, "--max_iters=4", "--eval_interval=2", "--ppo_epochs=1", "--num_minibatches=1")
-    assert "prompts: 40 of the cells all" in res.stdout and f"reference: {base}; value: a head on the policy" in res.stdout
+    assert "prompts: add/1 10, add/2 10, copy/1 10, copy/2 10; dev 12, test 8" in res.stdout and f"reference: {base}; value: a head on the policy" in res.stdout
     rows = read_log(out)
     steps, evals = steps_of(out), [r for r in rows if "err_rl" in r]
     assert [r["iter"] for r in steps] == [1, 2, 3, 4] and [r["iter"] for r in evals] == [0, 2, 4]

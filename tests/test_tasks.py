@@ -86,18 +86,21 @@ def read(path):
 
 
 def test_prepare_is_deterministic_and_holds_out_val(tmp_path):
-    args = ["data/tasks/prepare.py", "--train_per_cell=40", "--val_per_cell=10", "--difficulties=1,2",
-            "--tasks=add,reverse,count", "--task_weights=add=2,count=0.5"]
+    args = ["data/tasks/prepare.py", "--train_per_cell=40", "--val_per_cell=10", "--test_per_cell=20",
+            "--difficulties=1,2", "--tasks=add,reverse,count", "--task_weights=add=2,count=0.5"]
     run_script(*args, f"--out_dir={tmp_path / 'a'}")
     res = run_script(*args, f"--out_dir={tmp_path / 'b'}")
-    assert "train 280 conversations, val 60" in res.stdout  # (80 + 40 + 20) x 2 difficulties
-    for name in ("train.jsonl", "val.jsonl"):
+    # (80 + 40 + 20) x 2 difficulties; add/1 has 55 problems, a fifth held out: 5 val, 6 test
+    assert "train 280 conversations, val 55, test 106" in res.stdout
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    train, val = read(tmp_path / "a" / "train.jsonl"), read(tmp_path / "a" / "val.jsonl")
-    val_prompts = [ex["messages"][0]["content"] for ex in val]
-    assert len(set(val_prompts)) == len(val_prompts)  # distinct
+    train, val, test = (read(tmp_path / "a" / f"{s}.jsonl") for s in ("train", "val", "test"))
+    val_prompts = [ex["messages"][0]["content"] for ex in val + test]
+    assert len(set(val_prompts)) == len(val_prompts)  # distinct, and val and test share none
     assert not set(val_prompts) & {ex["messages"][0]["content"] for ex in train}  # held out
-    assert {(ex["task"], ex["difficulty"]) for ex in val} == {(t, d) for t in ("add", "reverse", "count") for d in (1, 2)}
+    cells = {(t, d) for t in ("add", "reverse", "count") for d in (1, 2)}
+    assert {(ex["task"], ex["difficulty"]) for ex in val} == cells == {(ex["task"], ex["difficulty"]) for ex in test}
+    assert sum(ex["task"] == "reverse" and ex["difficulty"] == 2 for ex in test) == 20
     assert sum(ex["task"] == "add" for ex in train) == 160 and sum(ex["task"] == "count" for ex in train) == 40
     assert all(score(ex, ex["messages"][-1]["content"]) == 1.0 for ex in train + val)
     res = run_script("data/tasks/prepare.py", "--tasks=divide", f"--out_dir={tmp_path / 'c'}", check=False)
@@ -118,9 +121,10 @@ def test_small_cells_hold_out_a_fifth(tmp_path):
         assert len(seen) == n_problems(task, d), task
     run_script("data/tasks/prepare.py", "--tasks=add,sub", "--difficulties=1", "--train_per_cell=300",
                f"--out_dir={tmp_path}")
-    val, train = read(tmp_path / "val.jsonl"), read(tmp_path / "train.jsonl")
-    assert sum(ex["task"] == "add" for ex in val) == 11 and sum(ex["task"] == "sub" for ex in val) == 11
-    held_out = {problem_key(ex) for ex in val}
+    val, test, train = (read(tmp_path / f"{s}.jsonl") for s in ("val", "test", "train"))
+    assert sum(ex["task"] == "add" for ex in val) == 5 and sum(ex["task"] == "sub" for ex in test) == 6
+    held_out = {problem_key(ex) for ex in val + test}
+    assert len(held_out) == 22
     assert len({problem_key(ex) for ex in train} - held_out) == 44 + 44  # the rest all appear
 
 
@@ -316,11 +320,11 @@ def test_metrics_with_worked_solutions():
 
 
 def test_prepare_cot_is_deterministic_holds_out_val_and_matches_direct(tmp_path):
-    args = ["data/tasks/prepare.py", "--train_per_cell=30", "--val_per_cell=10", "--difficulties=1,2",
-            "--tasks=add,sort,count,copy", "--task_weights=add=2"]
+    args = ["data/tasks/prepare.py", "--train_per_cell=30", "--val_per_cell=10", "--test_per_cell=20",
+            "--difficulties=1,2", "--tasks=add,sort,count,copy", "--task_weights=add=2"]
     run_script(*args, "--cot=True", f"--out_dir={tmp_path / 'a'}")
     res = run_script(*args, "--cot=True", f"--out_dir={tmp_path / 'b'}")
-    assert "train 300 conversations, val 120 (4 tasks x 2 difficulties, val also 4; worked solutions)" in res.stdout
+    assert "train 300 conversations, val 115, test 226 (4 tasks x 2 difficulties, val also 4; worked solutions)" in res.stdout
     for name in ("train.jsonl", "val.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     train, val = read(tmp_path / "a" / "train.jsonl"), read(tmp_path / "a" / "val.jsonl")
@@ -369,7 +373,8 @@ def test_sft_tasks_cot_config_runs_on_a_tiny_model(tmp_path):
 def test_extra_training_levels_leave_the_rest_of_the_files_as_they_were(tmp_path):
     # RL prompts at a level SFT never trains on (GRPO on difficulty 4): drawn after everything else,
     # so SFT's data and the held-out set are the same files with or without them
-    args = ["data/tasks/prepare.py", "--cot=True", "--train_per_cell=20", "--val_per_cell=5", "--tasks=add,sort"]
+    args = ["data/tasks/prepare.py", "--cot=True", "--train_per_cell=20", "--val_per_cell=5", "--test_per_cell=5",
+            "--tasks=add,sort"]
     run_script(*args, f"--out_dir={tmp_path / 'a'}")
     res = run_script(*args, "--extra_train_difficulties=4", "--extra_train_per_cell=7", f"--out_dir={tmp_path / 'b'}")
     assert "14 training problems at 4" in res.stdout

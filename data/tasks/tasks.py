@@ -53,6 +53,8 @@ WORD_LENGTHS = {1: (2, 3), 2: (4, 6), 3: (7, 9), 4: (10, 12)}  # reverse, sort
 COUNT_LENGTHS = {1: (3, 5), 2: (6, 10), 3: (11, 15), 4: (16, 20)}
 COPY_LENGTHS = {1: (2, 5), 2: (6, 10), 3: (11, 15), 4: (16, 20)}
 ANSWER = "Answer:"  # opens the last line of a worked solution; what follows it is graded
+WORK_MARKER = "Work:"  # the line that opens a worked solution in a mixed dataset (generate's marker)
+FORMATS = ("direct", "cot", "either")  # what an example asks for, its "format" field (absent: direct)
 
 
 def _number(d, rng):
@@ -63,11 +65,13 @@ def _letters(n, rng, alphabet=string.ascii_lowercase):
     return "".join(rng.choice(alphabet) for _ in range(n))
 
 
-def generate(task, difficulty, rng, cot=False):
+def generate(task, difficulty, rng, cot=False, marker=""):
     """One problem of `task` at `difficulty`, drawn with rng (a random.Random), as a conversation
     with its reference answer (see the module docstring). cot=True writes the worked solution
     as the assistant's message and marks the example "format": "cot"; it draws the same numbers
-    from rng, so one seed gives the same problems, and the same "answer", in both formats."""
+    from rng, so one seed gives the same problems, and the same "answer", in both formats.
+    marker: a first line that opens the worked solution ("Work:" in a mixed dataset, where the
+    choice between the two forms is then made at the reply's first token)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}, expected one of {', '.join(TASKS)}")
     if difficulty not in DIFFICULTIES:
@@ -93,7 +97,7 @@ def generate(task, difficulty, rng, cot=False):
     else:  # copy
         s = _letters(rng.randint(*COPY_LENGTHS[d]), rng, string.ascii_lowercase + string.digits)
         prompt, answer = f"Copy this: {s}", s
-    reply = "\n".join(steps + [f"{ANSWER} {answer}"]) if cot else answer
+    reply = "\n".join(([marker] if marker else []) + steps + [f"{ANSWER} {answer}"]) if cot else answer
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
     ex = {"messages": messages, "answer": answer, "task": task, "difficulty": d}
     if cot:
@@ -262,10 +266,28 @@ def extract_answer(response):
     return response[i + len(ANSWER):].split("\n", 1)[0].strip()
 
 
+def reply_form(response):
+    """Which way a reply answers: "worked" when it has an Answer line (a worked solution, whatever
+    its steps), else "direct". The mechanism of the RL stages on a mixed dataset is the share of
+    replies that switch from one to the other.
+
+        reply_form("Work:\n9+3+0=12 2\n5+6+1=12 122\nAnswer: 122")  # "worked"
+        reply_form("122")                                             # "direct"
+        reply_form("Work:\n9+3+0=12 2")                               # "direct": cut off before it answered
+    """
+    return "worked" if extract_answer(response) is not None else "direct"
+
+
 def final_answer(example, response):
-    """The part of a response that is graded: for a worked-solution example its extracted answer
-    (None without an Answer line), for a direct one the whole response."""
-    return extract_answer(response) if is_cot(example) else response
+    """The part of a response that is graded: for a worked-solution example ("format": "cot") its
+    extracted answer (None without an Answer line); for one that may be answered either way
+    ("either", a mixed dataset) the extracted answer when there is an Answer line, else the whole
+    response; for a direct one the whole response."""
+    if is_cot(example):
+        return extract_answer(response)
+    if example.get("format") == "either" and reply_form(response) == "worked":
+        return extract_answer(response)
+    return response
 
 
 def exact_match(example, response):
@@ -294,16 +316,24 @@ def follows_format(example, response):
     """Whether a response has the shape its example asks for, right or wrong (for a small format
     reward, and the "fmt" metric). A worked solution: step lines of its task's shape
     (STEP_PATTERNS; none for reverse and copy, at least one for the others), then one
-    "Answer: <answer>" line, and nothing after it. A direct answer: one non-empty line.
+    "Answer: <answer>" line, and nothing after it. A direct answer: one non-empty line. Either
+    ("format": "either"): one of the two, the worked one opening with its marker line.
 
         ex = {"task": "count", "format": "cot"}
         follows_format(ex, "a1\nb1\nAnswer: 1")  # True
         follows_format(ex, "a1\nb1")             # False: no Answer line
         follows_format(ex, "a1 b1\nAnswer: 1")   # False: two steps on one line
         follows_format(ex, "Answer: 1")          # False: count has steps
+        follows_format({"task": "add", "format": "either"}, "Work:\n2+2+0=4 4\nAnswer: 4")  # True
     """
     lines = normalize(response).split("\n")
-    if not is_cot(example):
+    if example.get("format") == "either":
+        if reply_form(response) == "direct":
+            return len(lines) == 1 and lines[0] != ""
+        if lines[0] != WORK_MARKER:
+            return False
+        lines = lines[1:]
+    elif not is_cot(example):
         return len(lines) == 1 and lines[0] != ""
     *steps, last = lines
     if not re.fullmatch(re.escape(ANSWER) + r" \S+", last):
@@ -316,24 +346,30 @@ def follows_format(example, response):
 
 def metrics(examples, responses):
     """Exact match and score, overall and per task and difficulty, as the flat dict the logs
-    take: {"em": ..., "score": ..., "em/add/2": ..., "score/add/2": ...}. Examples without a task
-    or difficulty field are grouped under "all". When some examples are worked solutions, "fmt"
-    keys add the fraction of responses that follow the format (fmt/add/2 ...), which tells a
-    wrong step from a broken trace."""
+    take: {"em": ..., "score": ..., "em/add/2": ..., "score/add/2": ..., "n/add/2": ...}, n the
+    number of examples (for standard errors). Examples without a task or difficulty field are
+    grouped under "all". When some examples are worked solutions, "fmt" keys add the fraction of
+    responses that follow the format (fmt/add/2 ...), which tells a wrong step from a broken
+    trace; when some may be answered either way (a mixed dataset), "work" keys add the fraction of
+    responses that are worked solutions (reply_form), the mechanism RL moves."""
     if len(examples) != len(responses):
         raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
     with_format = any(is_cot(ex) for ex in examples)
-    sums = {}  # key -> [exact matches, score, follows format, count]
+    with_form = any(ex.get("format") == "either" for ex in examples)
+    sums = {}  # key -> [exact matches, score, follows format, worked, count]
     for ex, resp in zip(examples, responses):
         em, sc, fmt = exact_match(ex, resp), score(ex, resp), float(follows_format(ex, resp))
+        worked = float(reply_form(resp) == "worked")
         cell = f"{ex.get('task', 'all')}/{ex.get('difficulty', 'all')}"
         for key in ("", "/" + cell):
-            s = sums.setdefault(key, [0.0, 0.0, 0.0, 0])
-            s[0], s[1], s[2], s[3] = s[0] + em, s[1] + sc, s[2] + fmt, s[3] + 1
+            s = sums.setdefault(key, [0.0, 0.0, 0.0, 0.0, 0])
+            s[0], s[1], s[2], s[3], s[4] = s[0] + em, s[1] + sc, s[2] + fmt, s[3] + worked, s[4] + 1
     out = {}
     for key in sorted(sums, key=lambda k: (k != "", k)):
-        em, sc, fmt, n = sums[key]
-        out["em" + key], out["score" + key] = em / n, sc / n
+        em, sc, fmt, worked, n = sums[key]
+        out["em" + key], out["score" + key], out["n" + key] = em / n, sc / n, n
         if with_format:
             out["fmt" + key] = fmt / n
+        if with_form:
+            out["work" + key] = worked / n
     return out
