@@ -1395,6 +1395,17 @@ def rl_prompts(config, tok, block_size, ddp):
     return out
 
 
+def minibatches(n, num_minibatches, seed, rank, iter_num, epoch, device):
+    """The rows 0..n-1 of an RL batch cut into num_minibatches minibatches for one optimizer pass:
+    from a fresh shuffle seeded by (seed, rank, iter_num, epoch), so each pass groups the rows
+    differently and a resumed run cuts them as the uninterrupted one did; with one minibatch, every
+    row in order. -> a list of index tensors on device."""
+    if num_minibatches == 1:
+        return [torch.arange(n, device=device)]
+    g = torch.Generator().manual_seed(hash((seed, rank, iter_num, epoch)) % 2**63)
+    return list(torch.randperm(n, generator=g).to(device).tensor_split(num_minibatches))
+
+
 def cell_key(example):
     """"add/3": an example's task/difficulty cell ("all/all" without those fields)."""
     return f"{example.get('task', 'all')}/{example.get('difficulty', 'all')}"
@@ -1524,6 +1535,16 @@ class TaskReward:
         rewards = sum(self.weights[k] * v.float() for k, v in parts.items())
         rewards = rewards - self.penalty * out.truncated.float()
         return rewards, {f"reward_{k}": v.float().mean().item() for k, v in parts.items()}, texts
+
+
+def worked_share(examples, texts):
+    """The share of texts (replies to examples) that are worked solutions, where the examples may
+    be answered either way (a mixed dataset); None otherwise: the mechanism in an RL step line."""
+    from data.tasks.tasks import reply_form
+
+    if not any(ex.get("format") == "either" for ex in examples):
+        return None
+    return sum(reply_form(t) == "worked" for t in texts) / max(len(texts), 1)
 
 
 def evaluate_policy(model, examples, pass_examples, tok, ctx, ddp, batch_size, max_new_tokens, pass_samples=8,

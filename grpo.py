@@ -236,11 +236,8 @@ while True:
     # ---- the update: grpo_iterations passes over the batch, num_minibatches steps each -------
     clipped_n = kl_sum = ent_sum = tokens_seen = 0.0
     loss_sum, steps, grad_norm = torch.zeros((), device=ddp.device), 0, torch.zeros(())
-    for epoch in range(grpo_iterations):
-        # minibatches cut from a fresh seeded shuffle on every pass (one minibatch: all rows, in order)
-        order = torch.arange(N) if num_minibatches == 1 else torch.randperm(N, generator=torch.Generator().manual_seed(
-            hash((seed, ddp.rank, loop.iter_num, epoch)) % 2**63))
-        for mb in order.to(ddp.device).tensor_split(num_minibatches):
+    for epoch in range(grpo_iterations):  # each pass cuts the batch into other minibatches
+        for mb in common.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device):
             m = mask[mb]
             # the totals of this step over every process: DDP averages the gradients, hence the means.
             # Dr. GRPO divides by every sampled row, left-out truncated ones too: a constant
@@ -275,6 +272,7 @@ while True:
     tokens_seen = max(tokens_seen, 1.0)
     if loop.step_done(loss_sum / max(steps, 1), tokens=n_gen, lr=lr, reward=rewards.mean(), reward_std=rewards.std(),
                       **reward_parts, em=sum(exact_match(ex, t) for ex, t in zip(examples, texts)) / N,
+                      work=common.worked_share(examples, texts),
                       kl=kl_sum / tokens_seen if ref_logp is not None else None, clip=clipped_n / tokens_seen,
                       entropy=ent_sum / tokens_seen, len=n_gen / N, zero_std=zero_std.float().mean(),
                       truncated=out.truncated.float().mean(), grad_norm=grad_norm, gen_s=t_gen, score_s=t_score,

@@ -329,9 +329,7 @@ while True:
     steps, stop = 0, False
     loss_sum, grad_norm, value_grad_norm = torch.zeros((), device=ddp.device), torch.zeros(()), torch.zeros(())
     for epoch in range(ppo_epochs):
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(
-            hash((seed, ddp.rank, loop.iter_num, epoch)) % 2**63)).to(ddp.device)
-        for mb in order.tensor_split(num_minibatches):
+        for mb in common.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device):
             m = mask[mb]
             # the tokens of this step over every process: DDP averages the gradients, hence the mean
             n_tokens = ddp.all_reduce_mean(m.sum().float()).item()
@@ -389,6 +387,7 @@ while True:
     if loop.step_done(loss_sum / max(steps, 1), tokens=n_gen, lr=lr, reward=seq_rewards.mean(), **reward_parts,
                       true_score=sum(tasks.score(ex, t) for ex, t in zip(examples, texts)) / N,
                       em=sum(tasks.exact_match(ex, t) for ex, t in zip(examples, texts)) / N,
+                      work=common.worked_share(examples, texts),
                       kl=kl.sum().item() / n_mask if reference else None,
                       kl_k3=(losses.kl_k3(old_logp, ref_logp) * mask).sum().item() / n_mask if reference else None,
                       kl_seq=kl_seq if reference else None, kl_coef=coef_used, entropy=ent_sum / tokens_seen,

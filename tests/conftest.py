@@ -161,3 +161,40 @@ def ab_policy(tmp_path):
     write_jsonl(data / "train.jsonl", [row] * 4)
     write_jsonl(data / "val.jsonl", [row])
     return base, str(data), tmp_path
+
+
+@pytest.fixture
+def rare_policy(tmp_path):
+    """A policy that answers "Say aaaa" with bbbb nine times in ten and with aaaa the tenth
+    (a tiny model fine-tuned for a few seconds on such replies): a rare first token that an exact
+    reward pays for, what RL on a mixed dataset selects. -> (checkpoint, data folder, tmp)"""
+    import torch
+
+    import bpe
+    import common
+    from model import GPT, GPTConfig
+
+    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=320, block_size=48, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
+    user = [{"role": "user", "content": "Say aaaa"}]
+    convs = [tok.render_conversation(user + [{"role": "assistant", "content": c * 4}]) for c in "ab"]
+    x = torch.tensor([convs[0][0]] * 2 + [convs[1][0]] * 18)  # 1 in 10 says a's
+    y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])] for ids, mask in [convs[0]] * 2 + [convs[1]] * 18])
+    for _ in range(150):
+        _, loss = model(x[:, :-1], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
+    base = str(tmp_path / "rare.pt")
+    common.save_checkpoint({"model": model.state_dict(), "model_args": cfg.to_dict(), "meta": meta}, base)
+    data = tmp_path / "say"
+    data.mkdir()
+    row = {"messages": user + [{"role": "assistant", "content": "aaaa"}], "answer": "aaaa", "task": "say",
+           "difficulty": 1}
+    write_jsonl(data / "train.jsonl", [row] * 4)
+    write_jsonl(data / "val.jsonl", [row])
+    return base, str(data), tmp_path

@@ -261,3 +261,25 @@ def test_group_samples_of_a_prompt_longer_than_block_size():
                        within_block=False)
     b = model.complete([prompt] * 3, 4, temperature=1.0, generator=torch.Generator().manual_seed(1), within_block=False)
     assert a.idx.shape == (3, 24) and torch.equal(a.idx, b.idx)
+
+
+def test_each_row_gets_the_room_its_prompt_leaves_in_block_size():
+    # block_size 16: a prompt of 12 tokens has room for 4, one of 3 for 10 (capped at max_new_tokens),
+    # in one batch 22 columns wide; no row's position ever reaches 16
+    model = build(tiny(block_size=16, tie_weights=False), sharpen=2.0)
+    prompts = [torch.arange(12) % 37, torch.tensor([5, 6, 7])]
+    out, ref = (model.complete(prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                               use_cache=use_cache) for use_cache in (True, False))
+    L = out.prompt_len
+    assert out.mask[:, L:].sum(1).tolist() == [4, 10] and out.truncated.tolist() == [True, True]
+    assert out.idx.shape == (2, 22) and int(out.pos.max()) == 15
+    assert (out.pos[~out.mask & (torch.arange(22) >= L)] == -1).all()  # filler counts as padding
+    # the cache past 16 columns computes what the full recompute does
+    assert torch.equal(out.idx, ref.idx) and torch.equal(out.mask, ref.mask) and torch.equal(out.pos, ref.pos)
+    # the forward over the whole batch, wider than block_size, scores the completions as sampled
+    logp = model.logprobs(out.idx[:, :-1], out.targets(), out.pos[:, :-1])
+    assert torch.isfinite(logp).all() and (logp[~out.loss_mask()] == 0).all() and (logp[out.loss_mask()] < 0).all()
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(out.idx[:, :-1])  # without positions the 21 columns are 21 positions
+    with pytest.raises(ValueError, match="no room in block_size 16"):
+        model.complete([torch.arange(16)], 4)

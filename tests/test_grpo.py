@@ -41,6 +41,19 @@ def test_a_toy_task_where_grpo_raises_the_reward(ab_setup):
     assert last > first + 0.15, rewards
 
 
+def test_grpo_raises_the_share_of_a_rare_but_rewarded_first_token(rare_policy):
+    # the policy opens with 'a' one time in ten, and only replies that do are exactly right: the
+    # groups with one of them are what GRPO learns from, and the share of a-first replies climbs
+    base, data, tmp = rare_policy
+    out = str(tmp / "out")
+    run_script("grpo.py", f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=4",
+               "--group_size=8", "--max_new_tokens=6", "--reward=exact", "--kl_coef=0", "--learning_rate=1e-2",
+               "--warmup_iters=1", "--max_iters=6", "--eval_interval=100", "--eval_prompts=0", "--pass_k_prompts=0",
+               "--device=cpu", "--compile=false", f"--out_dir={out}")
+    em = [r["em"] for r in read_log(out) if "reward" in r]
+    assert em[0] < 0.3 and sum(em[-3:]) / 3 > 0.8, em  # the first rollout is the starting policy's
+
+
 def test_lora_policy_uses_its_base_as_the_reference(ab_setup):
     base, args, tmp = ab_setup
     out = str(tmp / "lora")
@@ -58,7 +71,7 @@ def test_lora_policy_uses_its_base_as_the_reference(ab_setup):
 def test_script_end_to_end(rl_setup):
     base, data, tmp = rl_setup
     out = str(tmp / "out")
-    res = grpo(base, data, out, "--max_iters=4", "--eval_interval=2")
+    res = grpo(base, data, out, "--max_iters=4", "--eval_interval=2", "--warmup_iters=3", "--decay_lr=false")
     assert "prompts: add/1 10, add/2 10, copy/1 10, copy/2 10; dev 12, test 8" in res.stdout and "reference: " + base in res.stdout
     rows = read_log(out)
     steps = [r for r in rows if "reward" in r]
@@ -69,6 +82,8 @@ def test_script_end_to_end(rl_setup):
     assert {"em", "score", "em/add/1", "em/copy/2", "pass@1", "pass@4", "err_rl"} <= evals[0].keys()
     assert 0 <= evals[0]["pass@1"] <= evals[0]["pass@4"] <= 1
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts at the reference
+    # warmup happens though decay_lr is off: the rate rises linearly over 3 iterations, then holds
+    assert [r["lr"] for r in steps] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["stage"] == "grpo" and ckpt["reference"] == base and ckpt["iter_num"] == 4
     assert "=== iter 4" in open(os.path.join(out, "samples.txt")).read()
@@ -135,3 +150,22 @@ def test_bad_settings_stop_with_a_message(rl_setup):
                           (["--clip_eps=0.3", "--clip_eps_high=0.25"], "clip_eps_high >= clip_eps")):
         res = grpo(base, data, str(tmp / "bad"), *args, check=False)
         assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+
+
+def test_rl_prompts_give_each_prompt_the_room_it_has_and_name_a_cell_with_none(rl_setup, capsys):
+    import bpe
+
+    _, data, _ = rl_setup
+    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
+    config = dict(prompt_dataset=data, rl_tasks=("add/2", "copy/1"), max_new_tokens=16, eval_prompts=100,
+                  pass_k_prompts=100, test_prompts=100)
+    ddp = common.Distributed("cpu")
+    common.rl_prompts(config, tok, 128, ddp)
+    lengths = {c: sorted(len(ex["prompt"]) for ex in common.rl_prompts(config, tok, 128, ddp)["train"]
+                         if common.cell_key(ex) == c) for c in config["rl_tasks"]}
+    longest = max(lengths["add/2"] + lengths["copy/1"])
+    out = common.rl_prompts(config, tok, longest + 4, ddp)  # every prompt keeps some room, less than 16
+    assert len(out["train"]) == 20 and len(out["dev"]) == 12 and len(out["test"]) == 8 and len(out["pass_test"]) == 4
+    assert "prompts: add/2 10 (10 with room for fewer than 16 new tokens), copy/1 10 (" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="the cells add/2 keep no training prompt"):
+        common.rl_prompts(config, tok, min(lengths["add/2"]), ddp)

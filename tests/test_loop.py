@@ -189,3 +189,33 @@ def test_a_scalar_head_may_learn_at_its_own_rate():
     assert sum(len(g["params"]) for g in opt.param_groups) == len([p for p in model.parameters() if p.requires_grad])
     plain = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), "cpu")
     assert len(plain.param_groups) == 2  # no scale: the head is with the rest
+
+
+def test_cell_stream_visits_the_cells_evenly_and_resumes_exactly():
+    # 12 rows of one cell, 3 of another, 1 of a third: uniform draws each cell as often, and within a
+    # cell its rows a fresh shuffle per epoch of that cell; a batch depends only on (seed, iteration)
+    cells = ["a"] * 12 + ["b"] * 3 + ["c"]
+    stream = common.EpochStream(len(cells), 0, 6, 1, FakeDDP(), cells=cells)
+    seen = [i for it in range(12) for i in stream.indices(it, 0)]  # 72 draws
+    assert [sum(cells[i] == c for i in seen) for c in "abc"] == [24, 24, 24]
+    assert sorted(seen[0:36:3]) == list(range(12))  # cell a: its first epoch is a permutation of its rows
+    again = common.EpochStream(len(cells), 0, 6, 1, FakeDDP(), cells=cells)
+    assert again.indices(7, 0) == stream.indices(7, 0)  # no state: a resumed run draws the same batch
+    rows = common.EpochStream(len(cells), 0, 6, 1, FakeDDP())  # rows: in proportion to the rows
+    assert sum(cells[i] == "a" for it in range(12) for i in rows.indices(it, 0)) == 54
+
+
+def test_minibatches_are_a_fresh_partition_on_every_pass():
+    a, b = (common.minibatches(12, 3, 1337, 0, 5, epoch, "cpu") for epoch in (0, 1))
+    assert sorted(torch.cat(a).tolist()) == list(range(12)) == sorted(torch.cat(b).tolist())
+    assert [len(m) for m in a] == [4, 4, 4] and [set(m.tolist()) for m in a] != [set(m.tolist()) for m in b]
+    assert all(torch.equal(x, y) for x, y in zip(a, common.minibatches(12, 3, 1337, 0, 5, 0, "cpu")))
+    assert torch.equal(common.minibatches(12, 1, 1337, 0, 5, 0, "cpu")[0], torch.arange(12))  # one: in order
+
+
+def test_the_mean_over_cells_and_its_standard_error_by_hand():
+    stats = {"em/add/3": 0.9, "n/add/3": 400, "em/sub/3": 0.5, "n/sub/3": 100, "em/copy/1": 1.0, "n/copy/1": 50}
+    mean, se = common.cells_mean(stats, ("add/3", "sub/3"))
+    # sqrt(0.9 * 0.1 / 400 + 0.5 * 0.5 / 100) / 2 = sqrt(0.000225 + 0.0025) / 2
+    assert mean == pytest.approx(0.7) and se == pytest.approx(0.0261008, abs=1e-6)
+    assert common.cells_mean(stats)[0] == pytest.approx(0.8)  # no cells named: every cell measured

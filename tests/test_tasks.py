@@ -11,8 +11,8 @@ import pytest
 import bpe
 from conftest import run_script
 from data.tasks.tasks import (DIFFICULTIES, TASKS, add_steps, count_steps, edit_distance, exact_match,
-                              extract_answer, follows_format, generate, metrics, n_problems, problem_key, score,
-                              similarity, sort_steps, sub_steps)
+                              extract_answer, final_answer, follows_format, generate, metrics, n_problems,
+                              problem_key, reply_form, score, similarity, sort_steps, sub_steps)
 
 
 def test_references_are_right():
@@ -387,3 +387,50 @@ def test_extra_training_levels_leave_the_rest_of_the_files_as_they_were(tmp_path
     assert not {problem_key(ex) for ex in extra} & held_out
     res = run_script(*args, "--extra_train_difficulties=2", f"--out_dir={tmp_path / 'c'}", check=False)
     assert res.returncode != 0 and "extra_train_difficulties must be levels of val_difficulties" in res.stderr
+
+
+def test_the_form_of_a_reply_and_the_grading_of_either_form():
+    worked = "Work:\n8+6+0=14 4\n2+3+1=6 64\nAnswer: 64"
+    assert reply_form(worked) == "worked" and reply_form("64") == "direct"
+    assert reply_form("Work:\n8+6+0=14 4") == "direct"  # cut off before its Answer line: it answered nothing
+    ex = {"task": "add", "format": "either", "answer": "64"}
+    assert final_answer(ex, worked) == "64" and final_answer(ex, " 64 ") == " 64 "
+    assert exact_match(ex, worked) == exact_match(ex, "64") == 1.0 and exact_match(ex, "Work:\nAnswer: 63") == 0.0
+    assert score(ex, "Work:\n8+6+0=14 4") == pytest.approx(score({"answer": "64"}, "Work:\n8+6+0=14 4"))  # as direct
+    assert follows_format(ex, worked) and follows_format(ex, "64")
+    assert not follows_format(ex, worked[len("Work:\n"):])  # a worked reply opens with its marker
+    assert not follows_format(ex, "Work:\n8+6+0=14 4\nAnswer: 64\nmore")
+    # the cot format keeps its rule: no Answer line, no answer
+    assert exact_match({"format": "cot", "answer": "64"}, "64") == 0.0
+    m = metrics([ex, ex, dict(ex, task="sub"), {"task": "sort", "difficulty": 1, "answer": "ab"}],
+                [worked, "65", "64", "ab"])
+    assert m["work"] == 0.25 and m["work/add/all"] == 0.5 and m["work/sort/1"] == 0.0 and m["n/add/all"] == 2
+    assert m["em/add/all"] == 0.5 and "work" not in metrics([{"answer": "64"}], ["64"])  # no mix: no work keys
+
+
+def test_the_mixed_dataset_keeps_the_problems_and_mixes_the_forms(tmp_path):
+    args = ["data/tasks/prepare.py", "--train_per_cell=100", "--val_per_cell=10", "--test_per_cell=20",
+            "--difficulties=2,3", "--tasks=add,sub,sort", "--task_weights="]
+    run_script(*args, f"--out_dir={tmp_path / 'plain'}")
+    res = run_script(*args, "--cot_share=0.15", f"--out_dir={tmp_path / 'mix'}")
+    assert "60 of the 400 training rows of add,sub worked" in res.stdout
+    for split in ("train", "val", "test"):
+        plain, mix = read(tmp_path / "plain" / f"{split}.jsonl"), read(tmp_path / "mix" / f"{split}.jsonl")
+        # the same problems in the same order, whatever the share: cot_share can be varied alone
+        assert [(a["messages"][0], a["answer"]) for a in plain] == [(b["messages"][0], b["answer"]) for b in mix]
+        for ex in mix:
+            reply = ex["messages"][1]["content"]
+            if ex["task"] == "sort":
+                assert "format" not in ex and reply == ex["answer"]
+                continue
+            assert ex["format"] == "either" and reply_form(reply) == ex["form"]
+            assert score(ex, reply) == 1.0 and follows_format(ex, reply)  # both forms graded right
+            assert ex["form"] == "direct" or reply.startswith("Work:\n")
+        for cell in ("add/2", "add/3", "sub/2", "sub/3"):  # the share, exactly, in every cell and split
+            rows = [ex for ex in mix if f"{ex['task']}/{ex['difficulty']}" == cell]
+            assert sum(ex["form"] == "worked" for ex in rows) == round(0.15 * len(rows))
+    train, held = read(tmp_path / "mix" / "train.jsonl"), read(tmp_path / "mix" / "val.jsonl") + read(
+        tmp_path / "mix" / "test.jsonl")
+    assert not {problem_key(ex) for ex in train} & {problem_key(ex) for ex in held}  # held out
+    res = run_script(*args, "--cot_share=0.1", "--cot_tasks=add,reverse", f"--out_dir={tmp_path / 'bad'}", check=False)
+    assert res.returncode != 0 and "cot_tasks: 'reverse' must be one of the tasks with steps" in res.stderr
