@@ -350,26 +350,28 @@ def metrics(examples, responses):
     number of examples (for standard errors). Examples without a task or difficulty field are
     grouped under "all". When some examples are worked solutions, "fmt" keys add the fraction of
     responses that follow the format (fmt/add/2 ...), which tells a wrong step from a broken
-    trace; when some may be answered either way (a mixed dataset), "work" keys add the fraction of
-    responses that are worked solutions (reply_form), the mechanism RL moves."""
+    trace; where some may be answered either way (a mixed dataset), "work" keys add the fraction of
+    their responses that are worked solutions (reply_form), the mechanism RL moves: overall over
+    those examples, and per cell for the cells that have them."""
     if len(examples) != len(responses):
         raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
     with_format = any(is_cot(ex) for ex in examples)
-    with_form = any(ex.get("format") == "either" for ex in examples)
-    sums = {}  # key -> [exact matches, score, follows format, worked, count]
+    sums, forms = {}, {}  # key -> [exact matches, score, follows format, count]; key -> [worked, count]
     for ex, resp in zip(examples, responses):
         em, sc, fmt = exact_match(ex, resp), score(ex, resp), float(follows_format(ex, resp))
-        worked = float(reply_form(resp) == "worked")
         cell = f"{ex.get('task', 'all')}/{ex.get('difficulty', 'all')}"
         for key in ("", "/" + cell):
-            s = sums.setdefault(key, [0.0, 0.0, 0.0, 0.0, 0])
-            s[0], s[1], s[2], s[3], s[4] = s[0] + em, s[1] + sc, s[2] + fmt, s[3] + worked, s[4] + 1
+            s = sums.setdefault(key, [0.0, 0.0, 0.0, 0])
+            s[0], s[1], s[2], s[3] = s[0] + em, s[1] + sc, s[2] + fmt, s[3] + 1
+            if ex.get("format") == "either":  # work: over the examples that may be answered either way
+                f = forms.setdefault(key, [0, 0])
+                f[0], f[1] = f[0] + (reply_form(resp) == "worked"), f[1] + 1
     out = {}
     for key in sorted(sums, key=lambda k: (k != "", k)):
-        em, sc, fmt, worked, n = sums[key]
+        em, sc, fmt, n = sums[key]
         out["em" + key], out["score" + key], out["n" + key] = em / n, sc / n, n
         if with_format:
             out["fmt" + key] = fmt / n
-        if with_form:
-            out["work" + key] = worked / n
+        if key in forms:
+            out["work" + key] = forms[key][0] / forms[key][1]
     return out
