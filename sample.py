@@ -265,7 +265,7 @@ def reply(model, tokenizer, history, dev, amp, generator):
 
 def chat_loop(model, tokenizer, dev, amp, question=None):
     """One answer to `question`, or, without one, a conversation read from the terminal."""
-    if not hasattr(tokenizer, "render_prompt") or not {"<|user|>", "<|assistant|>", "<|end|>"} <= set(tokenizer.special_tokens):
+    if not common.has_chat_template(tokenizer):
         raise ValueError(f"chat needs a checkpoint whose tokenizer has the chat tokens (<|user|>, <|assistant|>, "
                          f"<|end|>); this one is {tokenizer.kind} with {list(tokenizer.special_tokens)}")
     generator = torch.Generator(dev).manual_seed(seed)
