@@ -34,6 +34,13 @@ Ctrl-C during a reply cuts it short (the turn is forgotten). With --start it ans
 prompt and exits.
     python sample.py --out_dir=out-sft --chat=True
     python sample.py --out_dir=out-sft --chat=True --start="What is 12 + 34?" --temperature=0
+
+Chat in the browser instead (webchat.py; a base model's page continues a prompt): a page on
+http://127.0.0.1:8000 with the reply streamed as it decodes, stop and new-conversation buttons,
+temperature / top-k / max tokens, and each reply's tokens/s. It binds to 127.0.0.1, this machine
+only; --host=0.0.0.0 opens it to anyone who can reach the port, with no password: only on a
+network you trust.
+    python sample.py --out_dir=out-sft --serve=8000
 """
 
 import codecs
@@ -45,6 +52,7 @@ import time
 import torch
 
 import common
+import webchat
 from model import GPT, from_nanogpt, save_hf
 
 # -----------------------------------------------------------------------------
@@ -66,6 +74,9 @@ top_p = 1.0  # nucleus sampling: keep the smallest set with this probability (1.
 use_cache = True  # False recomputes the whole context every token (the slow reference)
 chat = False  # True: a multi-turn chat in the chat template; a non-blank --start is answered, then it exits
 system = ""  # chat: a system message that opens the conversation (empty: none)
+# chat in the browser (webchat.py)
+serve = 0  # a port: serve the chat page on it instead of sampling (0 = off)
+host = "127.0.0.1"  # serve: the address to bind; 0.0.0.0 opens the model to the whole network, with no password
 # system
 seed = 1337
 device = "auto"
@@ -153,6 +164,8 @@ def encode_prompt(tokenizer, text):
 def main():
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or max_new_tokens < 0 or num_samples < 1:
         raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 0, num_samples >= 1")
+    if not 0 <= serve <= 65535:
+        raise ValueError(f"serve={serve} is not a port (1..65535, or 0 = off)")
     dev = common.pick_device(device)
     device_type = "cuda" if dev.startswith("cuda") else dev
     dt = common.pick_dtype(dtype, device_type)
@@ -174,6 +187,10 @@ def main():
     if compile:  # the decode step over a static cache, kept only where it measures faster here
         choice, eager_ms, compiled_ms = model.compile_decode()
         print(f"decode step: eager {eager_ms:.2f} ms, compiled {compiled_ms:.2f} ms: using {choice}", file=sys.stderr)
+    if serve:  # the browser's page renders each turn (the chat template where the tokenizer has one)
+        chat_page = webchat.Chat(model, tokenizer, dev, amp, path, system, temperature, top_k, top_p,
+                                 max_new_tokens, use_cache, seed)
+        return webchat.serve(chat_page, host, serve)
     text = start
     if start.startswith("FILE:"):
         with open(start[5:], encoding="utf-8") as f:
