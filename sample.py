@@ -120,8 +120,9 @@ class CharTokenizer:
 
 
 def load(out_dir, ckpt_path):
-    """-> (model, tokenizer, checkpoint path, meta) from a checkpoint of ours (meta: its dataset's
-    and tokenizer's) or of nanoGPT (meta None), quantized as the checkpoint or quantize says."""
+    """-> (model, tokenizer, checkpoint path, meta, stage) from a checkpoint of ours (meta: its
+    dataset's and tokenizer's; stage: the script that wrote it, pretrain | sft | ...) or of nanoGPT
+    (meta and stage None), quantized as the checkpoint or quantize says."""
     if not ckpt_path:
         if not os.path.isdir(out_dir):
             raise FileNotFoundError(f"out_dir {out_dir!r} does not exist; train first or pass --ckpt=FILE")
@@ -130,7 +131,7 @@ def load(out_dir, ckpt_path):
     checkpoint = common.load_checkpoint(ckpt_path)
     if "meta" in checkpoint:  # ours, quantized or not
         model = common.model_from_checkpoint(checkpoint, ckpt_path, quantize=quantize, quant_group_size=quant_group_size)
-        return model, common.tokenizer_from_meta(checkpoint["meta"]), ckpt_path, checkpoint["meta"]
+        return model, common.tokenizer_from_meta(checkpoint["meta"]), ckpt_path, checkpoint["meta"], checkpoint.get("stage")
     # nanoGPT's: no meta; a char-level vocabulary from its meta.pkl, else GPT-2's
     config, state_dict = from_nanogpt(checkpoint["model"], checkpoint["model_args"])
     if nanogpt_meta:
@@ -147,7 +148,7 @@ def load(out_dir, ckpt_path):
         model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {ckpt_path} does not fit its own model config: {e}") from None
-    return common.quantize_model(model, quantize, quant_group_size), tokenizer, ckpt_path, None
+    return common.quantize_model(model, quantize, quant_group_size), tokenizer, ckpt_path, None, None
 
 
 def encode_prompt(tokenizer, text):
@@ -171,7 +172,7 @@ def main():
     dt = common.pick_dtype(dtype, device_type)
     if ckpt and init_from and ckpt != init_from:
         raise ValueError(f"--ckpt={ckpt} and --init_from={init_from} name two checkpoints; give one")
-    model, tokenizer, path, meta = load(out_dir, ckpt or init_from)
+    model, tokenizer, path, meta, stage = load(out_dir, ckpt or init_from)
     model.eval().to(dev)
     q = model.quantization or {}
     weights = f", int{q['bits']} weights" + (f" in groups of {q['group_size']}" if q["group_size"] else "") if q else ""
@@ -179,7 +180,7 @@ def main():
     if export_hf:
         return export(model, tokenizer, export_hf)
     if export_quantized:
-        return save_quantized(model, meta, path, export_quantized)
+        return save_quantized(model, meta, stage, path, export_quantized)
     if dt == "auto":  # a CPU with bf16 instructions: bf16 weights only where they measure faster here
         model, dt = common.choose_decode_dtype(model, dev)
         print(f"dtype auto: decoding in {dt} (measured)", file=sys.stderr)
@@ -187,8 +188,11 @@ def main():
     if compile:  # the decode step over a static cache, kept only where it measures faster here
         choice, eager_ms, compiled_ms = model.compile_decode()
         print(f"decode step: eager {eager_ms:.2f} ms, compiled {compiled_ms:.2f} ms: using {choice}", file=sys.stderr)
-    if serve:  # the browser's page renders each turn (the chat template where the tokenizer has one)
-        chat_page = webchat.Chat(model, tokenizer, dev, amp, path, system, temperature, top_k, top_p,
+    if serve:
+        # a fine-tuned model chats; a pretrained one continues a prompt (our tokenizers reserve the
+        # chat tokens from the start, so the tokenizer alone does not tell)
+        chats = common.has_chat_template(tokenizer) and stage != "pretrain"
+        chat_page = webchat.Chat(model, tokenizer, dev, amp, path, chats, system, temperature, top_k, top_p,
                                  max_new_tokens, use_cache, seed)
         return webchat.serve(chat_page, host, serve)
     text = start
@@ -236,7 +240,7 @@ def export(model, tokenizer, folder):
           (" (LoRA adapters merged)" if model.config.lora_rank else ""), file=sys.stderr)
 
 
-def save_quantized(model, meta, path, out):
+def save_quantized(model, meta, stage, path, out):
     """Write the model as it is now (quantize=int8 | int4: the integers and scales, and the format
     in the checkpoint's "quantization" entry) to the checkpoint file out, which loads wherever a
     checkpoint is taken."""
@@ -245,7 +249,7 @@ def save_quantized(model, meta, path, out):
     if meta is None:
         raise ValueError(f"export_quantized: {path} carries no tokenizer (meta): only checkpoints of this repository")
     common.save_checkpoint({"model": model.state_dict(), "model_args": model.config.to_dict(),
-                            "quantization": model.quantization, "meta": meta, "source": path,
+                            "quantization": model.quantization, "meta": meta, "stage": stage, "source": path,
                             "git": common.git_commit()}, out)
     print(f"wrote {out}: {os.path.getsize(out) / 1e6:.1f} MB ({os.path.getsize(path) / 1e6:.1f} MB as read from {path})"
           if os.path.isfile(path) else f"wrote {out}", file=sys.stderr)

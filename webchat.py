@@ -10,8 +10,9 @@ The page is webchat.html, one static file (inline CSS and JavaScript, nothing fe
 elsewhere, so it works offline). It keeps the conversation and posts it whole with every message;
 the server renders it with the chat template of the checkpoint's tokenizer
 (bpe.Tokenizer.render_prompt), where message contents are encoded as plain text: a user who types
-"<|end|>" or "<|assistant|>" sends those characters, and cannot close a turn or open one. A
-checkpoint whose tokenizer has no chat tokens continues a prompt instead.
+"<|end|>" or "<|assistant|>" sends those characters, and cannot close a turn or open one. A base
+model (sample.py: a checkpoint of train.py, or one whose tokenizer has no chat tokens) continues a
+prompt instead.
 
     GET  /          the page
     GET  /info      {"name", "chat", "tokenizer", "block_size", "rolling", "system",
@@ -66,11 +67,14 @@ FIELDS = ("messages", "prompt", "temperature", "top_k", "max_tokens")
 class Chat:
     """A loaded model behind the page: checks a request, renders its prompt, streams the reply."""
 
-    def __init__(self, model, tokenizer, device, amp, name, system="", temperature=0.8, top_k=200, top_p=1.0,
+    def __init__(self, model, tokenizer, device, amp, name, chat, system="", temperature=0.8, top_k=200, top_p=1.0,
                  max_tokens=500, use_cache=True, seed=1337):
-        self.model, self.tokenizer, self.amp, self.name = model, tokenizer, amp, name
+        """chat: a chat model (messages in the chat template), else a base model (a prompt to continue)."""
+        if chat and not common.has_chat_template(tokenizer):
+            raise ValueError(f"a chat needs the chat tokens <|user|>, <|assistant|>, <|end|>; this {tokenizer.kind} "
+                             f"tokenizer has {list(tokenizer.special_tokens)}")
+        self.model, self.tokenizer, self.amp, self.name, self.chat = model, tokenizer, amp, name, chat
         self.system, self.top_p, self.use_cache = system, top_p, use_cache
-        self.chat = common.has_chat_template(tokenizer)
         cfg = model.config
         self.block_size, self.rolling = cfg.block_size, cfg.unbounded_positions
         # the page's default must fit: half the context for the reply, as the terminal chat leaves it
@@ -120,8 +124,7 @@ class Chat:
     def render(self, messages):
         """A conversation from the page -> the prompt's ids, with the chat template."""
         if not self.chat:
-            raise ValueError(f"this model has no chat template (its {self.tokenizer.kind} tokenizer lacks "
-                             f"<|user|>, <|assistant|>, <|end|>): send 'prompt', text for it to continue")
+            raise ValueError("this is a base model, not a chat model: send 'prompt', text for it to continue")
         messages = common.messages_of({"messages": messages})
         if messages[-1]["role"] != "user":
             raise ValueError(f"'messages' must end with the user's message, not the {messages[-1]['role']}'s")

@@ -30,8 +30,8 @@ HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 CONFIG = GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=32, tie_weights=False)
 
 
-def start_server(model, tok, name="test.pt"):
-    chat = webchat.Chat(model, tok, "cpu", common.Autocast("cpu", "float32"), name, temperature=0.0)
+def start_server(model, tok, chat=True, name="test.pt"):
+    chat = webchat.Chat(model, tok, "cpu", common.Autocast("cpu", "float32"), name, chat, temperature=0.0)
     server = webchat.make_server(chat, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
@@ -253,14 +253,14 @@ def test_wrong_content_type_and_unknown_paths(served):
 
 
 def test_base_model_continues_a_prompt():
-    tok = bpe.byte_tokenizer(("<|endoftext|>",))  # no chat tokens: a pretrained model's
-    model = build(tiny(vocab_size=257, block_size=64, tie_weights=False))
-    server, url = start_server(model, tok, "base.pt")
+    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)  # a pretrained model's: the chat tokens reserved, never seen
+    model = build(tiny(vocab_size=320, block_size=64, tie_weights=False))
+    server, url = start_server(model, tok, chat=False, name="base.pt")
     try:
         info = json.loads(get(url + "/info")[1])
         assert not info["chat"] and info["tokenizer"] == "byte"
         status, answer = post(url, ask("hi"))
-        assert status == 400 and "no chat template" in answer["error"] and "'prompt'" in answer["error"]
+        assert status == 400 and "base model" in answer["error"] and "'prompt'" in answer["error"]
         prompt = "ROMEO: <|endoftext|>"  # a special token's spelling stays text here too
         _, events = post(url, {"prompt": prompt, "max_tokens": 20})
         ids = list(prompt.encode())
@@ -271,6 +271,12 @@ def test_base_model_continues_a_prompt():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_chat_needs_the_chat_tokens():
+    tok = bpe.byte_tokenizer(("<|endoftext|>",))
+    with pytest.raises(ValueError, match="chat tokens"):
+        webchat.Chat(build(tiny(vocab_size=257)), tok, "cpu", common.Autocast("cpu", "float32"), "x.pt", chat=True)
 
 
 def test_the_page_loads_nothing_from_elsewhere(served):
@@ -286,8 +292,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_sample_py_serves_the_page(tmp_path):
-    save_byte_checkpoint(str(tmp_path / "ckpt.pt"), CONFIG)
+@pytest.mark.parametrize("stage, chats", [("sft", True), ("pretrain", False)])
+def test_sample_py_serves_the_page(tmp_path, stage, chats):
+    # a fine-tuned checkpoint gets the chat, a pretrained one (the same tokenizer) plain continuation
+    path = str(tmp_path / "ckpt.pt")
+    save_byte_checkpoint(path, CONFIG)
+    common.save_checkpoint(dict(common.load_checkpoint(path), stage=stage), path)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={tmp_path}", f"--serve={port}",
                              "--device=cpu", "--dtype=float32", "--max_new_tokens=100"],
@@ -299,8 +309,8 @@ def test_sample_py_serves_the_page(tmp_path):
                 break
             except OSError:
                 time.sleep(0.1)
-        assert info["name"] == str(tmp_path / "ckpt.pt") and info["chat"] and info["defaults"]["max_tokens"] == 32
-        status, events = post(f"http://127.0.0.1:{port}", ask("hi"))
+        assert info["name"] == path and info["chat"] == chats and info["defaults"]["max_tokens"] == 32
+        status, events = post(f"http://127.0.0.1:{port}", ask("hi") if chats else {"prompt": "hi"})
         assert status == 200 and events[-1][0] == "done"
     finally:
         proc.send_signal(signal.SIGINT)
