@@ -416,6 +416,10 @@ def test_browser_chat_streams_stops_and_screenshots(served, monkeypatch, tmp_pat
     try:
         browser.open(url + "/")
         browser.wait_for("return document.getElementById('max_tokens').value === '32'")  # /info has answered
+        browser.click("#send")  # nothing typed: the server's 400 is shown, and no turn is added
+        assert browser.wait_for("const e = document.querySelector('.msg.error'); return e && e.textContent") == \
+            "the message is empty"
+        assert browser.js("return document.querySelectorAll('.msg.user').length") == 0
         browser.type("#max_tokens", "40", clear=True)
         browser.type("#input", "Hello there")
         browser.click("#send")
