@@ -249,7 +249,10 @@ def make_server(chat, host="127.0.0.1", port=0):
 
 def serve(chat, host, port):
     """Serve the page until Ctrl-C."""
-    server = make_server(chat, host, port)
+    try:
+        server = make_server(chat, host, port)
+    except OSError as e:  # the port taken, an address this machine does not have
+        raise ValueError(f"cannot serve on {host}:{port}: {e}") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who can reach port {port} can use this model, "
               f"with no password", file=sys.stderr)
