@@ -131,7 +131,8 @@ def load(out_dir, ckpt_path):
     checkpoint = common.load_checkpoint(ckpt_path)
     if "meta" in checkpoint:  # ours, quantized or not
         model = common.model_from_checkpoint(checkpoint, ckpt_path, quantize=quantize, quant_group_size=quant_group_size)
-        return model, common.tokenizer_from_meta(checkpoint["meta"]), ckpt_path, checkpoint["meta"], checkpoint.get("stage")
+        meta = checkpoint["meta"]
+        return model, common.tokenizer_from_meta(meta), ckpt_path, meta, checkpoint.get("stage")
     # nanoGPT's: no meta; a char-level vocabulary from its meta.pkl, else GPT-2's
     config, state_dict = from_nanogpt(checkpoint["model"], checkpoint["model_args"])
     if nanogpt_meta:

@@ -343,7 +343,12 @@ class Browser:
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--no-proxy-server", f"--user-data-dir={profile}", f"--window-size={width},{height}"]
         caps = {"browserName": "chrome", "goog:chromeOptions": {"binary": chromium, "args": args}}
-        self.session = "/session/" + self.call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+        try:
+            session = self.call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})
+        except BaseException:
+            self.driver.terminate()
+            raise
+        self.session = "/session/" + session["sessionId"]
 
     def call(self, method, path, body=None):
         data = None if body is None else json.dumps(body).encode()
