@@ -839,6 +839,12 @@ def add_chat_tokens(tok, meta, verbose=True):
 CHAT_ROLES = ("system", "user", "assistant")
 
 
+def has_chat_template(tok):
+    """Can this tokenizer render a conversation for a reply (bpe.Tokenizer.render_prompt with the
+    <|user|>, <|assistant|> and <|end|> tokens), as a fine-tuned model's does?"""
+    return hasattr(tok, "render_prompt") and {"<|user|>", "<|assistant|>", "<|end|>"} <= set(tok.special_tokens)
+
+
 def read_conversations(path, require_assistant=True):
     """The conversations of a JSONL file, one JSON object per line, in either format:
 

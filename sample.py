@@ -34,6 +34,13 @@ Ctrl-C during a reply cuts it short (the turn is forgotten). With --start it ans
 prompt and exits.
     python sample.py --out_dir=out-sft --chat=True
     python sample.py --out_dir=out-sft --chat=True --start="What is 12 + 34?" --temperature=0
+
+Chat in the browser instead (webchat.py; a base model's page continues a prompt): a page on
+http://127.0.0.1:8000 with the reply streamed as it decodes, stop and new-conversation buttons,
+temperature / top-k / max tokens, and each reply's tokens/s. It binds to 127.0.0.1, this machine
+only; --host=0.0.0.0 opens it to anyone who can reach the port, with no password: only on a
+network you trust.
+    python sample.py --out_dir=out-sft --serve=8000
 """
 
 import codecs
@@ -45,6 +52,7 @@ import time
 import torch
 
 import common
+import webchat
 from model import GPT, from_nanogpt, save_hf
 
 # -----------------------------------------------------------------------------
@@ -66,6 +74,9 @@ top_p = 1.0  # nucleus sampling: keep the smallest set with this probability (1.
 use_cache = True  # False recomputes the whole context every token (the slow reference)
 chat = False  # True: a multi-turn chat in the chat template; a non-blank --start is answered, then it exits
 system = ""  # chat: a system message that opens the conversation (empty: none)
+# chat in the browser (webchat.py)
+serve = 0  # a port: serve the chat page on it instead of sampling (0 = off)
+host = "127.0.0.1"  # serve: the address to bind; 0.0.0.0 opens the model to the whole network, with no password
 # system
 seed = 1337
 device = "auto"
@@ -109,8 +120,9 @@ class CharTokenizer:
 
 
 def load(out_dir, ckpt_path):
-    """-> (model, tokenizer, checkpoint path, meta) from a checkpoint of ours (meta: its dataset's
-    and tokenizer's) or of nanoGPT (meta None), quantized as the checkpoint or quantize says."""
+    """-> (model, tokenizer, checkpoint path, meta, stage) from a checkpoint of ours (meta: its
+    dataset's and tokenizer's; stage: the script that wrote it, pretrain | sft | ...) or of nanoGPT
+    (meta and stage None), quantized as the checkpoint or quantize says."""
     if not ckpt_path:
         if not os.path.isdir(out_dir):
             raise FileNotFoundError(f"out_dir {out_dir!r} does not exist; train first or pass --ckpt=FILE")
@@ -119,7 +131,8 @@ def load(out_dir, ckpt_path):
     checkpoint = common.load_checkpoint(ckpt_path)
     if "meta" in checkpoint:  # ours, quantized or not
         model = common.model_from_checkpoint(checkpoint, ckpt_path, quantize=quantize, quant_group_size=quant_group_size)
-        return model, common.tokenizer_from_meta(checkpoint["meta"]), ckpt_path, checkpoint["meta"]
+        meta = checkpoint["meta"]
+        return model, common.tokenizer_from_meta(meta), ckpt_path, meta, checkpoint.get("stage")
     # nanoGPT's: no meta; a char-level vocabulary from its meta.pkl, else GPT-2's
     config, state_dict = from_nanogpt(checkpoint["model"], checkpoint["model_args"])
     if nanogpt_meta:
@@ -136,7 +149,7 @@ def load(out_dir, ckpt_path):
         model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {ckpt_path} does not fit its own model config: {e}") from None
-    return common.quantize_model(model, quantize, quant_group_size), tokenizer, ckpt_path, None
+    return common.quantize_model(model, quantize, quant_group_size), tokenizer, ckpt_path, None, None
 
 
 def encode_prompt(tokenizer, text):
@@ -153,12 +166,14 @@ def encode_prompt(tokenizer, text):
 def main():
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or max_new_tokens < 0 or num_samples < 1:
         raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 0, num_samples >= 1")
+    if not 0 <= serve <= 65535:
+        raise ValueError(f"serve={serve} is not a port (1..65535, or 0 = off)")
     dev = common.pick_device(device)
     device_type = "cuda" if dev.startswith("cuda") else dev
     dt = common.pick_dtype(dtype, device_type)
     if ckpt and init_from and ckpt != init_from:
         raise ValueError(f"--ckpt={ckpt} and --init_from={init_from} name two checkpoints; give one")
-    model, tokenizer, path, meta = load(out_dir, ckpt or init_from)
+    model, tokenizer, path, meta, stage = load(out_dir, ckpt or init_from)
     model.eval().to(dev)
     q = model.quantization or {}
     weights = f", int{q['bits']} weights" + (f" in groups of {q['group_size']}" if q["group_size"] else "") if q else ""
@@ -166,7 +181,7 @@ def main():
     if export_hf:
         return export(model, tokenizer, export_hf)
     if export_quantized:
-        return save_quantized(model, meta, path, export_quantized)
+        return save_quantized(model, meta, stage, path, export_quantized)
     if dt == "auto":  # a CPU with bf16 instructions: bf16 weights only where they measure faster here
         model, dt = common.choose_decode_dtype(model, dev)
         print(f"dtype auto: decoding in {dt} (measured)", file=sys.stderr)
@@ -174,6 +189,13 @@ def main():
     if compile:  # the decode step over a static cache, kept only where it measures faster here
         choice, eager_ms, compiled_ms = model.compile_decode()
         print(f"decode step: eager {eager_ms:.2f} ms, compiled {compiled_ms:.2f} ms: using {choice}", file=sys.stderr)
+    if serve:
+        # a fine-tuned model chats; a pretrained one continues a prompt (our tokenizers reserve the
+        # chat tokens from the start, so the tokenizer alone does not tell)
+        chats = common.has_chat_template(tokenizer) and stage != "pretrain"
+        chat_page = webchat.Chat(model, tokenizer, dev, amp, path, chats, system, temperature, top_k, top_p,
+                                 max_new_tokens, use_cache, seed)
+        return webchat.serve(chat_page, host, serve)
     text = start
     if start.startswith("FILE:"):
         with open(start[5:], encoding="utf-8") as f:
@@ -219,7 +241,7 @@ def export(model, tokenizer, folder):
           (" (LoRA adapters merged)" if model.config.lora_rank else ""), file=sys.stderr)
 
 
-def save_quantized(model, meta, path, out):
+def save_quantized(model, meta, stage, path, out):
     """Write the model as it is now (quantize=int8 | int4: the integers and scales, and the format
     in the checkpoint's "quantization" entry) to the checkpoint file out, which loads wherever a
     checkpoint is taken."""
@@ -228,7 +250,7 @@ def save_quantized(model, meta, path, out):
     if meta is None:
         raise ValueError(f"export_quantized: {path} carries no tokenizer (meta): only checkpoints of this repository")
     common.save_checkpoint({"model": model.state_dict(), "model_args": model.config.to_dict(),
-                            "quantization": model.quantization, "meta": meta, "source": path,
+                            "quantization": model.quantization, "meta": meta, "stage": stage, "source": path,
                             "git": common.git_commit()}, out)
     print(f"wrote {out}: {os.path.getsize(out) / 1e6:.1f} MB ({os.path.getsize(path) / 1e6:.1f} MB as read from {path})"
           if os.path.isfile(path) else f"wrote {out}", file=sys.stderr)
@@ -265,7 +287,7 @@ def reply(model, tokenizer, history, dev, amp, generator):
 
 def chat_loop(model, tokenizer, dev, amp, question=None):
     """One answer to `question`, or, without one, a conversation read from the terminal."""
-    if not hasattr(tokenizer, "render_prompt") or not {"<|user|>", "<|assistant|>", "<|end|>"} <= set(tokenizer.special_tokens):
+    if not common.has_chat_template(tokenizer):
         raise ValueError(f"chat needs a checkpoint whose tokenizer has the chat tokens (<|user|>, <|assistant|>, "
                          f"<|end|>); this one is {tokenizer.kind} with {list(tokenizer.special_tokens)}")
     generator = torch.Generator(dev).manual_seed(seed)
