@@ -1,8 +1,8 @@
-"""common.configure: the checked config mechanism every script shares."""
+"""configurator.configure: the checked config mechanism every script shares."""
 
 import pytest
 
-from common import configure, parse_value
+from configurator import configure, parse_value
 
 
 def defaults():
@@ -77,3 +77,4 @@ def test_config_file_is_checked(tmp_path):
     wrong.write_text("compile = 'yes please'\n")
     with pytest.raises(ValueError, match="'compile' expects a bool"):
         configure(defaults(), [str(wrong)], verbose=False)
+
