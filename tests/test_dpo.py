@@ -19,9 +19,11 @@ from conftest import run_script, save_byte_checkpoint
 from data.tasks.tasks import generate
 from model import GPTConfig
 
+# dtype=float32: dtype=auto times float32 against bf16 in every run, and runs compared bit for bit
+# could then take different ones on a loaded CPU
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=1", "--device=cpu", "--compile=false",
         "--eval_pairs=8", "--eval_prompts=8", "--pass_k_prompts=2", "--pass_k_samples=4", "--eval_max_new_tokens=4",
-        "--learning_rate=1e-3", "--rl_tasks=add/2,reverse/1"]
+        "--learning_rate=1e-3", "--rl_tasks=add/2,reverse/1", "--dtype=float32"]
 
 
 def write_jsonl(path, rows):

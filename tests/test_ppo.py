@@ -14,9 +14,11 @@ import losses
 from conftest import build, read_log, run_script, tiny
 from model import GPT, GPTConfig
 
+# dtype=float32: dtype=auto times float32 against bf16 in every run, and runs compared bit for bit
+# could then take different ones on a loaded CPU
 TINY = ["--prompts_per_iter=8", "--max_new_tokens=6", "--log_interval=1", "--warmup_iters=1", "--device=cpu",
         "--compile=false", "--eval_prompts=12", "--pass_k_prompts=4", "--pass_k_samples=4", "--eval_max_new_tokens=6",
-        "--learning_rate=1e-3", "--rl_tasks="]
+        "--learning_rate=1e-3", "--rl_tasks=", "--dtype=float32"]
 
 
 def ppo(base, data, out, *args, check=True):

@@ -19,8 +19,10 @@ from conftest import run_script, save_byte_checkpoint
 from data.tasks.tasks import generate, score
 from model import GPT, GPTConfig
 
+# dtype=float32: dtype=auto times float32 against bf16 in every run, and runs compared bit for bit
+# could then take different ones on a loaded CPU
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=1", "--device=cpu", "--compile=false",
-        "--eval_pairs=8", "--learning_rate=1e-3"]
+        "--eval_pairs=8", "--learning_rate=1e-3", "--dtype=float32"]
 
 
 def write_jsonl(path, rows):

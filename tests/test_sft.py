@@ -18,8 +18,10 @@ from conftest import run_script
 from data.tasks.tasks import generate
 from model import GPT, GPTConfig, load_base_weights, load_lora_state_dict
 
+# dtype=float32: dtype=auto times float32 against bf16 in every run, and two runs compared bit for
+# bit could then take different ones on a loaded CPU
 TINY = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--device=cpu",
-        "--compile=false", "--eval_prompts=8", "--eval_max_new_tokens=8", "--learning_rate=3e-3"]
+        "--compile=false", "--eval_prompts=8", "--eval_max_new_tokens=8", "--learning_rate=3e-3", "--dtype=float32"]
 
 
 def write_jsonl(path, rows):

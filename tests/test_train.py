@@ -15,8 +15,10 @@ import common
 from conftest import ROOT, TEXT, run_script
 from model import GPT, GPTConfig
 
+# dtype=auto would time float32 against bf16 in every run, and two runs compared bit for bit
+# could then take different ones on a loaded CPU
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-        "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--device=cpu", "--compile=false"]
+        "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--device=cpu", "--compile=false", "--dtype=float32"]
 
 
 TEXT_FOR_BPE = TEXT * 3
