@@ -5,13 +5,18 @@ Benchmark: what the KV cache buys, and how fast the model trains, on a randomly 
     python bench.py                                  # CPU, fp32, 6 layers x 384, vocab 65
     python bench.py --device=cuda --dtype=bfloat16   # one GPU
     python bench.py --sections=decode --nocache=false --decode_lengths=128,512
+    python bench.py --sections=decode --nocache=false --split_linear=true  # the split-weight matmul, and without
     python bench.py --sections=profile               # where one decode step spends its time
     python bench.py --sections=quant                 # fp32 / bf16 / int8 / int4 decode, 6x384 and GPT-2 124M
     python bench.py --sections=qlora_memory          # peak RSS of full, LoRA, QLoRA int8 / int4 training steps
 
 Sections:
   decode   batch 1, a prompt_len-token prompt, N new greedy tokens: tokens/s with the cache and
-           without it (the whole context recomputed each step), the speedup, same tokens or not
+           without it (the whole context recomputed each step), the speedup, same tokens or not;
+           with split_linear also with autotune.split_linear's split-weight matmul on every weight
+           it fits, alternating with the plain model (split_tok_s, and split_vs_plain, the median
+           of plain / split times: above 1 the split path is faster), and what autotune's
+           measurement would keep for each weight shape
   hf       the same shape as transformers' GPT2LMHeadModel (random weights), its generate with its
            default cache against ours, greedy, alternating in one run: tokens/s and the median ratio
            (skipped with a message where transformers is not installed)
@@ -25,17 +30,16 @@ Sections:
   ppo      the same for one PPO iteration of ppo.py (as many completions, one per prompt)
   profile  a torch.profiler table of one decode step at position ~500
   quant    decode tokens/s, batch 1, N = quant_new_tokens, for each of quant_shapes in fp32, bf16
-           (model.to(bfloat16)), int8 and int4 (model.quantize over a quant_base model), and int8 / int4
-           with the LM head quantized as well (+head), the precisions alternated within every repeat;
-           the kernel each quantized matmul ran (model.QUANT_KERNELS)
+           (model.to(bfloat16)), int8 and int4 (quantize.quantize over a quant_base model), and int8 /
+           int4 with the LM head quantized as well (+head), the precisions alternated within every
+           repeat; the kernel each quantized matmul ran (quantize.QUANT_KERNELS)
   qlora_memory  peak resident memory (VmHWM) of memory_steps training steps at memory_shape: full
            fine-tune, LoRA on an fp32 base, on an int8 base, on an int4 base; each in a fresh process
            (section memory_one), so that no variant's peak is another's
 
 Timing: warm-up runs, then the median of `repeats` runs, synchronising the GPU around each; two
-paths compared side by side alternate, run after run. The fast paths model.py chose by measuring
-(model.LINEAR_PATHS) are printed at the end. Run it alone on the machine: it warns when other
-processes keep a core busy (measured over a second at the start).
+paths compared side by side alternate, run after run. Run it alone on the machine: it warns when
+other processes keep a core busy (measured over a second at the start).
 """
 
 import collections
@@ -43,16 +47,21 @@ import copy
 import gc
 import json as jsonlib
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 
+import autotune
+import bpe
 import common
+import quantize
+from configurator import configure
 from model import GPT, GPTConfig, KVCache
 
 # -----------------------------------------------------------------------------
@@ -74,6 +83,7 @@ bias = False
 prompt_len = 16  # tokens in the prompt
 decode_lengths = (128, 256, 512, 1000)  # new tokens (capped at block_size - prompt_len)
 nocache = True  # also time the uncached path (minutes on a CPU at N = 1000)
+split_linear = False  # also time the split-weight matmul (autotune.split_linear, on every weight it fits) beside plain
 # rolling cache
 rolling_window = 128  # sliding_window of the rolling-cache model (rope)
 rolling_sinks = 4  # its n_sink
@@ -110,7 +120,7 @@ memory_grad_checkpointing = False  # recompute each block in the backward pass (
 repeats = 3  # timed runs per figure (median); the uncached decode runs once
 device = "auto"
 dtype = "float32"  # float32 | bfloat16 | float16 (autocast)
-compile = False  # compile the decode step (model.compile_decode(), kept where faster) and the training step
+compile = False  # compile the decode step (autotune.compile_decode, kept where faster) and the training step
 threads = 0  # torch.set_num_threads (0 = torch's default)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -143,7 +153,7 @@ def build(**overrides):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**args)).to(dev).eval()
     if compile:
-        choice, eager_ms, compiled_ms = model.compile_decode()
+        choice, eager_ms, compiled_ms = autotune.compile_decode(model)
         print(f"compile_decode: eager step {eager_ms:.2f} ms, compiled {compiled_ms:.2f} ms: {choice}")
     return model
 
@@ -151,12 +161,26 @@ def build(**overrides):
 def bench_decode(model):
     rows = []
     prompt = torch.randint(0, vocab_size, (1, prompt_len), device=dev)
+    split = None
+    if split_linear:  # a copy whose every weight the threads divide takes the split-weight matmul
+        choices = autotune.split_linear(copy.deepcopy(model))
+        for (out_f, in_f, dt), path in choices.items():
+            print(f"split    {out_f}x{in_f} weight, 1 row, {str(dt).removeprefix('torch.')}, "
+                  f"{torch.get_num_threads()} threads: {path} (what autotune.split_linear measures here)")
+        split = copy.deepcopy(model)
+        autotune.split_linear(split, everywhere=True)
     for n in decode_lengths:
         n = min(n, block_size - prompt_len)
         out = {}
         with amp:
             t = timed(lambda: out.__setitem__("cache", model.generate(prompt, n, temperature=0)))
             row = {"n": n, "cache_tok_s": n / t}
+            if split is not None:  # alternating with the plain model, run after run
+                t_plain, t_split = alternate(lambda: model.generate(prompt, n, temperature=0),
+                                             lambda: out.__setitem__("split", split.generate(prompt, n, temperature=0)))
+                row.update(cache_tok_s=n / statistics.median(t_plain), split_tok_s=n / statistics.median(t_split),
+                           split_vs_plain=statistics.median(a / b for a, b in zip(t_plain, t_split)),
+                           split_same_tokens=bool(torch.equal(out["cache"], out["split"])))
             if nocache:
                 t = timed(lambda: out.__setitem__("nocache", model.generate(prompt, n, temperature=0, use_cache=False)), 1)
                 row.update(nocache_tok_s=n / t, speedup=row["cache_tok_s"] * t / n,
@@ -279,7 +303,7 @@ def bench_train():
 
         def step(precision):
             with common.autocast(device_type, precision):
-                _, loss = step_model(x, x)
+                loss = model.loss(step_model(x), x)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -305,7 +329,7 @@ def bench_prefill(model):
 
     def run():
         with torch.no_grad(), amp:
-            model(prompt, cache=KVCache(model.config, 1, n + 1), hidden=True)
+            model(prompt, cache=KVCache(model.config, 1, n + 1))
 
     row = {"n": n, "tok_s": n / timed(run)}
     print_row("prefill", row)
@@ -317,20 +341,13 @@ def bench_rl(script):
     the task prompts, timed by its own log: generation, scoring and update seconds per iteration,
     and rollout tokens/s, beside batched decode of the same number of rows. PPO samples one
     completion per prompt: it gets grpo_prompts x grpo_group prompts, the same number of rows."""
-    import json as json_module
-    import os
-    import subprocess
-    import tempfile
-
-    import bpe
-
     here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as tmp:
         tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
         cfg = GPTConfig(**{**model_args(), "vocab_size": 320, "block_size": 256})
         torch.manual_seed(seed)
         meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
-        common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": cfg.to_dict(), "meta": meta},
+        common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "meta": meta},
                                os.path.join(tmp, "base.pt"))
         tasks = os.path.join(tmp, "tasks")
         subprocess.run([sys.executable, os.path.join(here, "data", "tasks", "prepare.py"), f"--out_dir={tasks}",
@@ -347,7 +364,7 @@ def bench_rl(script):
             print(f"{script:8s} failed:\n{res.stderr[-2000:]}")
             return []
         with open(os.path.join(tmp, "out", "log.jsonl")) as f:
-            steps = [r for r in map(json_module.loads, f) if "gen_s" in r][1:]  # the first warms up
+            steps = [r for r in map(jsonlib.loads, f) if "gen_s" in r][1:]  # the first warms up
     rows_n = grpo_prompts * grpo_group
     prompt = torch.randint(0, vocab_size, (rows_n, prompt_len), device=dev)
     model = build(vocab_size=320)
@@ -366,8 +383,8 @@ def profile_decode(model):
     cache = KVCache(model.config, 1, 600)
     token = torch.zeros((1, 1), dtype=torch.long, device=dev)
     with torch.no_grad(), amp:
-        model(torch.zeros((1, 500), dtype=torch.long, device=dev), cache=cache, hidden=True)
-        step = lambda t: model.lm_head(model(token, pos=torch.full((1, 1), t, device=dev), cache=cache, hidden=True)[0][:, -1])
+        model(torch.zeros((1, 500), dtype=torch.long, device=dev), cache=cache)
+        step = lambda t: model.decode_step(token, torch.full((1, 1), t, device=dev), cache)  # noqa: E731
         for t in range(500, 510):
             step(t)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
@@ -406,13 +423,14 @@ def bench_quant():
                 models[p] = copy.deepcopy(reference).to(torch.bfloat16)
             elif p.removesuffix("+head") in ("int8", "int4"):
                 bits = int(p[3])
-                models[p] = copy.deepcopy(reference).to(base).quantize(bits, quant_group_size if bits == 4 else None,
-                                                                      quantize_head=p.endswith("+head"))
+                group = quant_group_size if bits == 4 else None
+                head = p.endswith("+head")
+                models[p] = quantize.quantize(copy.deepcopy(reference).to(base), bits, group, quantize_head=head)
             else:
                 sys.exit(f"config error: quant_precisions are fp32 | bf16 | int8 | int4 | int8+head | int4+head, got {p!r}")
         n = min(quant_new_tokens, block_size - prompt_len)
         prompt = torch.randint(0, shape["vocab_size"], (1, prompt_len), device=dev)
-        for m in models.values():  # warm up; the first decode step measures the paths (LINEAR_PATHS, QUANT_PATHS)
+        for m in models.values():  # warm up; the first decode step measures the paths (quantize.QUANT_PATHS)
             m.generate(prompt, 4, temperature=0)
         times = {p: [] for p in models}
         for _ in range(repeats):  # alternating: a machine that slows down mid-run slows every precision
@@ -427,7 +445,7 @@ def bench_quant():
             tok_s = n / statistics.median(times[p])
             row = {"shape": spec, "precision": p, "n": n, "tok_s": tok_s, "vs_fp32": tok_s / fp32 if fp32 else None,
                    "weight_mb": weight_bytes(m) / 2**20,
-                   "kernels": dict(collections.Counter(w.last_path for w in m.quantized_weights()))}
+                   "kernels": dict(collections.Counter(w.last_path for w in quantize.quantized_weights(m)))}
             rows.append(row)
             print_row("quant", row)
         del models, reference
@@ -452,7 +470,7 @@ def bench_memory_one(variant):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**args)).to(dev)
     if bits:
-        model.quantize(bits, quant_group_size if bits == 4 else None)
+        quantize.quantize(model, bits, quant_group_size if bits == 4 else None)
     model.grad_checkpointing = memory_grad_checkpointing
     gc.collect()
     built = vm_kb("VmRSS")
@@ -468,7 +486,7 @@ def bench_memory_one(variant):
     x = torch.randint(0, shape["vocab_size"], (memory_batch, memory_block), device=dev)
     for _ in range(memory_steps):
         with amp:
-            _, loss = model(x, x)
+            loss = model.loss(model(x), x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -537,8 +555,6 @@ def busy_cores(seconds=1.0):
 def machine():
     """What produced the figures: CPU model, torch version, threads; and a warning when another
     process is using the CPU (timings would be off)."""
-    import platform
-
     cpu = platform.processor() or "cpu"
     try:
         with open("/proc/cpuinfo") as f:
@@ -554,7 +570,7 @@ def machine():
 
 
 if __name__ == "__main__":
-    config = common.configure(globals())
+    config = configure(globals())
     if threads:
         torch.set_num_threads(threads)
     dev = common.pick_device(device)
@@ -597,11 +613,6 @@ if __name__ == "__main__":
         results["quant"] = bench_quant()
     if "qlora_memory" in wanted:
         results["qlora_memory"] = bench_qlora_memory()
-    import model as model_module
-
-    results["linear_paths"] = {str(k): v for k, v in model_module.LINEAR_PATHS.items()}
-    for (out_f, in_f, rows, dt, n), path in model_module.LINEAR_PATHS.items():
-        print(f"linear   {out_f}x{in_f} weight, {rows} row(s), {str(dt).removeprefix('torch.')}, {n} threads: {path} (measured)")
     if json:
         with open(json, "w") as f:
             jsonlib.dump(results, f, indent=2)

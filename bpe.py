@@ -19,11 +19,11 @@ second: ties are a convention, and ours is that the pair whose first occurrence 
 text wins, which is what Python's max over a dict of counts filled in text order picks.
 
 Four kinds of tokenizer share one interface (kind, n_vocab, special_tokens, pattern, merges,
-encode, encode_ordinary, decode, decode_bytes, special_id, state, save, save_hf):
+encode, encode_ordinary, decode, decode_bytes, special_id, state, save):
     byte   256 ids plus special tokens, no merges          byte_tokenizer(SPECIAL_TOKENS)
     bpe    trained here, encoded by tiktoken at its speed  train(text, 4096, "gpt4", SPECIAL_TOKENS)
     gpt2   OpenAI's GPT-2 ranks, fetched by tiktoken       gpt2_tokenizer(SPECIAL_TOKENS)
-    hf     the byte-level BPE of a Hugging Face folder     from_hf("path/to/gpt2")
+    hf     the byte-level BPE of a Hugging Face folder     convert.tokenizer_from_hf("path/to/gpt2")
            (GPT-2's vocab.json + merges.txt, or a tokenizer.json), kept as its ranks: its ids are
            the folder's, and GPT-2's first 256 are not the byte values
 
@@ -40,10 +40,13 @@ The .tokenizer file is what load() reads; the .vocab twin next to it is for peop
 import heapq
 import json
 import os
+import time
 from collections import Counter, defaultdict
 
 import regex
 import tiktoken
+
+from configurator import configure
 
 # The split patterns of GPT-2 (as in its encoder.py) and of GPT-4 (cl100k). GPT-4's keeps letters
 # apart from digits, caps numbers at 3 digits, lets a word take one leading punctuation mark
@@ -59,7 +62,7 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 FORMAT = "bpe-tokenizer v1"  # first line of a saved tokenizer, and state()["format"]
-KINDS = ("byte", "bpe", "gpt2")  # what get_tokenizer (and so a prepare script) builds; from_hf reads "hf"
+KINDS = ("byte", "bpe", "gpt2")  # what get_tokenizer (and so a prepare script) builds; convert.py reads "hf"
 
 
 def resolve_pattern(pattern):
@@ -274,7 +277,7 @@ class Tokenizer:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"special token names must be non-empty strings, got {name!r}")
             vocab.append(name.encode("utf-8"))
-        self._vocab = vocab  # id -> bytes
+        self.vocab = vocab  # id -> bytes
         self.n_vocab = len(vocab)
         self._enc = tiktoken.Encoding(
             f"{kind}{self.n_vocab}",
@@ -288,7 +291,7 @@ class Tokenizer:
         folder's GPT-2 and tiktoken's gpt2 are one tokenizer): the same bytes behind every id, the
         same special tokens, and the same ids for a set of probe texts, which catches two split
         patterns that differ (patterns may be spelled differently and still split alike)."""
-        if self._vocab != other._vocab or self.special_tokens != other.special_tokens:
+        if self.vocab != other.vocab or self.special_tokens != other.special_tokens:
             return False
         return all(self.encode_ordinary(t) == other.encode_ordinary(t) for t in _PROBES)
 
@@ -349,7 +352,7 @@ class Tokenizer:
             bad = next(int(i) for i in ids if not 0 <= i < self.n_vocab)
             raise ValueError(f"token id {bad} is outside the vocabulary 0..{self.n_vocab - 1} "
                              f"of this {self.kind} tokenizer")
-        vocab = self._vocab
+        vocab = self.vocab
         return b"".join([vocab[i] for i in ids])
 
     def decode(self, ids):
@@ -405,7 +408,7 @@ class Tokenizer:
             "special_tokens": dict(self.special_tokens),
         }
         if self.kind == "hf":  # every ordinary token in id order, spelled as GPT-2's files spell it
-            state["ranks"] = [spell(token) for token in self._vocab[: self.n_vocab - len(self.special_tokens)]]
+            state["ranks"] = [spell(token) for token in self.vocab[: self.n_vocab - len(self.special_tokens)]]
         return state
 
     @classmethod
@@ -467,59 +470,14 @@ class Tokenizer:
             f.write(f"# {self!r}, saved as {os.path.basename(path)}\n")
             f.write("# id [token bytes as text] <- the pair it was merged from\n")
             specials = {i: name for name, i in self.special_tokens.items()}
-            for i, token in enumerate(self._vocab):
+            for i, token in enumerate(self.vocab):
                 line = f"{i} [{render_bytes(token)}]"
                 if i in specials:
                     line += " special"
                 elif self.merges and i >= 256:
                     a, b = self.merges[i - 256]
-                    line += f" <- {a} [{render_bytes(self._vocab[a])}] + {b} [{render_bytes(self._vocab[b])}]"
+                    line += f" <- {a} [{render_bytes(self.vocab[a])}] + {b} [{render_bytes(self.vocab[b])}]"
                 f.write(line + "\n")
-
-    def save_hf(self, folder, model_max_length=None):
-        """Write tokenizer.json and tokenizer_config.json into folder: transformers' AutoTokenizer
-        (a PreTrainedTokenizerFast) reads them as this tokenizer, with the same ids, and, where the
-        chat tokens exist, with our chat template (apply_chat_template gives render_prompt's ids).
-        The file lists merges: a gpt2 or hf tokenizer's are recovered from its ranks. Raises
-        ValueError where there are none to recover, or two ids spell the same bytes (the file maps
-        each spelling to one id)."""
-        n_base = self.n_vocab - len(self.special_tokens)
-        ordinary = self._vocab[:n_base]
-        if len(set(ordinary)) != n_base:
-            raise ValueError(f"this {self.kind} tokenizer has ids that spell the same bytes, which "
-                             "tokenizer.json cannot express")
-        merges = self.merges if self.merges is not None else merges_from_ranks(ordinary)
-        specials = sorted(self.special_tokens.items(), key=lambda item: item[1])
-        spec = {
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for name, i in specials],
-            "normalizer": None,
-            # split by our regex, then spell each chunk's bytes as characters, as GPT-2's files do
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": replace_dollar(self.pattern or GPT4_PATTERN, r"\z")},
-                 "behavior": "Isolated", "invert": False},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-            "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            # ignore_merges: a chunk that is one token is that token, as tiktoken encodes it
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                      "vocab": {spell(token): i for i, token in enumerate(ordinary)},
-                      "merges": [[spell(ordinary[a]), spell(ordinary[b])] for a, b in merges]},
-        }
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-        if model_max_length is not None:
-            config["model_max_length"] = model_max_length
-        if "<|endoftext|>" in self.special_tokens:
-            config.update(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-        if set(SPECIAL_TOKENS) <= set(self.special_tokens):
-            config["chat_template"] = CHAT_TEMPLATE
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
-            json.dump(spec, f, ensure_ascii=False)
-        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
 
     @classmethod
     def load(cls, path):
@@ -575,6 +533,12 @@ class Tokenizer:
         return cls.from_state(state, source=path)
 
 
+def has_chat_template(tok):
+    """Whether tok can render a conversation for a reply (render_prompt with the <|user|>,
+    <|assistant|> and <|end|> tokens), as a fine-tuned model's tokenizer does."""
+    return hasattr(tok, "render_prompt") and {"<|user|>", "<|assistant|>", "<|end|>"} <= set(tok.special_tokens)
+
+
 def vocab_path(path):
     """The human-readable twin of a saved tokenizer."""
     return os.path.splitext(path)[0] + ".vocab"
@@ -607,7 +571,7 @@ def gpt2_tokenizer(special_tokens=()):
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face tokenizer files: GPT-2's vocab.json + merges.txt, tokenizer.json
+# how GPT-2's files spell bytes (an hf tokenizer's state spells its tokens so; convert.py reads and writes the files)
 
 
 def _gpt2_byte_chars():
@@ -641,150 +605,6 @@ def unspell(s):
         return bytes(CHAR_BYTES[c] for c in s)
     except KeyError as e:
         raise ValueError(f"{s!r} is not a byte-level token: {e.args[0]!r} spells no byte") from None
-
-
-def merges_from_ranks(vocab):
-    """The merges that ranks imply: the token of rank r is made from the two pieces that BPE,
-    allowed only tokens ranked below r, leaves of its bytes (how GPT-2's merges.txt and its
-    tiktoken ranks correspond). vocab: token bytes in rank order -> [(id, id)] in rank order.
-    Raises ValueError for a token that no two lower-ranked tokens make."""
-    rank = {token: r for r, token in enumerate(vocab)}
-    merges = []
-    for r, token in enumerate(vocab):
-        if len(token) == 1:
-            continue
-        parts = [token[i : i + 1] for i in range(len(token))]
-        while len(parts) > 2:
-            j = min(range(len(parts) - 1), key=lambda j: rank.get(parts[j] + parts[j + 1], r))
-            if rank.get(parts[j] + parts[j + 1], r) >= r:
-                break
-            parts[j : j + 2] = [parts[j] + parts[j + 1]]
-        if len(parts) != 2 or rank.get(parts[0], r) >= r or rank.get(parts[1], r) >= r:
-            raise ValueError(f"token {r} ({render_bytes(token)!r}) is not the merge of two tokens ranked below it")
-        merges.append((rank[parts[0]], rank[parts[1]]))
-    return merges
-
-
-def replace_dollar(pattern, anchor):
-    r"""pattern with each $ anchor (not escaped, not inside [...]) replaced by anchor. transformers
-    splits with Oniguruma's Ruby syntax, where $ matches at the end of every line; tiktoken and
-    the regex package match it only at the end of the text, which all three spell \z. So
-    "a \n" splits by \s+$ into "a", " ", "\n" there and "a", " \n" here (at |\s*[\r\n])."""
-    out, i, depth = [], 0, 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            out.append(pattern[i : i + 2])
-            i += 2
-            continue
-        if c == "[":
-            depth += 1
-        elif c == "]" and depth:
-            depth -= 1
-        elif c == "$" and not depth:
-            c = anchor
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
-# our chat template (Tokenizer.render_prompt) in the Jinja of transformers' apply_chat_template
-CHAT_TEMPLATE = ("<|endoftext|>{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
-                 "+ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def from_hf(folder):
-    """The tokenizer of a Hugging Face model folder, if it is a byte-level BPE (GPT-2's, or a
-    tokenizer.json such as Llama 3's), as a Tokenizer of kind hf with the folder's ids: its
-    tokenizer.json, else GPT-2's vocab.json + merges.txt (with GPT-2's split pattern).
-
-    tiktoken merges the adjacent pair whose joined bytes have the lowest rank, which is the id;
-    the files list merges in priority order. The two agree when each merge makes a token of a
-    higher id than the merge before it, which is checked. A vocab token that no merge makes
-    (GPT-2's <|endoftext|>) can only be a special token, and is one. Raises ValueError naming the
-    file and what does not map (a normaliser, byte fallback, a word-piece prefix ...)."""
-    path = os.path.join(folder, "tokenizer.json")
-
-    def refuse(what):
-        raise ValueError(f"{path}: {what}")
-
-    def read_json(p):
-        try:
-            with open(p, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {p}: {e}") from None
-
-    if os.path.isfile(path):
-        spec = read_json(path)
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE":
-            refuse(f"model.type={model.get('type')!r}: expected a byte-level BPE")
-        for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-            if model.get(key):
-                refuse(f"model.{key}={model[key]!r}: not part of a byte-level BPE")
-        if spec.get("normalizer") is not None:
-            refuse(f"normalizer={spec['normalizer'].get('type')!r}: text is encoded here as it is, not normalised")
-        pre = spec.get("pre_tokenizer") or {}
-        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-        split, byte_level = (steps[0], steps[-1]) if len(steps) == 2 else (None, steps[-1] if steps else {})
-        if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space"):
-            refuse(f"pre_tokenizer={pre.get('type')!r}: expected ByteLevel without add_prefix_space")
-        if split is None and byte_level.get("use_regex", True):
-            pattern = GPT2_PATTERN  # ByteLevel splits with GPT-2's regex itself
-        elif (split is not None and split.get("type") == "Split" and "Regex" in (split.get("pattern") or {})
-              and split.get("behavior") == "Isolated" and not split.get("invert") and not byte_level.get("use_regex")):
-            pattern = replace_dollar(split["pattern"]["Regex"], r"(?=\n|\z)")  # Oniguruma's end of a line
-        else:
-            refuse("pre_tokenizer: expected ByteLevel, or a Split by a regex (Isolated) then ByteLevel without one")
-        vocab, merges, added = model["vocab"], model["merges"], spec.get("added_tokens") or []
-    else:
-        path = os.path.join(folder, "vocab.json")
-        if not os.path.isfile(path) or not os.path.isfile(os.path.join(folder, "merges.txt")):
-            raise ValueError(f"{folder}: no tokenizer.json, nor vocab.json and merges.txt")
-        vocab, pattern = read_json(path), GPT2_PATTERN
-        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
-            merges = [line for line in f.read().splitlines() if line and not line.startswith("#version")]
-        config_path = os.path.join(folder, "tokenizer_config.json")
-        decoder = read_json(config_path).get("added_tokens_decoder", {}) if os.path.isfile(config_path) else {}
-        added = [dict(t, id=int(i)) for i, t in decoder.items()]
-    try:
-        pattern = resolve_pattern(pattern)
-        token = {i: unspell(s) for s, i in vocab.items()}
-        merges = [tuple(unspell(p) for p in (m.split(" ") if isinstance(m, str) else m)) for m in merges]
-    except ValueError as e:
-        refuse(e)
-    ids = {t: i for i, t in token.items()}
-
-    specials = {}
-    for t in added:
-        if t.get("special"):
-            specials[t["content"]] = t["id"]
-        elif token.get(t["id"]) != t["content"].encode("utf-8"):
-            refuse(f"added token {t['content']!r} (id {t['id']}) is not special: transformers splits the text on "
-                   "it before BPE, which tiktoken cannot do")
-    made, last = set(), -1
-    for n, pair in enumerate(merges):
-        joined = b"".join(pair)
-        if len(pair) != 2 or any(p not in ids for p in pair) or joined not in ids:
-            refuse(f"merge {n} {[spell(p) for p in pair]} uses or makes a token that is not in the vocab")
-        if ids[joined] <= last:
-            refuse(f"merge {n} makes id {ids[joined]}, not above the id {last} that merge {n - 1} makes: "
-                   "merge priority and rank would differ")
-        made.add(joined)
-        last = ids[joined]
-    if any(bytes([b]) not in ids for b in range(256)):
-        refuse("not byte-level: some of the 256 single bytes are not in the vocab")
-    special_ids = set(specials.values())
-    for i, t in token.items():
-        if len(t) > 1 and t not in made and i not in special_ids:
-            specials[t.decode("utf-8", errors="replace")] = i  # no merge makes it: only a special token can be it
-            special_ids.add(i)
-    ranks = {t: i for i, t in token.items() if i not in special_ids}
-    try:
-        return Tokenizer("hf", pattern=pattern, ranks=ranks, special_tokens=specials)
-    except ValueError as e:
-        refuse(e)
 
 
 def get_tokenizer(kind, text="", vocab_size=4096, pattern="gpt4", special_tokens=SPECIAL_TOKENS):
@@ -866,13 +686,49 @@ def load_from_meta(meta_path):
 
 
 # -----------------------------------------------------------------------------
+# the tokenizer a checkpoint carries: its meta, a dataset's meta.json with the tokenizer's state in it
+
+
+def dataset_meta(data_dir):
+    """A dataset's meta.json, with its tokenizer's complete state folded in, so that a checkpoint
+    carrying the meta can rebuild the tokenizer without the data folder (tokenizer_from_meta)."""
+    path = os.path.join(data_dir, "meta.json")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["tokenizer_state"] = load_from_meta(path).state()
+    return meta
+
+
+def tokenizer_from_meta(meta):
+    """The tokenizer a checkpoint's meta carries."""
+    return Tokenizer.from_state(meta["tokenizer_state"])
+
+
+def describe_tokenizer(meta):
+    state = meta.get("tokenizer_state") or {}
+    merges = state.get("merges")
+    size = f", {len(merges)} merges" if merges else ""
+    return f"{meta.get('tokenizer', state.get('kind', '?'))} ({meta.get('n_vocab', '?')} ids{size})"
+
+
+def check_same_tokenizer(meta_a, name_a, meta_b, name_b):
+    """Two models, or a model and a dataset, must map text to the same ids: compare the tokenizers
+    their metas carry. Raises ValueError naming both when they differ."""
+    if meta_a.get("tokenizer_state") == meta_b.get("tokenizer_state"):
+        return
+    try:  # states of different kinds may still describe one tokenizer (gpt2 and an hf GPT-2)
+        same = tokenizer_from_meta(meta_a).same_ids_as(tokenizer_from_meta(meta_b))
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        same = False
+    if not same:
+        raise ValueError(f"{name_a} uses the {describe_tokenizer(meta_a)} tokenizer but {name_b} uses the "
+                         f"{describe_tokenizer(meta_b)} tokenizer: the ids mean different things")
+
+
+# -----------------------------------------------------------------------------
 # command line: train on a file, save, and report speed and compression
 
 if __name__ == "__main__":
-    import time
-
-    from common import configure
-
     # I/O
     input = ""  # a UTF-8 text file to train on
     out = ""  # where to save the tokenizer (its .vocab twin goes next to it); empty: do not save

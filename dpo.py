@@ -62,7 +62,6 @@ not falling far (nll with sft_coef > 0):
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 
@@ -70,6 +69,9 @@ import torch
 
 import common
 import losses
+import posttrain
+from configurator import configure
+from conversations import pair_batch, preference_splits
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -132,7 +134,7 @@ dtype = "auto"  # auto | float32 | bfloat16 | float16
 compile = True  # torch.compile the model (skipped on CPU and MPS)
 seed = 1337
 # -----------------------------------------------------------------------------
-config = common.configure(globals())
+config = configure(globals())
 # -----------------------------------------------------------------------------
 
 if loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
@@ -154,56 +156,39 @@ master = ddp.master
 # the policy to start from, its reference, the pairs and the task prompts
 
 # the reference is the starting policy; a resumed run, or a DPO checkpoint being measured, names its own
-ckpt, ckpt_path, resumed, tok, reference_path = common.post_training_start(init_from, out_dir, eval_only)
+ckpt, ckpt_path, resumed, tok, reference_path = posttrain.post_training_start(init_from, out_dir, eval_only, master)
 meta = ckpt["meta"]
 block_size = ckpt["model_args"]["block_size"]
 pad_id = tok.special_id("<|endoftext|>")
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
-if build_pairs:  # the master builds what is missing, the others wait for it
-    for folder in preference_dataset:
-        path = folder if os.path.isabs(folder) else os.path.join(ROOT, "data", folder)
-        if master and not all(os.path.isfile(os.path.join(path, f"{s}.jsonl")) for s in ("train", "val")):
-            command = [sys.executable, os.path.join(ROOT, "data", "preferences", "prepare.py"),
-                       *shlex.split(build_pairs), f"--out_dir={path}"]
-            print(f"{path} is missing: building it with python data/preferences/prepare.py {build_pairs} "
-                  f"--out_dir={path}", flush=True)
-            if subprocess.run(command).returncode != 0:
-                sys.exit(f"build_pairs: could not build {path}; see the message above")
-    ddp.barrier()
+folders = [common.data_dir(f) for f in preference_dataset]
+for folder in folders:  # the master builds what is missing (build_pairs), the others wait for it
+    build = ["data/preferences/prepare.py", *shlex.split(build_pairs), f"--out_dir={folder}"] if build_pairs else None
+    common.prepare_missing(folder, ("train.jsonl", "val.jsonl"), ddp, build,
+                           "make the pairs with data/preferences/prepare.py, or set build_pairs")
 try:
     # inputs are a conversation's tokens but its last: block_size + 1 tokens fit
-    train_pairs, val_pairs = common.preference_splits(preference_dataset, tok, block_size + 1, eval_pairs,
-                                                      train=not eval_only, verbose=master)
-    # the task prompts: val.jsonl is the dev split of the evals during training, test.jsonl (when
-    # there is one) the test split answered once at the end
-    data_dir = prompt_dataset if os.path.isabs(prompt_dataset) else os.path.join(ROOT, "data", prompt_dataset)
-    prompts = {}
-    for split, name, n in (("dev", "val", eval_prompts), ("test", "test", test_prompts)):
-        path = os.path.join(data_dir, f"{name}.jsonl")
-        rows = common.read_conversations(path)[0] if prompt_dataset and (split == "dev" or os.path.isfile(path)) else []
-        prompts[split] = common.held_out_prompts(rows, n, tok)
-        prompts["pass_" + split] = common.held_out_prompts(common.cell_rows(rows, rl_tasks) if rows else [],
-                                                           pass_k_prompts, tok)
+    train_pairs, val_pairs = preference_splits(folders, tok, block_size + 1, eval_pairs, train=not eval_only,
+                                               verbose=master)
 except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"data error: {e}" + ("; make the pairs with data/preferences/prepare.py, or set build_pairs"
-                                   if isinstance(e, FileNotFoundError) else ""))
+    sys.exit(f"data error: {e}")
 if not eval_only and not train_pairs:
     sys.exit("data error: no training pairs left")
-stream = common.EpochStream(len(train_pairs), seed, batch_size, grad_accum, ddp,  # uniform: cells evenly
-                            cells=[common.cell_key(row) for _, _, row in train_pairs] if rl_cell_weights == "uniform" else None)
+# the task prompts: val.jsonl is the dev split of the evals during training, test.jsonl (when there
+# is one) the test split answered once at the end
+prompts = posttrain.rl_prompts(prompt_dataset, rl_tasks, tok, ddp, eval_prompts, pass_k_prompts, test_prompts)
+# rl_cell_weights=uniform: each cell as often as the others
+cells = [posttrain.cell_key(row) for _, _, row in train_pairs] if rl_cell_weights == "uniform" else None
+stream = posttrain.EpochStream(len(train_pairs), seed, batch_size, grad_accum, ddp, cells=cells)
 
-train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
-    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args, quantize=quantize,
-                                         quant_group_size=quant_group_size, trains=not eval_only)
-    reference = common.Reference(model, reference_path, ddp.device)  # with LoRA: the policy, adapters off
+    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else common.training_args(config),
+                                         quantize=quantize, quant_group_size=quant_group_size, trains=not eval_only)
+    reference = posttrain.Reference(model, reference_path, ddp.device)  # with LoRA: the policy, adapters off
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 if master:
-    print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}; "
-          f"reference: {reference}"
-          f"{', precomputed' if precompute_ref else ', live'}")
+    print(f"reference: {reference}{', precomputed' if precompute_ref else ', live'}")
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
                                                               dynamic=True, ctx=ctx)
@@ -216,7 +201,7 @@ def reply_batch(pairs):
     """pairs -> inputs (2B, T - 1), the chosen conversations first, then the rejected; targets
     (2B, T - 1), the next token where it is a reply token (the reply's <|end|> included) and -1 on
     the prompt and the padding, so that they carry no log-prob; n (2B,) the reply tokens per row."""
-    idx, mask, _ = common.pair_batch(pairs, pad_id, ddp.device)
+    idx, mask, _ = pair_batch(pairs, pad_id, ddp.device)
     targets = idx[:, 1:].masked_fill(~mask[:, 1:], -1)
     return idx[:, :-1], targets, mask[:, 1:].sum(1)
 
@@ -238,7 +223,8 @@ def policy_logps(pairs):
     """(N, 2) under the policy, in eval mode (as the reference is scored)."""
     raw_model.eval()
     try:
-        return reply_logps(lambda inputs, targets: raw_model.logprobs(inputs, targets, vocab_limit=tok.n_vocab), pairs)
+        return reply_logps(lambda inputs, targets: raw_model.logprobs(raw_model(inputs), targets,
+                                                                      vocab_limit=tok.n_vocab)[0], pairs)
     finally:
         raw_model.train()
 
@@ -270,15 +256,15 @@ def checkpoint():
 
 def save_best():
     common.save_weights(os.path.join(out_dir, "best.pt"), ddp, raw_model, iter_num=loop.iter_num,
-                        best_val_loss=loop.best_val_loss, config=config, meta=meta, stage="dpo",
+                        best_metric=loop.best_metric, config=config, meta=meta, stage="dpo",
                         reference=reference_path)
 
 
 loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best,
-                   metric="err_rl" if prompts["dev"] else "val loss")
+                   metric="err_rl" if prompts["dev"] else "val_loss")
 ckpt = None  # free it
-if master and not (resumed or eval_only):
-    open(os.path.join(out_dir, "samples.txt"), "w").close()
+evals = posttrain.Evals(tok, ctx, eval_batch_size, eval_max_new_tokens, pass_k_samples, eval_show, rl_tasks, seed,
+                        out_dir)
 
 # -----------------------------------------------------------------------------
 # evaluation: the implicit reward on held-out pairs, the greedy answers on the task prompts
@@ -324,8 +310,8 @@ while True:
         t_eval = time.time()
         pair_eval = evaluate_pairs()
         loop.log("eval", **pair_eval, lr=lr, s=time.time() - t_eval)
-        answer_eval = common.evaluate_rl(loop, raw_model, prompts["dev"], prompts["pass_dev"], tok, ctx, config,
-                                         evaluated=False)
+        answer_eval = posttrain.evaluate_rl(loop, raw_model, prompts["dev"], prompts["pass_dev"], evals,
+                                            evaluated=False)
         # best.pt follows the greedy answers; with no task prompts to answer, the held-out pairs' loss
         loop.evaluated(answer_eval.get("err_rl", pair_eval.get("val_loss", math.inf)))
     if loop.done():
@@ -342,8 +328,8 @@ while True:
         if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with ctx:
-            x, _ = model(inputs, hidden=True)  # chosen and rejected in one forward
-            logp = raw_model.head_logprobs(x, targets, vocab_limit=tok.n_vocab)[0].sum(1)  # (2B,) reply tokens only
+            x = model(inputs)  # chosen and rejected in one forward
+            logp = raw_model.logprobs(x, targets, vocab_limit=tok.n_vocab)[0].sum(1)  # (2B,) reply tokens only
             policy = logp.view(2, B).t()  # (B, 2): chosen, rejected
             loss, r_c, r_r = losses.dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta, loss_type,
                                              label_smoothing, n[:B], n[B:])  # <- the preference loss, per pair
@@ -370,5 +356,5 @@ while True:
     if loop.step_done(total, tokens=n_tokens, flops=flops, **dict(zip(names, values)), grad_norm=grad_norm, lr=lr):
         break
 
-common.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], tok, ctx, config, rl_tasks)
+posttrain.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], evals)
 loop.close(raw_model)

@@ -55,6 +55,8 @@ import torch
 
 import common
 import losses
+import posttrain
+from configurator import configure
 from data.tasks.tasks import exact_match
 
 # -----------------------------------------------------------------------------
@@ -128,7 +130,7 @@ dtype = "auto"  # auto | float32 | bfloat16 | float16
 compile = True  # torch.compile the model (skipped on CPU and MPS)
 seed = 1337
 # -----------------------------------------------------------------------------
-config = common.configure(globals())
+config = configure(globals())
 # -----------------------------------------------------------------------------
 
 if scale_rewards not in ("group", "batch", "none") or loss_type not in ("grpo", "dapo", "dr_grpo"):
@@ -150,28 +152,28 @@ master = ddp.master
 # -----------------------------------------------------------------------------
 # the policy to start from, its tokenizer, and the prompts
 
-ckpt, ckpt_path, resumed, tok, reference_path = common.post_training_start(init_from, out_dir, eval_only)
+ckpt, ckpt_path, resumed, tok, reference_path = posttrain.post_training_start(init_from, out_dir, eval_only, master)
 meta = ckpt["meta"]
-prompts = common.rl_prompts(config, tok, ckpt["model_args"]["block_size"], ddp)  # train, dev and test splits
+prompts = posttrain.rl_prompts(prompt_dataset, rl_tasks, tok, ddp, eval_prompts, pass_k_prompts, test_prompts,
+                               ckpt["model_args"]["block_size"], max_new_tokens)  # train, dev and test splits
 train_examples = prompts["train"]
-stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp,  # uniform: cells evenly
-                            cells=[common.cell_key(ex) for ex in train_examples] if rl_cell_weights == "uniform" else None)
+# rl_cell_weights=uniform: each cell as often as the others
+cells = [posttrain.cell_key(ex) for ex in train_examples] if rl_cell_weights == "uniform" else None
+stream = posttrain.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp, cells=cells)
 
 # -----------------------------------------------------------------------------
 # the policy, its reference, the reward
 
-train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
-    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args, quantize=quantize,
-                                         quant_group_size=quant_group_size, trains=not eval_only)
+    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else common.training_args(config),
+                                         quantize=quantize, quant_group_size=quant_group_size, trains=not eval_only)
     # with LoRA the reference is the policy, adapters off; with kl_coef 0 there is none
-    reference = common.Reference(model, reference_path, ddp.device) if kl_coef > 0 else None
-    rewarder = common.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty)
+    reference = posttrain.Reference(model, reference_path, ddp.device) if kl_coef > 0 else None
+    rewarder = posttrain.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 if master:
-    print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}; "
-          f"reference: {reference or 'none (kl_coef 0)'}")
+    print(f"reference: {reference or 'none (kl_coef 0)'}")
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
                                                               dynamic=True, ctx=ctx)
@@ -184,13 +186,13 @@ def checkpoint():
 
 def save_best():
     common.save_weights(os.path.join(out_dir, "best.pt"), ddp, raw_model, iter_num=loop.iter_num,
-                        best_val_loss=loop.best_val_loss, config=config, meta=meta, stage="grpo")
+                        best_metric=loop.best_metric, config=config, meta=meta, stage="grpo")
 
 
 loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best, metric="err_rl")
 ckpt = None  # free it
-if master and not (resumed or eval_only):
-    open(os.path.join(out_dir, "samples.txt"), "w").close()
+evals = posttrain.Evals(tok, ctx, eval_batch_size, eval_max_new_tokens, pass_k_samples, eval_show, rl_tasks, seed,
+                        out_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -200,17 +202,17 @@ N = prompts_per_iter * group_size  # completions per iteration per process
 while True:
     lr = loop.lr(optimizer)
     if loop.eval_due():  # dev split: greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
-        common.evaluate_rl(loop, raw_model, prompts["dev"], prompts["pass_dev"], tok, ctx, config)
+        posttrain.evaluate_rl(loop, raw_model, prompts["dev"], prompts["pass_dev"], evals)
     if loop.done():
         break
 
     # ---- rollout: P prompts x G samples in one batched generate ------------------------------
     # examples[i] is the task of row i: row p * G + s is sample s of prompt p
-    (examples, out), t_gen = common.timed(common.rollout, raw_model, train_examples, stream, loop.iter_num, ddp,
-                                          ctx, tok, config, group_size)
+    (examples, out), t_gen = posttrain.timed(posttrain.rollout, raw_model, train_examples, stream, loop.iter_num, ddp,
+                                             ctx, tok, group_size, max_new_tokens, temperature, top_k, top_p, seed)
 
     # ---- rewards and group-relative advantages ------------------------------------------------
-    (rewards, reward_parts, texts), t_score = common.timed(rewarder, examples, out)
+    (rewards, reward_parts, texts), t_score = posttrain.timed(rewarder, examples, out)
     # scale_rewards=batch divides by the std of the whole batch: every process's rewards, not this one's
     batch_std = None
     if scale_rewards == "batch" and ddp.enabled:
@@ -229,7 +231,7 @@ while True:
     old_logp = None
     if not reuse_old:
         with torch.no_grad(), ctx:
-            old_logp = raw_model.logprobs(inputs, targets, pos, temperature, tok.n_vocab)
+            old_logp = raw_model.logprobs(raw_model(inputs, pos), targets, temperature, tok.n_vocab)[0]
     with ctx:
         ref_logp = reference.logprobs(inputs, targets, pos, temperature, tok.n_vocab) if reference else None
 
@@ -237,7 +239,7 @@ while True:
     clipped_n = kl_sum = ent_sum = tokens_seen = 0.0
     loss_sum, steps, grad_norm = torch.zeros((), device=ddp.device), 0, torch.zeros(())
     for epoch in range(grpo_iterations):  # each pass cuts the batch into other minibatches
-        for mb in common.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device):
+        for mb in posttrain.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device):
             m = mask[mb]
             # the totals of this step over every process: DDP averages the gradients, hence the means.
             # Dr. GRPO divides by every sampled row, left-out truncated ones too: a constant
@@ -247,9 +249,9 @@ while True:
             if n_tokens == 0:
                 continue  # nothing to learn from: every completion left out
             with ctx:
-                x, _ = model(inputs[mb], pos=pos[mb], hidden=True)
+                x = model(inputs[mb], pos[mb])
                 # the entropy is only logged here, so it is computed without a graph
-                logp, entropy = raw_model.head_logprobs(x, targets[mb], temperature, tok.n_vocab, entropy="log")
+                logp, entropy = raw_model.logprobs(x, targets[mb], temperature, tok.n_vocab, entropy="log")
                 old = logp.detach() if reuse_old else old_logp[mb]
                 per_token, clipped = losses.clipped_surrogate(logp, old, advantages[mb], clip_eps, clip_eps_high)
                 if ref_logp is not None:
@@ -272,12 +274,12 @@ while True:
     tokens_seen = max(tokens_seen, 1.0)
     if loop.step_done(loss_sum / max(steps, 1), tokens=n_gen, lr=lr, reward=rewards.mean(), reward_std=rewards.std(),
                       **reward_parts, em=sum(exact_match(ex, t) for ex, t in zip(examples, texts)) / N,
-                      work=common.worked_share(examples, texts),
+                      work=posttrain.worked_share(examples, texts),
                       kl=kl_sum / tokens_seen if ref_logp is not None else None, clip=clipped_n / tokens_seen,
                       entropy=ent_sum / tokens_seen, len=n_gen / N, zero_std=zero_std.float().mean(),
                       truncated=out.truncated.float().mean(), grad_norm=grad_norm, gen_s=t_gen, score_s=t_score,
                       update_s=t_update, rollout_tok_s=n_gen / max(t_gen, 1e-9)):
         break
 
-common.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], tok, ctx, config, rl_tasks)
+posttrain.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], evals)
 loop.close(raw_model)

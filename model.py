@@ -12,18 +12,22 @@ The one GPT of this repository: a decoder-only transformer whose variants are sw
     low-rank adapters     lora_rank > 0 trains LoRA adapters on the layers in lora_targets
     scalar head           scalar_head adds a linear head to one number per position (reward, value)
 
-Every stage imports it: train.py and sft.py call forward(idx, targets); sample.py and the RL stages
-call generate() with a pre-allocated KV cache; reward modelling and PPO read per-token log-probs
-(logprobs) and the final hidden states (forward(..., hidden=True)) for a scalar head.
+One forward, several heads. forward(idx, pos, cache) gives the final hidden states (B, T, n_embd)
+after the last norm, and the heads read them: logits(x), loss(x, targets) (the mean cross-entropy),
+logprobs(x, targets, temperature) (per token, for the RL stages) and scores(x) (the scalar head).
+A stage calls its module, compiled or wrapped for DDP, for the hidden states, and the plain model
+for the head it means:
+
+    x = model(idx)                        # (B, T, n_embd)
+    loss = raw_model.loss(x, targets)     # pretraining, SFT
+    logp, _ = raw_model.logprobs(x, targets, temperature)   # GRPO, PPO, DPO
+
+generate() and complete() sample with a KV cache allocated once (prefill, then decode_step).
 
 LoRA. With lora_rank = r > 0 the linear layers named in lora_targets learn a low-rank update
 W + (alpha/r) B A next to their frozen weight, and every other parameter is frozen. Base
 checkpoints load unchanged (load_base_weights), adapters save and load on their own
 (lora_state_dict, load_lora_state_dict), and merge_lora folds them into the weights.
-
-Weights from elsewhere. from_nanogpt reads a nanoGPT checkpoint; from_hf a Hugging Face folder
-of GPT2LMHeadModel or LlamaForCausalLM (config.json + model.safetensors), and save_hf writes one
-that transformers loads. What the other side cannot compute exactly is refused by name.
 
 Positions. Every forward takes, optionally, `pos` (B, T): the position of each token in its own
 sequence. A left-padded batch of prompts has negative positions on its padding; such columns are
@@ -42,13 +46,15 @@ Positions stay absolute, sinks included: a query at position 10,000 sees sink 0 
 positions inside the cache so that distances stay within what training saw; we keep the rule
 above so that the rolling cache computes exactly what a full forward under the same mask
 computes, at any length (tested at 16 x block_size), and leave renumbering to a future switch.
+
+Beside this file, and unknown to it: quantize.py stores a Linear's weight in 8 or 4 bits (a weight
+that is a module multiplies by itself, see linear), convert.py reads and writes nanoGPT and Hugging
+Face checkpoints, autotune.py times what decodes fastest on this machine.
 """
 
 import contextlib
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -100,109 +106,70 @@ class GPTConfig:
     scalar_head: bool = False
 
     def __post_init__(self):
-        def fail(msg):
-            raise ValueError(f"GPTConfig: {msg}")
+        def require(ok, msg):
+            if not ok:
+                raise ValueError(f"GPTConfig: {msg}")
 
-        for f in fields(self):  # types first: sliding_window=4.0 must fail here, not deep in generate
-            v = getattr(self, f.name)
-            if v is None and f.default is None:
-                continue  # an optional field left unset
-            if f.type is int and (not isinstance(v, int) or isinstance(v, bool)):
-                fail(f"{f.name} must be an int, got {v!r}")
-            if f.type is float:
-                if not isinstance(v, (int, float)) or isinstance(v, bool):
-                    fail(f"{f.name} must be a number, got {v!r}")
-                setattr(self, f.name, float(v))
-            if f.type in (bool, str) and not isinstance(v, f.type):
-                fail(f"{f.name} must be a {f.type.__name__}, got {v!r}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                fail(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.n_embd % self.n_head:
-            fail(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
-            fail(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
-        if self.pos_emb not in ("learned", "sinusoidal", "rope", "none"):
-            fail(f"pos_emb must be learned | sinusoidal | rope | none, got {self.pos_emb!r}")
-        if self.pos_emb == "rope" and self.head_dim % 2:
-            fail(f"rope needs an even head size, got n_embd/n_head = {self.head_dim}")
-        if self.pos_emb == "sinusoidal" and self.n_embd % 2:
-            fail(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
-        if self.rope_theta <= 0:
-            fail(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            fail(f"norm must be layernorm | rmsnorm, got {self.norm!r}")
-        if self.mlp not in ("gelu", "swiglu"):
-            fail(f"mlp must be gelu | swiglu, got {self.mlp!r}")
-        if not self.norm_eps > 0:
-            fail(f"norm_eps must be > 0, got {self.norm_eps}")
-        if self.gelu_approximate not in ("none", "tanh"):
-            fail(f"gelu_approximate must be none | tanh, got {self.gelu_approximate!r}")
-        if self.gelu_approximate != "none" and self.mlp != "gelu":
-            fail(f"gelu_approximate={self.gelu_approximate!r} needs mlp=gelu, not mlp={self.mlp}")
-        n_inner = self.n_inner
-        if n_inner is not None and (isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 1):
-            fail(f"n_inner must be None or an int >= 1, got {self.n_inner!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            fail(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            fail(f"sliding_window must be None or >= 1, got {self.sliding_window}")
-        if self.n_sink < 0:
-            fail(f"n_sink must be >= 0, got {self.n_sink}")
-        if self.n_sink and self.sliding_window is None:
-            fail("n_sink only makes sense with a sliding_window")
-        if self.n_expert < 0:
-            fail(f"n_expert must be >= 0 (0 = dense), got {self.n_expert}")
-        if self.moe_every < 1:
-            fail(f"moe_every must be >= 1, got {self.moe_every}")
-        if self.n_shared_expert < 0:
-            fail(f"n_shared_expert must be >= 0, got {self.n_shared_expert}")
-        if self.expert_hidden is not None and self.expert_hidden < 1:
-            fail(f"expert_hidden must be None or >= 1, got {self.expert_hidden}")
-        for name in ("moe_aux_coef", "moe_z_coef"):
-            if getattr(self, name) < 0:
-                fail(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_expert == 0 and self.n_shared_expert:
-            fail("n_shared_expert needs routed experts too (n_expert > 0)")
+        if isinstance(self.lora_targets, str):  # "c_q,c_v" typed by hand; a list from JSON
+            self.lora_targets = tuple(t for t in self.lora_targets.split(",") if t)
+        self.lora_targets = tuple(self.lora_targets)
+        # ranges first (the configurator has checked the types), then the rules that tie fields together
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "moe_every"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_inner", "sliding_window", "expert_hidden"):
+            require(getattr(self, name) is None or getattr(self, name) >= 1,
+                    f"{name} must be None or >= 1, got {getattr(self, name)}")
+        for name in ("n_sink", "n_expert", "n_shared_expert", "moe_aux_coef", "moe_z_coef", "lora_rank"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rope_theta", "norm_eps", "lora_alpha"):
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("dropout", "lora_dropout"):
+            require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name, allowed in (("pos_emb", ("learned", "sinusoidal", "rope", "none")),
+                              ("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
+                              ("gelu_approximate", ("none", "tanh"))):
+            value = getattr(self, name)
+            require(value in allowed, f"{name} must be {' | '.join(allowed)}, got {value!r}")
+        require(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        require(self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0,
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        require(self.pos_emb != "rope" or self.head_dim % 2 == 0,
+                f"rope needs an even head size, got n_embd/n_head = {self.head_dim}")
+        require(self.pos_emb != "sinusoidal" or self.n_embd % 2 == 0,
+                f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        require(self.gelu_approximate == "none" or self.mlp == "gelu",
+                f"gelu_approximate={self.gelu_approximate!r} needs mlp=gelu, not mlp={self.mlp}")
+        require(not self.n_sink or self.sliding_window is not None, "n_sink only makes sense with a sliding_window")
+        require(self.n_expert > 0 or not self.n_shared_expert,
+                "n_shared_expert needs routed experts too (n_expert > 0)")
         if self.n_expert > 0:
-            if not 1 <= self.n_expert_active <= self.n_expert:
-                fail(f"n_expert_active must be in 1..n_expert={self.n_expert}, got {self.n_expert_active}")
-            if self.moe_every > self.n_layer:
-                fail(f"moe_every={self.moe_every} > n_layer={self.n_layer} leaves no layer MoE")
+            require(1 <= self.n_expert_active <= self.n_expert,
+                    f"n_expert_active must be in 1..n_expert={self.n_expert}, got {self.n_expert_active}")
+            require(self.moe_every <= self.n_layer,
+                    f"moe_every={self.moe_every} > n_layer={self.n_layer} leaves no layer MoE")
             if self.expert_hidden is None:
                 # A token goes through n_expert_active + n_shared_expert experts, so split the
                 # dense hidden size between them: active parameters per token then match the
                 # dense model's. Rounded up to a multiple of 8 for friendlier matmul shapes.
                 n_used = self.n_expert_active + self.n_shared_expert
                 self.expert_hidden = 8 * math.ceil(self.mlp_hidden / n_used / 8)
-        # LoRA: targets are checked even when lora_rank is 0, so a typo never waits for the day
-        # LoRA is switched on; a list (from JSON) or "c_q,c_v" (by hand) becomes a tuple
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = tuple(t for t in self.lora_targets.split(",") if t)
-        self.lora_targets = tuple(self.lora_targets)
+        # LoRA targets are checked even when lora_rank is 0, so a typo never waits for the day
+        # LoRA is switched on
         for t in self.lora_targets:
-            if t == "c_proj":
-                fail("lora_targets: 'c_proj' is ambiguous, say 'attn.c_proj' or 'mlp.c_proj'")
-            if t not in LORA_TARGETS:
-                fail(f"lora_targets: unknown target {t!r}, expected some of {', '.join(LORA_TARGETS)}")
-        if self.lora_rank < 0:
-            fail(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+            require(t != "c_proj", "lora_targets: 'c_proj' is ambiguous, say 'attn.c_proj' or 'mlp.c_proj'")
+            require(t in LORA_TARGETS,
+                    f"lora_targets: unknown target {t!r}, expected some of {', '.join(LORA_TARGETS)}")
         if self.lora_rank > 0:
-            if not self.lora_targets:
-                fail("lora_rank > 0 needs at least one name in lora_targets")
-            alpha = self.lora_alpha
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-                fail(f"lora_alpha must be a number > 0, got {alpha!r}")
-            if not 0.0 <= self.lora_dropout < 1.0:
-                fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-            if self.mlp != "swiglu" and {"c_gate", "mlp.c_gate"} & set(self.lora_targets):
-                fail(f"lora_targets: c_gate exists only with mlp=swiglu, not mlp={self.mlp}")
-            if self.tie_weights and "lm_head" in self.lora_targets:
-                # the head's weight is the token embedding: merging its adapter would change the
-                # embedding too, so the merged model would no longer compute what was trained
-                fail("lora_targets: lm_head needs tie_weights=False (a tied head is the embedding)")
+            require(self.lora_targets, "lora_rank > 0 needs at least one name in lora_targets")
+            require(self.mlp == "swiglu" or not {"c_gate", "mlp.c_gate"} & set(self.lora_targets),
+                    f"lora_targets: c_gate exists only with mlp=swiglu, not mlp={self.mlp}")
+            # a tied head's weight is the token embedding: merging its adapter would change the
+            # embedding too, so the merged model would no longer compute what was trained
+            require(not (self.tie_weights and "lm_head" in self.lora_targets),
+                    "lora_targets: lm_head needs tie_weights=False (a tied head is the embedding)")
+
 
     @property
     def head_dim(self):
@@ -228,9 +195,6 @@ class GPTConfig:
         not a table of block_size rows."""
         return self.sliding_window is not None and self.pos_emb in ("rope", "none")
 
-    def to_dict(self):
-        return asdict(self)
-
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -254,6 +218,12 @@ def upcast(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def cross_entropy(logits, targets):
+    """The mean cross-entropy of logits (B, T, V) against targets (B, T), over the targets >= 0, in
+    at least float32."""
+    return F.cross_entropy(upcast(logits).flatten(0, -2), targets.flatten(), ignore_index=-1)
+
+
 def apply_rope(x, cos, sin):
     # rotate each pair (x1[i], x2[i]) made of the two halves of the head (the GPT-NeoX layout)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast x may be bf16
@@ -268,69 +238,29 @@ def sinusoidal_embedding(pos, n_embd, dtype):
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).to(dtype)
 
 
-# Decoding one row is a chain of matrix-vector products, bound by how fast the weights stream from
-# memory. Whether PyTorch's own F.linear does that well depends on the CPU: on an AMD EPYC its MKL
-# ran them on one thread at a fraction of the bandwidth, and cutting the weight's rows into one block
-# per thread and running the blocks with bmm was 2-3x faster; on an Intel Xeon with large caches the
-# same trick was 2x slower. So nothing is assumed: the first time a weight shape is used for a
-# decode-sized matmul (at most 8 rows, on a CPU, without gradients, more than one thread), both
-# paths are timed on that very weight, alternating, and the faster is kept for the rest of the
-# process, the split path only when its median time is below 0.9 of the plain one's (beyond noise).
-# LINEAR_PATHS holds the choices (bench.py prints them); set an entry, or LINEAR_FORCE to "plain" or
-# "split", to override the measurement.
-LINEAR_PATHS = {}  # (out, in, rows, dtype, threads) -> "split" | "plain"
-LINEAR_FORCE = None  # None (measure) | "plain" | "split"
-
-
-def _split_linear(x, weight, bias, n):
-    rows = x.numel() // x.size(-1)
-    x2 = x.reshape(rows, x.size(-1))
-    y = torch.bmm(weight.view(n, -1, weight.size(1)), x2.t().expand(n, -1, -1))  # (n, out/n, rows)
-    y = y.reshape(weight.size(0), rows).t().reshape(*x.shape[:-1], weight.size(0))
-    return y if bias is None else y + bias
-
-
-def _faster(plain, trick, device, repeats=15, calls=4):
-    """Time plain() and trick(), alternating -> True when trick's median time is below 0.9 of
-    plain's: a trick is kept only where it is faster beyond noise."""
-    import time
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(fn):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        return time.perf_counter() - t0
-
-    timed(plain), timed(trick)  # warm up both
-    ratios = sorted(timed(trick) / max(timed(plain), 1e-9) for _ in range(repeats))
-    return ratios[len(ratios) // 2] < 0.9
-
-
-def _faster_path(x, weight, bias, n):
-    """Time F.linear and the split path on this input and weight, alternating: -> the faster."""
-    split = _faster(lambda: F.linear(x, weight, bias), lambda: _split_linear(x, weight, bias, n), x.device)
-    return "split" if split else "plain"
+def attention_mask(pos, T, window, n_sink, device):
+    """The mask of T fresh tokens attending to each other, by the rule at the top of this file: True
+    (plain causal, the fast kernel) when there is no window and no padding (pos None), else a
+    boolean (B, 1, T, T) from the positions pos (B, T)."""
+    if window is None and pos is None:
+        return True
+    if pos is None:
+        pos = torch.arange(T, device=device)[None]
+    q, k = pos[:, :, None], pos[:, None, :]  # (B, T, 1), (B, 1, T)
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= (q - k < window) | (k < n_sink)
+    # a padding query sees nothing; let it see itself so its (unused) output stays finite
+    mask |= torch.eye(T, dtype=torch.bool, device=device) & (q < 0)
+    return mask[:, None]
 
 
 def linear(x, weight, bias=None):
-    """F.linear, or for the few rows of a decode step on a multi-core CPU, whichever of F.linear and
-    the split-weight bmm measured faster for this weight shape here (see LINEAR_PATHS above). The
-    two give the same result, up to rounding. A quantized weight goes to quantized_linear."""
-    if isinstance(weight, QuantizedWeight):
-        return quantized_linear(x, weight, bias)
-    n = torch.get_num_threads()
-    rows = x.numel() // x.size(-1)
-    if n == 1 or rows > 8 or x.device.type != "cpu" or weight.size(0) % n or torch.is_grad_enabled():
+    """x W^T + b. W is a tensor, or a module that stands for one (quantize.QuantizedWeight, its
+    numbers in 8 or 4 bits): such a weight computes the product itself, as weight(x, bias)."""
+    if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
-    key = (weight.size(0), weight.size(1), rows, weight.dtype, n)
-    path = LINEAR_FORCE or LINEAR_PATHS.get(key)
-    if path is None:
-        path = LINEAR_PATHS[key] = _faster_path(x, weight, bias, n)
-    return _split_linear(x, weight, bias, n) if path == "split" else F.linear(x, weight, bias)
+    return weight(x, bias)
 
 
 class Dropout(nn.Dropout):
@@ -342,10 +272,19 @@ class Dropout(nn.Dropout):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with linear() above for decoding; the same parameters and state-dict keys."""
+    """nn.Linear whose weight may be a module that stands for a tensor (see linear), with numel()
+    (how many numbers it stands for) and dequantize() (those numbers, as a tensor), which
+    count_weights and GPT.merged_state_dict read. The same parameters and state-dict keys."""
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+def count_weights(module):
+    """The numbers in module's weights, each shared tensor once, a weight that is a module counted
+    as the numbers it stands for."""
+    stand_ins = [m.weight for m in module.modules() if isinstance(m, Linear) and not isinstance(m.weight, torch.Tensor)]
+    return sum(p.numel() for p in module.parameters()) + sum(w.numel() for w in stand_ins)
 
 
 class Attention(nn.Module):
@@ -415,7 +354,7 @@ class MoE(nn.Module):
     every token. Dropless: each expert runs once, on every token routed to it, so a token's output
     never depends on the rest of the batch (and cached decoding matches the full forward).
     After each forward, aux_loss, z_loss (scalars, with grad) and load (n_expert,) hold the routing
-    statistics of that forward, for GPT.forward's loss and GPT.moe_stats()."""
+    statistics of that forward, for GPT.aux_loss() and GPT.moe_stats()."""
 
     def __init__(self, config):
         super().__init__()
@@ -610,7 +549,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-LOGPROB_CHUNK = 2**24  # float32 logits (64 MB) per chunk in GPT.head_logprobs
+LOGPROB_CHUNK = 2**24  # float32 logits (64 MB) per chunk in GPT.logprobs
 
 
 @dataclass
@@ -721,7 +660,7 @@ class LoRALinear(Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.lora_dropout = Dropout(dropout)
         self.merged = False  # True while scale * B A is folded into the weight
-        self.enabled = True  # False: the adapter is skipped (GPT.adapters_off)
+        self.enabled = True  # False: the adapter is skipped (adapters_off)
         self._base_weight = None  # the original W while merged
         # as nn.Linear initialises its own weight; any nonzero A works, what matters is B = 0
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -769,225 +708,102 @@ def is_lora_key(key):
     return key.endswith((".lora_A", ".lora_B"))
 
 
-# -----------------------------------------------------------------------------
-# weight-only quantization
-
-# Decoding streams every weight from memory once per token, so storing the weights of the blocks in
-# 8 or 4 bits instead of 32 or 16 is the largest decode speed-up left, and makes a frozen LoRA base
-# (QLoRA) 4 to 8 times smaller. Weight-only and symmetric: the activations stay in floating point,
-# and a weight w stands for q * scale with q a small integer.
-#
-#   int8  one scale per output row (absmax / 127), q in -127..127
-#   int4  one scale per group_size consecutive inputs of a row (absmax / 7), q in -7..7, two a byte
-#
-# GPT.quantize replaces the weight Parameter of a Linear by a QuantizedWeight, and linear() sends
-# it here. Each matmul then takes one of two paths that compute the same product up to rounding:
-# "kernel", PyTorch's own (QUANT_KERNELS), which reads the integers; "dequantize", which rebuilds
-# the weight in the activation dtype and calls linear(), always possible. As for LINEAR_PATHS,
-# nothing is assumed: without gradients, for up to QUANT_MAX_ROWS rows, the two are timed once per
-# (bits, group, shape, rows rounded up to a power of two, dtype, device, threads) and the kernel is
-# kept only when its median time is below 0.9 of the dequantize path's (QUANT_PATHS; QUANT_FORCE
-# overrides). On the 2-core AMD EPYC this was written on (one thread, a shared machine), both
-# kernels ran a decode step's matmul about 2x faster than float32 with bf16 activations, and 10-40x
-# slower with float32 ones (not vectorised there): quantize a bf16 model for speed. From 64 rows on
-# they were slower than the dequantize path, 2-3x at 256 and 1024 rows, where the matmul is
-# compute-bound and one dequantized weight serves every row: longer prefills and training always
-# dequantize. Under autograd the weight is dequantized again in the backward pass instead of being
-# kept from the forward (_DequantizedMatmul): no layer's full-precision copy outlives its matmul,
-# which is what keeps a QLoRA base small while it trains.
-QUANT_PATHS = {}  # (bits, group_size, out, in, rows bucket, dtype, device type, threads) -> "kernel" | "dequantize"
-QUANT_FORCE = None  # None (measure) | "kernel" | "dequantize"
-QUANT_MAX_ROWS = 64  # more rows than this: the dequantize path, unmeasured
-QUANT_KERNELS = {  # (device type, bits) -> the kernel the "kernel" path calls, where torch has it for the device
-    ("cpu", 8): "torch._weight_int8pack_mm",
-    ("cuda", 8): "torch._weight_int8pack_mm",
-    ("cpu", 4): "torch._weight_int4pack_mm_for_cpu",
-    ("cuda", 4): "torch._weight_int4pack_mm",
-}
-QUANT_FORMATS = {  # what a checkpoint's "quantization" entry says of its tensors
-    8: "int8: W.q int8 (out, in), W.scale (out,) in the model's dtype; W = q * scale[:, None]",
-    4: "int4: W.q uint8 (out, in/2), byte j of a row = (q[2j] + 8) << 4 | (q[2j+1] + 8); W.scale (out, "
-       "in/group_size) in the model's dtype; W[n, k] = q[n, k] * scale[n, k // group_size]",
-}
+# A GPT with lora_rank > 0 gets its adapters when it is built (add_lora); these act on such a model.
 
 
-def quantize_int8(w):
-    """Symmetric int8 with one scale per output row: w (out, in) -> q int8 (out, in), scale (out,):
-
-        scale[n] = max_k |w[n, k]| / 127,    q[n, k] = round(w[n, k] / scale[n])  in -127..127
-
-    so that |w - q scale| <= scale / 2 everywhere. The scale is rounded to w's dtype first and q is
-    computed against the rounded scale, so the bound holds for the scale as it is stored (a bf16
-    rounding moves the largest |w| / scale to below 127.5, which still rounds to 127)."""
-    w32 = w.float()
-    scale = (w32.abs().amax(dim=1) / 127).to(w.dtype)
-    s = scale.float().clamp(min=torch.finfo(torch.float32).tiny)[:, None]  # a zero row: q = 0
-    return torch.round(w32 / s).clamp(-127, 127).to(torch.int8), scale
-
-
-def dequantize_int8(q, scale, dtype):
-    """q scale, (out, in) in dtype."""
-    return q.to(dtype) * scale.to(dtype)[:, None]
-
-
-def pack_int4(q):
-    """Integers q (out, in) in -8..7 -> uint8 (out, in/2): byte j of a row holds q[2j] + 8 in its
-    high four bits and q[2j+1] + 8 in its low four (the layout torch's CUDA int4 kernel packs from)."""
-    u = (q + 8).to(torch.uint8)
-    return u[:, 0::2] << 4 | u[:, 1::2]
+def add_lora(model):
+    """Put a LoRALinear around every nn.Linear of model that its lora_targets name, then freeze
+    every parameter but the adapters' (and a scalar head's: it is new to the model, so it trains
+    in full beside them)."""
+    cfg = model.config
+    matched = set()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        hits = [t for t in cfg.lora_targets if lora_target_matches(t, linear_role(name))]
+        if hits:
+            parent, _, child = name.rpartition(".")
+            lora = LoRALinear(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+            setattr(model.get_submodule(parent), child, lora)
+            matched.update(hits)
+    unmatched = [t for t in cfg.lora_targets if t not in matched]
+    if unmatched:
+        raise ValueError(f"LoRA: lora_targets {unmatched} name no nn.Linear in this model")
+    for name, p in model.named_parameters():
+        p.requires_grad = is_lora_key(name) or name.startswith("score_head.")
 
 
-def unpack_int4(packed):
-    """The inverse of pack_int4: uint8 (out, in/2) -> int8 (out, in) in -8..7."""
-    nibbles = torch.stack((packed >> 4, packed & 15), dim=-1)  # (out, in/2, 2): the high one first
-    return nibbles.view(packed.size(0), -1).to(torch.int8) - 8
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def quantize_int4(w, group_size):
-    """Symmetric int4 in groups of group_size consecutive inputs: w (out, in) -> packed uint8
-    (out, in/2) (see pack_int4), scale (out, in/group_size):
-
-        scale[n, g] = max |w[n, gG : (g+1)G]| / 7,    q[n, k] = round(w[n, k] / scale[n, k // G])  in -7..7
-
-    so that |w - q scale| <= scale / 2 in every group (-8 stays unused: the range is symmetric).
-    As in quantize_int8 q is computed against the scale as stored."""
-    out, n_in = w.shape
-    w32 = w.float().view(out, n_in // group_size, group_size)
-    scale = (w32.abs().amax(dim=-1) / 7).to(w.dtype)
-    s = scale.float().clamp(min=torch.finfo(torch.float32).tiny)[..., None]
-    q = torch.round(w32 / s).clamp(-7, 7).view(out, n_in).to(torch.int8)
-    return pack_int4(q), scale
+def merge_lora(model):
+    """Fold every adapter into its weight (W += scale B A): the model then runs as a plain GPT,
+    at the plain cost (and the memory of one more copy of the adapted weights, kept to undo
+    it). Merging twice is refused. Train only unmerged: merged, the adapters are bypassed and
+    get no gradient. state_dict() is the same merged or not. A quantized base is refused: it has
+    no full-precision weight to fold into (GPT.merged_state_dict dequantizes for an export)."""
+    if model.quantization:
+        raise ValueError(f"merge_lora: the base weights are int{model.quantization['bits']} (quantize.py): "
+                         "use merged_state_dict() for the merged weights, dequantized")
+    for layer in lora_layers(model):
+        layer.merge()
 
 
-def dequantize_int4(packed, scale, dtype):
-    """q scale, group by group, (out, in) in dtype."""
-    q = unpack_int4(packed)
-    out, n_in = q.shape
-    return (q.view(out, scale.size(1), -1).to(dtype) * scale.to(dtype)[..., None]).view(out, n_in)
+def unmerge_lora(model):
+    """Undo merge_lora: every adapted weight is restored bit for bit."""
+    for layer in lora_layers(model):
+        layer.unmerge()
 
 
-class QuantizedWeight(nn.Module):
-    """The weight of a Linear in 8 or 4 bits (quantize_int8, quantize_int4), in place of its weight
-    Parameter: the state dict holds c_q.weight.q and c_q.weight.scale (QUANT_FORMATS), and linear()
-    multiplies by it. Frozen: nothing in it has a gradient; LoRA adapters train beside it."""
-
-    def __init__(self, weight, bits, group_size=None):
-        super().__init__()
-        self.bits, self.group_size = bits, group_size
-        self.out_features, self.in_features = weight.shape
-        with torch.no_grad():
-            q, scale = quantize_int8(weight) if bits == 8 else quantize_int4(weight, group_size)
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
-        self.kernel_int4 = None  # (device, dtype, packed, scale_and_zeros) as torch's int4 kernel reads them
-        self.last_path = None  # the path of the last matmul without gradients, for bench.py
-
-    def numel(self):
-        return self.out_features * self.in_features
-
-    def dequantize(self, dtype=None):
-        """The weight (out, in) it stands for, in dtype (default the scale's, the model's)."""
-        dequantize = dequantize_int8 if self.bits == 8 else dequantize_int4
-        return dequantize(self.q, self.scale, dtype or self.scale.dtype)
-
-    def int4_kernel_weight(self, device, dtype):
-        """The weight and scales as torch's int4 kernel on this device takes them: its own packing of
-        the nibbles (made here, once, and kept beside q: another half byte per weight while the
-        kernel is in use) and (scale, zero) pairs (in/G, out, 2) in dtype, zero 0 (symmetric)."""
-        if self.kernel_int4 is None or self.kernel_int4[:2] != (device, dtype):
-            if device.type == "cuda":  # packs from our layout; inner k tiles: the largest that fits
-                tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
-                packed = torch._convert_weight_to_int4pack(self.q, tiles)
-            else:  # the CPU kernel packs from one int32 per weight, 0..15 (it subtracts the 8)
-                packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.q).to(torch.int32) + 8, 2)
-            scale = self.scale.to(dtype).t()
-            self.kernel_int4 = (device, dtype, packed, torch.stack((scale, torch.zeros_like(scale)), -1).contiguous())
-        return self.kernel_int4[2:]
-
-    def extra_repr(self):
-        group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return f"int{self.bits}{group}, in_features={self.in_features}, out_features={self.out_features}"
+@contextlib.contextmanager
+def adapters_off(model):
+    """Inside, the model computes what its base weights alone compute: every LoRA adapter is
+    skipped (merged or not). The RL stages take a LoRA policy's reference this way, at no memory
+    cost. A model without adapters is unchanged."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
-def count_weights(module):
-    """The parameters of module, each shared tensor once, plus the weights its QuantizedWeights
-    stand for."""
-    return sum(p.numel() for p in module.parameters()) + sum(
-        m.numel() for m in module.modules() if isinstance(m, QuantizedWeight))
+def lora_state_dict(model):
+    """Only the adapters (lora_A, lora_B of each target): a fine-tune saved on its own, to be
+    loaded on top of the base checkpoint it was trained from."""
+    return {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
 
 
-def _dequantized_matmul(x, q, scale, bits):
-    """x (rows, in) W^T for W = q scale, rebuilt in x's dtype."""
-    if bits == 8:  # x (q scale)^T = (x q^T) scale: the row scales factor out of the matmul
-        return linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-    return linear(x, dequantize_int4(q, scale, x.dtype))
+def load_lora_state_dict(model, sd):
+    """Load adapters saved by lora_state_dict. Every adapter key must be there, no other, with the
+    right shapes; the model must not be merged (the weights would disagree)."""
+    _load_part(model, sd, "adapter state dict", adapters=True)
 
 
-def _quantized_matmul(x, w, path):
-    """x (rows, in) W^T -> (rows, out), in x's dtype, by path "kernel" or "dequantize"."""
-    if path == "dequantize":
-        return _dequantized_matmul(x, w.q, w.scale, w.bits)
-    if w.bits == 8:
-        return torch._weight_int8pack_mm(x, w.q, w.scale.to(x.dtype))
-    packed, scale_and_zeros = w.int4_kernel_weight(x.device, x.dtype)
-    if x.is_cuda:
-        return torch._weight_int4pack_mm(x, packed, w.group_size, scale_and_zeros)
-    return torch._weight_int4pack_mm_for_cpu(x, packed, w.group_size, scale_and_zeros)
+def load_base_weights(model, sd):
+    """Load a checkpoint of the base model (lora_rank 0) into this one: every key but the adapters'
+    must be there, and nothing else. The adapters keep their fresh init. (load_state_dict(sd,
+    strict=False) does the same, less the checks.)"""
+    _load_part(model, sd, "base state dict", adapters=False)
 
 
-def _quantized_path(x, w):
-    """The path for x (rows, in) times w without gradients, measured (see QUANT_PATHS above)."""
-    rows = x.size(0)
-    if rows > QUANT_MAX_ROWS:
-        return "dequantize"
-    bucket = 1 << (rows - 1).bit_length()  # a prompt of any length up to 64 costs at most 7 measurements
-    key = (w.bits, w.group_size, w.out_features, w.in_features, bucket, x.dtype, x.device.type, torch.get_num_threads())
-    path = QUANT_FORCE or QUANT_PATHS.get(key)
-    if path is None:
-        try:  # a kernel that refuses this input (its dtype, its shape, this device) is no candidate
-            _quantized_matmul(x, w, "kernel")
-            kernel = _faster(lambda: _quantized_matmul(x, w, "dequantize"), lambda: _quantized_matmul(x, w, "kernel"),
-                             x.device)
-        except (RuntimeError, NotImplementedError):
-            kernel = False
-        path = QUANT_PATHS[key] = "kernel" if kernel else "dequantize"
-        if not kernel:
-            w.kernel_int4 = None  # not used: give its memory back
-    return path
-
-
-class _DequantizedMatmul(torch.autograd.Function):
-    """x W^T for a frozen quantized W under autograd. F.linear on the dequantized W would keep that
-    full-precision W alive until the backward pass, for every layer at once; this keeps only the
-    integers and dequantizes again for dx = dy W. W gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, q, scale, bits):
-        ctx.save_for_backward(q, scale)
-        ctx.bits = bits
-        return _dequantized_matmul(x, q, scale, bits)  # what the same rows compute without autograd
-
-    @staticmethod
-    def backward(ctx, dy):
-        q, scale = ctx.saved_tensors
-        if ctx.bits == 8:  # dy (q scale) = (dy scale) q
-            return (dy * scale.to(dy.dtype)) @ q.to(dy.dtype), None, None, None
-        return dy @ dequantize_int4(q, scale, dy.dtype), None, None, None
-
-
-def quantized_linear(x, weight, bias=None):
-    """x W^T + b for a QuantizedWeight W, computed in the activation dtype: autocast's when it is
-    on (torch's int kernels are not on autocast's lists), else x's."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    x2 = x.reshape(-1, x.size(-1)).to(dtype).contiguous()  # (rows, in): the kernels take 2-D inputs
-    if torch.is_grad_enabled() and x2.requires_grad:
-        y = _DequantizedMatmul.apply(x2, weight.q, weight.scale, weight.bits)
-    else:
-        path = _quantized_path(x2, weight)
-        weight.last_path = QUANT_KERNELS.get((x.device.type, weight.bits), "kernel") if path == "kernel" else "dequantize"
-        y = _quantized_matmul(x2, weight, path)
-    y = y.view(*x.shape[:-1], weight.out_features)
-    return y if bias is None else y + bias.to(dtype)
+def _load_part(model, sd, what, adapters):
+    if any(layer.merged for layer in lora_layers(model)):
+        raise RuntimeError(f"LoRA: unmerge_lora() before loading {'adapters' if adapters else 'base weights'}")
+    own = {k: v for k, v in model.state_dict().items() if is_lora_key(k) == adapters}
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"LoRA: {what} does not fit this model: missing keys {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"LoRA: {what}: {k} has shape {tuple(v.shape)}, "
+                             f"this model has {tuple(own[k].shape)} (another lora_rank?)")
+    model.load_state_dict(sd, strict=False)
 
 
 # -----------------------------------------------------------------------------
@@ -1014,15 +830,15 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.compiled_decode_step = None  # set by compile_decode()
+        self.compiled_decode_step = None  # set by autotune.compile_decode where it measures faster
         # activation checkpointing for training: keep only each block's input in the forward pass
         # and recompute the block in the backward pass (about one more forward of compute, for the
         # activations of one block at a time instead of all of them), and the loss over chunks of
-        # the logits (see forward); the stages' grad_checkpointing setting
+        # the logits (see loss); the stages' grad_checkpointing setting
         self.grad_checkpointing = False
-        self.quantization = None  # set by quantize(): {bits, group_size, quantize_head, format}
+        self.quantization = None  # set by quantize.quantize: {bits, group_size, quantize_head, format}
         if config.lora_rank > 0:
-            self._add_lora()  # after the base init, so a seed gives the same base weights either way
+            add_lora(self)  # after the base init, so a seed gives the same base weights either way
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -1032,37 +848,13 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    # --- forward ---------------------------------------------------------------
+    # --- forward: the hidden states ---------------------------------------------
 
-    def attention_mask(self, pos, T, device):
-        """Mask for T fresh tokens attending to each other: True (plain causal, the fast kernel)
-        when there is no window and no padding, else a boolean (B, 1, T, T) from the positions."""
-        W, n_sink = self.config.sliding_window, self.config.n_sink
-        if W is None and pos is None:
-            return True
-        if pos is None:
-            pos = torch.arange(T, device=device)[None]
-        q, k = pos[:, :, None], pos[:, None, :]  # (B, T, 1), (B, 1, T)
-        mask = (k >= 0) & (k <= q)
-        if W is not None:
-            mask &= (q - k < W) | (k < n_sink)
-        # a padding query sees nothing; let it see itself so its (unused) output stays finite
-        mask |= torch.eye(T, dtype=torch.bool, device=device) & (q < 0)
-        return mask[:, None]
+    def forward(self, idx, pos=None, cache=None):
+        """idx (B, T) token ids -> the final hidden states (B, T, n_embd), after the last norm.
 
-    def forward(self, idx, targets=None, pos=None, cache=None, hidden=False):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
-
-        targets (B, T): next-token ids, -1 where no loss is taken; the loss is their mean
-            cross-entropy. That is all the loss is, so that it can be logged and compared across
-            architectures; a MoE model's load-balancing terms come from aux_loss(), which the
-            training step adds.
         pos (B, T): each token's position; None means 0..T-1 in every row. Negative = padding.
         cache: a KVCache to fill (prefill, the whole prompt) or to extend (one token per row).
-        hidden: return the final hidden states (B, T, n_embd) after the last norm instead of
-            the logits, for a scalar head (reward, value).
-        With grad_checkpointing, targets and gradients on, the logits come back None: the loss is
-        taken chunk by chunk without ever holding all of them.
         """
         cfg = self.config
         B, T = idx.shape
@@ -1084,75 +876,46 @@ class GPT(nn.Module):
                 raise ValueError("a KV cache that already holds a prompt takes one token per step")
             mask = cache.begin(p.expand(B, T))
         else:
-            mask = self.attention_mask(pos, T, idx.device)
-            if cache is not None:
+            mask = attention_mask(pos, T, cfg.sliding_window, cfg.n_sink, idx.device)
+            if cache is not None:  # prefill: the prompt fills the cache
                 cache.begin(p.expand(B, T))
         for block in self.h:
             if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache)
-        x = self.ln_f(x)
-        if hidden:
-            return x, None
-        if targets is not None and self.grad_checkpointing and torch.is_grad_enabled():
-            # at a large vocabulary the float32 logits of the batch, and their gradient, are the
-            # largest activations of a step: take the same loss over chunks of rows instead, each
-            # recomputed in the backward pass (head_logprobs), and return no logits
-            logp, _ = self.head_logprobs(x, targets)
-            return None, -logp.sum() / (targets >= 0).sum()
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(upcast(logits).view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
-        return logits, loss
+        return self.ln_f(x)
 
-    def moe_layers(self):
-        return [block.mlp for block in self.h if isinstance(block.mlp, MoE)]
+    # --- the heads, on the hidden states x of forward -----------------------------
 
-    def aux_loss(self):
-        """The auxiliary training losses of the last forward: for MoE, moe_aux_coef times the
-        load-balancing loss plus moe_z_coef times the router z-loss, each averaged over the MoE
-        layers (a tensor with grad); 0.0 for a dense model. Training steps add it to their loss."""
-        moe = self.moe_layers()
-        if not moe or moe[0].aux_loss is None:
-            return 0.0
-        cfg = self.config
-        return (cfg.moe_aux_coef * sum(m.aux_loss for m in moe) + cfg.moe_z_coef * sum(m.z_loss for m in moe)) / len(moe)
+    def logits(self, x):
+        """x (..., n_embd) -> the logits (..., vocab_size)."""
+        return self.lm_head(x)
 
-    def moe_stats(self):
-        """Routing statistics of the last forward, for logging; None for a dense model (or before
-        any forward). aux_loss and z_loss are means over the MoE layers; load (n_moe_layer,
-        n_expert) is the fraction of routed (token, expert) pairs each expert got, per layer;
-        load_cv is the mean over layers of its coefficient of variation std / mean (0 = even)."""
-        moe = self.moe_layers()
-        if not moe or moe[0].load is None:
-            return None
-        load = torch.stack([m.load for m in moe])  # (n_moe_layer, n_expert)
-        cv = load.std(dim=-1, correction=0) / load.mean(dim=-1)
-        return dict(aux_loss=sum(m.aux_loss.item() for m in moe) / len(moe),
-                    z_loss=sum(m.z_loss.item() for m in moe) / len(moe),
-                    load=load, load_cv=cv.mean().item())
+    def loss(self, x, targets):
+        """The mean cross-entropy of the next-token targets (B, T), -1 where no loss is taken. That
+        is all the loss is, so that it compares across architectures; a MoE model's balancing terms
+        are aux_loss(), which the training step adds. With grad_checkpointing (and gradients on)
+        it is taken over chunks of rows (logprobs): at a large vocabulary the float32 logits of the
+        batch, and their gradient, are the largest activations of a step, and never exist at once."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            logp, _ = self.logprobs(x, targets)
+            return -logp.sum() / (targets >= 0).sum()
+        return cross_entropy(self.logits(x), targets)
 
-    def logprobs(self, idx, targets, pos=None, temperature=1.0, vocab_limit=None):
-        """Per-token log-probabilities (B, T) of targets, 0 where targets == -1:
+    def logprobs(self, x, targets, temperature=1.0, vocab_limit=None, entropy=False):
+        """Per-token log-probabilities of targets (B, T), 0 where targets == -1, and the entropy of
+        the same distribution (or None):
 
             logprobs[b, t] = log softmax(logits[b, t, :vocab_limit] / temperature)[targets[b, t]]
 
-        with logits[b, t] the model's prediction after idx[b, :t+1]. The RL stages score their
-        completions with this, and must pass the temperature and vocab_limit they sampled with:
-        the ratio and the KL are then those of the distribution the tokens were drawn from.
-        (top_k / top_p truncate that distribution further; see sample_next.)"""
-        x, _ = self(idx, pos=pos, hidden=True)
-        return self.head_logprobs(x, targets, temperature, vocab_limit)[0]
-
-    def head_logprobs(self, x, targets, temperature=1.0, vocab_limit=None, entropy=False):
-        """logprobs from final hidden states x (B, T, n_embd) -> (logprobs (B, T), entropy (B, T)
-        of the same tempered distribution, or None). entropy: False (None back), True (with its
-        graph, for an entropy bonus), or "log" (detached: for the log only, no graph kept for it).
+        The RL stages score their completions with this, and must pass the temperature and
+        vocab_limit they sampled with: the ratio and the KL are then those of the distribution the
+        tokens were drawn from (top_k / top_p truncate it further; see sample_next). entropy:
+        False, True (with its graph, for an entropy bonus) or "log" (detached: for the log only).
         The head runs on chunks of rows, so the float32 logits of only one chunk exist at a time;
-        with gradients each chunk is recomputed in the backward pass (activation checkpointing)
-        instead of being kept. At this repo's vocab sizes one chunk is the whole batch."""
+        with gradients each chunk is recomputed in the backward pass instead of being kept. At
+        this repo's vocab sizes one chunk is the whole batch."""
         if temperature <= 0:
             raise ValueError(f"log-probs need the sampling temperature > 0, got {temperature} "
                              "(greedy decoding has no distribution to score)")
@@ -1184,6 +947,44 @@ class GPT(nn.Module):
         ent = torch.cat([o[1] for o in outs]).masked_fill(~keep, 0.0).view(B, T) if entropy else None
         return logp, ent
 
+    def scores(self, x, last=None):
+        """The scalar head, in at least float32: (B, T), a score at every position (PPO's values;
+        position t's sees idx[:, :t+1] only), or with last (B,) the score at each row's index last
+        -> (B,): a reward model reads the last real token, for a rendered reply its <|end|>, the
+        one that has seen the whole sequence (last_index(mask) after left padding)."""
+        if self.score_head is None:
+            raise RuntimeError("this model has no scalar head (GPTConfig.scalar_head=False)")
+        if last is not None:
+            x = x[torch.arange(x.size(0), device=x.device), last]
+        return upcast(self.score_head(x)).squeeze(-1)
+
+    def moe_layers(self):
+        return [block.mlp for block in self.h if isinstance(block.mlp, MoE)]
+
+    def aux_loss(self):
+        """The auxiliary training losses of the last forward: for MoE, moe_aux_coef times the
+        load-balancing loss plus moe_z_coef times the router z-loss, each averaged over the MoE
+        layers (a tensor with grad); 0.0 for a dense model. Training steps add it to their loss."""
+        moe = self.moe_layers()
+        if not moe or moe[0].aux_loss is None:
+            return 0.0
+        cfg = self.config
+        return (cfg.moe_aux_coef * sum(m.aux_loss for m in moe) + cfg.moe_z_coef * sum(m.z_loss for m in moe)) / len(moe)
+
+    def moe_stats(self):
+        """Routing statistics of the last forward, for logging; None for a dense model (or before
+        any forward). aux_loss and z_loss are means over the MoE layers; load (n_moe_layer,
+        n_expert) is the fraction of routed (token, expert) pairs each expert got, per layer;
+        load_cv is the mean over layers of its coefficient of variation std / mean (0 = even)."""
+        moe = self.moe_layers()
+        if not moe or moe[0].load is None:
+            return None
+        load = torch.stack([m.load for m in moe])  # (n_moe_layer, n_expert)
+        cv = load.std(dim=-1, correction=0) / load.mean(dim=-1)
+        return dict(aux_loss=sum(m.aux_loss.item() for m in moe) / len(moe),
+                    z_loss=sum(m.z_loss.item() for m in moe) / len(moe),
+                    load=load, load_cv=cv.mean().item())
+
     @torch.no_grad()
     def reset_token_rows(self, ids, match_norm=False, generator=None):
         """Give the token-embedding rows of ids (and, untied, the head's) a fresh random start:
@@ -1192,7 +993,7 @@ class GPT(nn.Module):
         learned to be unlikely outputs, which pushed them all the same way, so as inputs they are
         nearly one vector."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.wte.weight.device)
-        if isinstance(self.lm_head.weight, QuantizedWeight):
+        if not isinstance(self.lm_head.weight, torch.Tensor):
             raise ValueError("reset_token_rows: the head is quantized (quantize_head); reset before quantizing")
         tables = [self.wte.weight] + ([] if self.config.tie_weights else [self.lm_head.weight])
         for w in tables:
@@ -1203,89 +1004,18 @@ class GPT(nn.Module):
                 fresh = F.normalize(fresh, dim=1) * w[others].norm(dim=1).mean()
             w[ids] = fresh
 
-    # --- the scalar head ---------------------------------------------------------
-
-    def head_scores(self, x):
-        """The scalar head on final hidden states x (B, T, n_embd) -> (B, T), in at least float32."""
-        if self.score_head is None:
-            raise RuntimeError("this model has no scalar head (GPTConfig.scalar_head=False)")
-        return upcast(self.score_head(x)).squeeze(-1)
-
-    def scores(self, idx, pos=None):
-        """The scalar head at every position (B, T): PPO's values, read at each completion token.
-        Position t's score sees idx[:, :t+1] only, so padding after a sequence never changes it."""
-        x, _ = self(idx, pos=pos, hidden=True)
-        return self.head_scores(x)
-
-    def sequence_scores(self, idx, last, pos=None):
-        """A reward model's reading: the scalar head at the last real token of each row, whose
-        index is last (B,) -> (B,). For a right-padded batch last is the length - 1; for left
-        padding (prompts) followed by completions, last_index(mask). That token is the one that
-        has seen the whole sequence: for a reply rendered by the chat template, its <|end|>."""
-        x, _ = self(idx, pos=pos, hidden=True)
-        return self.head_scores(x[torch.arange(idx.size(0), device=idx.device), last][:, None])[:, 0]
 
     # --- generation ------------------------------------------------------------
 
     def prefill(self, idx, pos, cache):
         """Run the prompts (B, T) once, filling the cache -> logits (B, vocab_size) of each
         row's next token."""
-        x, _ = self(idx, pos=pos, cache=cache, hidden=True)
-        return self.lm_head(x[:, -1])  # left padding puts every row's newest token last
+        return self.logits(self(idx, pos, cache)[:, -1])  # left padding puts every row's newest token last
 
     def decode_step(self, token, pos, cache):
         """One new token per row (B, 1) at positions pos (B, 1), against the cache -> logits
         (B, vocab_size) of the token after it."""
-        x, _ = self(token, pos=pos, cache=cache, hidden=True)
-        return self.lm_head(x[:, -1])
-
-    def compile_decode(self, batch_size=1, measure=True):
-        """Compile decode_step, as gpt-fast does: one graph per batch shape over a static cache
-        (every slot, unwritten ones masked), and on a GPU CUDA graphs ("reduce-overhead"), which
-        remove the per-kernel launch cost that dominates decoding a small model one token at a
-        time. The weights are read at every call, so it stays valid as they train.
-        Whether it pays depends on the machine (on a 2-core CPU the eager step was faster), so with
-        measure the compiled step and the eager one are timed here, alternating, on batch_size rows
-        at about the middle of the context, and the compiled step is kept only where it is faster
-        by 10%. -> "compiled" or "eager", and the two step times in ms."""
-        import time
-
-        on_gpu = self.wte.weight.is_cuda
-        compiled = torch.compile(self.decode_step, mode="reduce-overhead" if on_gpu else None)
-        if not measure:
-            self.compiled_decode_step = compiled
-            return "compiled", None, None
-        cfg, dev = self.config, self.wte.weight.device
-        L = max(1, min(cfg.block_size, 256) // 2)
-        prompt = torch.zeros(batch_size, L, dtype=torch.long, device=dev)
-        pos = torch.arange(L, device=dev)[None].expand(batch_size, L)
-
-        def steps(step, static, n=8):
-            cache = KVCache(cfg, batch_size, L + 2 * n + 2, static=static)
-            with torch.no_grad():
-                self.prefill(prompt, pos, cache)
-                token = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)
-                step(token, pos[:, -1:] + 1, cache)  # compile / warm up on this cache
-                if on_gpu:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for t in range(n):
-                    step(token, pos[:, -1:] + 2 + t, cache)
-                if on_gpu:
-                    torch.cuda.synchronize()
-            return (time.perf_counter() - t0) / n
-
-        was_training = self.training
-        self.eval()
-        times = {"eager": [], "compiled": []}
-        for _ in range(3):
-            times["eager"].append(steps(self.decode_step, False))
-            times["compiled"].append(steps(compiled, True))
-        self.train(was_training)
-        eager, comp = (sorted(v)[1] * 1000 for v in (times["eager"], times["compiled"]))
-        choice = "compiled" if comp < 0.9 * eager else "eager"
-        self.compiled_decode_step = compiled if choice == "compiled" else None
-        return choice, eager, comp
+        return self.logits(self(token, pos, cache)[:, -1])
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -1321,7 +1051,6 @@ class GPT(nn.Module):
             tokens, pos = idx.repeat_interleave(num_samples, 0), pos.repeat_interleave(num_samples, 0)
         try:
             for _ in range(max_new_tokens):
-                T = tokens.size(1)
                 if use_cache and (top < cfg.block_size or cfg.unbounded_positions):
                     if cache is None:
                         max_len = L + max_new_tokens
@@ -1344,7 +1073,7 @@ class GPT(nn.Module):
                     if top >= cfg.block_size and not cfg.unbounded_positions:
                         ctx, ctx_pos = tokens[:, -cfg.block_size:], pos[:, -cfg.block_size:]
                         ctx_pos = ctx_pos - ctx_pos[:, :1].clamp(min=0)  # each row restarts at 0
-                    logits = self.lm_head(self(ctx, pos=ctx_pos, hidden=True)[0][:, -1])
+                    logits = self.logits(self(ctx, ctx_pos)[:, -1])
                 next_token = sample_next(logits, temperature, top_k, top_p, generator, vocab_limit)
                 yield next_token, logits
                 tokens = torch.cat((tokens, next_token[:, None]), dim=1)
@@ -1400,9 +1129,9 @@ class GPT(nn.Module):
 
         with N = len(prompts) * num_samples, sample g of prompt p in row p * num_samples + g, and
         T the longest completion: generation stops once every row has stopped. The log-probs of
-        the completions are then logprobs(idx[:, :-1], idx[:, 1:] where mask[:, 1:] else -1,
-        pos[:, :-1], temperature, vocab_limit). Without within_block, a row past block_size goes on
-        in a cropped context (generate's nanoGPT-style sampling)."""
+        the completions are then logprobs(self(idx[:, :-1], pos[:, :-1]), Completions.targets(),
+        temperature, vocab_limit). Without within_block, a row past block_size goes on in a
+        cropped context (generate's nanoGPT-style sampling)."""
         device = prompts[0].device
         stops = torch.tensor([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens),
                              dtype=torch.long, device=device)
@@ -1443,62 +1172,7 @@ class GPT(nn.Module):
         mask = torch.cat((torch.zeros(N, L, dtype=torch.bool, device=device), gen_mask), dim=1)
         return Completions(idx=idx, pos=pos, mask=mask, truncated=~stopped, prompt_len=L)
 
-    # --- LoRA ------------------------------------------------------------------
-
-    def _add_lora(self):
-        """Put a LoRALinear around every nn.Linear that lora_targets names, then freeze every
-        parameter but the adapters'."""
-        cfg = self.config
-        matched = set()
-        for name, module in list(self.named_modules()):
-            if not isinstance(module, nn.Linear):
-                continue
-            hits = [t for t in cfg.lora_targets if lora_target_matches(t, linear_role(name))]
-            if hits:
-                parent, _, child = name.rpartition(".")
-                lora = LoRALinear(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-                setattr(self.get_submodule(parent), child, lora)
-                matched.update(hits)
-        unmatched = [t for t in cfg.lora_targets if t not in matched]
-        if unmatched:
-            raise ValueError(f"LoRA: lora_targets {unmatched} name no nn.Linear in this model")
-        for name, p in self.named_parameters():
-            # a scalar head is new to the model, so it trains in full beside the adapters
-            p.requires_grad = is_lora_key(name) or name.startswith("score_head.")
-
-    def lora_layers(self):
-        return [m for m in self.modules() if isinstance(m, LoRALinear)]
-
-    def merge_lora(self):
-        """Fold every adapter into its weight (W += scale B A): the model then runs as a plain GPT,
-        at the plain cost (and the memory of one more copy of the adapted weights, kept to undo
-        it). Merging twice is refused. Train only unmerged: merged, the adapters are bypassed and
-        get no gradient. state_dict() is the same merged or not. A quantized base is refused: it has
-        no full-precision weight to fold into (merged_state_dict() dequantizes for an export)."""
-        if self.quantization:
-            raise ValueError(f"merge_lora: the base weights are int{self.quantization['bits']} (quantize): "
-                             "use merged_state_dict() for the merged weights, dequantized")
-        for layer in self.lora_layers():
-            layer.merge()
-
-    def unmerge_lora(self):
-        """Undo merge_lora: every adapted weight is restored bit for bit."""
-        for layer in self.lora_layers():
-            layer.unmerge()
-
-    @contextlib.contextmanager
-    def adapters_off(self):
-        """Inside, the model computes what its base weights alone compute: every LoRA adapter
-        is skipped (merged or not). The RL stages take a LoRA policy's reference this way, at no
-        memory cost. A model without adapters is unchanged."""
-        layers = self.lora_layers()
-        for layer in layers:
-            layer.enabled = False
-        try:
-            yield self
-        finally:
-            for layer in layers:
-                layer.enabled = True
+    # --- weights ----------------------------------------------------------------
 
     def merged_state_dict(self):
         """The weights of the plain full-precision GPT this model computes: adapters folded in,
@@ -1509,111 +1183,18 @@ class GPT(nn.Module):
         for name, layer in self.named_modules():
             if not isinstance(layer, Linear):
                 continue
-            if isinstance(layer.weight, QuantizedWeight):
-                del sd[name + ".weight.q"], sd[name + ".weight.scale"]
-                w = layer.weight.dequantize()
-            else:
+            if isinstance(layer.weight, torch.Tensor):
                 w = layer.weight.detach()  # the merged weight itself when merged
+            else:  # a weight that is a module (quantized): its own keys out, its numbers in full
+                for key in layer.weight.state_dict():
+                    del sd[f"{name}.weight.{key}"]
+                w = layer.weight.dequantize()
             if isinstance(layer, LoRALinear) and not layer.merged:
                 w = (upcast(w) + layer.delta_weight().detach()).to(w.dtype)
             sd[name + ".weight"] = w
         if self.config.tie_weights:  # a quantized copy of a tied head is the table, which is exact
             sd["lm_head.weight"] = sd["wte.weight"]
         return sd
-
-    def lora_state_dict(self):
-        """Only the adapters (lora_A, lora_B of each target): a fine-tune saved on its own, to be
-        loaded on top of the base checkpoint it was trained from."""
-        return {k: v for k, v in self.state_dict().items() if is_lora_key(k)}
-
-    def _check_keys(self, what, sd, expected):
-        missing = sorted(set(expected) - set(sd))
-        unexpected = sorted(set(sd) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"LoRA: {what} does not fit this model: missing keys {missing[:8]}"
-                             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                             f"{' ...' if len(unexpected) > 8 else ''}")
-        for k, v in sd.items():
-            if v.shape != expected[k].shape:
-                raise ValueError(f"LoRA: {what}: {k} has shape {tuple(v.shape)}, "
-                                 f"this model has {tuple(expected[k].shape)} (another lora_rank?)")
-
-    def load_lora_state_dict(self, sd):
-        """Load adapters saved by lora_state_dict. Every adapter key must be there, no other,
-        with the right shapes; the model must not be merged (the weights would disagree)."""
-        if any(layer.merged for layer in self.lora_layers()):
-            raise RuntimeError("LoRA: unmerge_lora() before loading adapters")
-        own = self.lora_state_dict()
-        self._check_keys("adapter state dict", sd, own)
-        with torch.no_grad():
-            for k, v in sd.items():
-                own[k].copy_(v)
-
-    def load_base_weights(self, sd):
-        """Load a checkpoint of the base model (lora_rank 0) into this one: every key but the
-        adapters' must be there, and nothing else. The adapters keep their fresh init.
-        (load_state_dict(sd, strict=False) does the same, less the checks.)"""
-        if any(layer.merged for layer in self.lora_layers()):
-            raise RuntimeError("LoRA: unmerge_lora() before loading base weights")
-        own = {k: v for k, v in self.state_dict().items() if not is_lora_key(k)}
-        self._check_keys("base state dict", sd, own)
-        self.load_state_dict(sd, strict=False)
-
-    # --- quantization ------------------------------------------------------------
-
-    @torch.no_grad()
-    def quantize(self, bits, group_size=None, quantize_head=False):
-        """Store the weight of every linear layer of the blocks in bits = 8 (int8, a scale per
-        output row) or 4 (int4, a scale per group_size = 32 | 64 | 128 inputs, two weights a byte),
-        weight-only and symmetric (see quantize_int8, quantize_int4); the matmuls then read the
-        integers (quantized_linear). Quantize in the dtype the model will run in: the scales are
-        stored in it. -> the model. Refused with a ValueError naming the setting: other bits, a
-        group_size that does not divide a layer's input width, a model already quantized, LoRA
-        adapters merged into the weights (the base must be the pretrained one; unmerge first).
-
-        Left in floating point: the MoE routers (n_expert x n_embd, a rounding error there changes
-        which expert a token goes to rather than nudging an output), the scalar head, the norms,
-        and unless quantize_head the token embedding and LM head: the head's logits are the most
-        precision-sensitive numbers of the model (every weight of it moves every logit of the
-        softmax), and a tied head is the embedding table itself. With quantize_head a tied head
-        gets a quantized copy of the table for its matmul, the lookup keeps the table.
-
-        LoRA adapters stay in full precision beside a quantized weight and train on it (QLoRA):
-        add them first (lora_rank in the config), then quantize. state_dict() then holds the
-        integers and scales (QUANT_FORMATS) and the adapters; merged_state_dict() the merged
-        weights, dequantized."""
-        if bits not in (8, 4):
-            raise ValueError(f"quantize: bits={bits!r}: 8 (int8, a scale per output row) or 4 (int4, group-wise)")
-        if bits == 8 and group_size is not None:
-            raise ValueError(f"quantize: group_size={group_size}: int8 has one scale per output row, no groups "
-                             "(group_size is for bits=4)")
-        if bits == 4 and group_size not in (32, 64, 128):
-            raise ValueError(f"quantize: group_size={group_size!r}: int4 groups are 32, 64 or 128 inputs")
-        if self.quantization:
-            raise ValueError(f"quantize: the model is already int{self.quantization['bits']}; quantize once, "
-                             "from the full-precision weights")
-        if any(layer.merged for layer in self.lora_layers()):
-            raise ValueError("quantize: the LoRA adapters are merged into the weights (merge_lora); unmerge_lora() "
-                             "first: a quantized base keeps its adapters beside it")
-        layers = [(name, m) for name, m in self.named_modules() if isinstance(m, Linear)
-                  and linear_role(name) != "router" and (name != "lm_head" or quantize_head)]
-        for name, m in layers:
-            if bits == 4 and m.in_features % group_size:
-                raise ValueError(f"quantize: group_size={group_size} does not divide the input width "
-                                 f"{m.in_features} of {name}")
-        for name, m in layers:  # the float weight is freed as its layer is done
-            weight = m.weight.detach()
-            del m.weight  # a Parameter's name takes only a Parameter: free it for the module
-            m.weight = QuantizedWeight(weight, bits, group_size)
-            del weight
-        self.quantization = dict(bits=bits, group_size=group_size, quantize_head=quantize_head,
-                                 format=QUANT_FORMATS[bits])
-        return self
-
-    def quantized_weights(self):
-        return [m for m in self.modules() if isinstance(m, QuantizedWeight)]
-
-    # --- a larger vocabulary -----------------------------------------------------
 
     @torch.no_grad()
     def resize_vocab(self, vocab_size):
@@ -1629,7 +1210,7 @@ class GPT(nn.Module):
         if isinstance(self.lm_head, LoRALinear):
             raise ValueError("resize_vocab: the head has LoRA adapters (lora_targets has lm_head); "
                              "resize before adding them")
-        if isinstance(self.lm_head.weight, QuantizedWeight):
+        if not isinstance(self.lm_head.weight, torch.Tensor):
             raise ValueError("resize_vocab: the head is quantized (quantize_head); resize before quantizing")
 
         def grown(w):  # (old, C) -> (vocab_size, C)
@@ -1650,7 +1231,7 @@ class GPT(nn.Module):
         tied weights it is also the LM head). active counts only what one token uses:
         n_expert_active of each MoE layer's routed experts."""
         n = count_weights(self)
-        if self.config.tie_weights and isinstance(self.lm_head.weight, QuantizedWeight):
+        if self.config.tie_weights and not isinstance(self.lm_head.weight, torch.Tensor):
             n -= self.lm_head.weight.numel()  # a quantized copy of the tied table: the same weights
         if non_embedding and self.config.pos_emb == "learned":
             n -= self.wpe.weight.numel()
@@ -1697,289 +1278,3 @@ class GPT(nn.Module):
                            "lr": learning_rate * head_lr_scale})
         fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
-
-# -----------------------------------------------------------------------------
-# loading weights from elsewhere
-
-
-def from_nanogpt(state_dict, model_args):
-    """A nanoGPT checkpoint's state dict and model_args -> (GPTConfig, our state dict).
-
-    nanoGPT's GPT is ours with learned positions, layernorm, gelu and tied weights; its keys live
-    under transformer.*, and its attention projects q, k and v with one fused c_attn matrix,
-    which we cut into c_q, c_k, c_v.
-    """
-    config = GPTConfig(vocab_size=model_args["vocab_size"], block_size=model_args["block_size"],
-                       n_layer=model_args["n_layer"], n_head=model_args["n_head"], n_embd=model_args["n_embd"],
-                       bias=model_args.get("bias", True), dropout=0.0, pos_emb="learned", norm="layernorm",
-                       mlp="gelu", tie_weights=True)
-    out = {}
-    for k, v in state_dict.items():
-        k = k.removeprefix("_orig_mod.").removeprefix("transformer.")
-        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
-            continue  # the causal-mask buffer of nanoGPT's non-flash path, not a weight
-        if ".attn.c_attn." in k:
-            for name, part in zip(("c_q", "c_k", "c_v"), v.chunk(3, dim=0)):
-                out[k.replace("c_attn", name)] = part.clone()
-        else:
-            out[k] = v
-    return config, out
-
-
-# Hugging Face folders: config.json + model.safetensors, as transformers' save_pretrained writes them.
-# Two layouts of transformers' map onto this GPT, one for each family of switches:
-#     GPT2LMHeadModel    pos_emb=learned, norm=layernorm, mlp=gelu, biases, usually a tied head
-#     LlamaForCausalLM   pos_emb=rope, norm=rmsnorm, mlp=swiglu, grouped-query attention, either head
-# MistralForCausalLM has Llama's layout; without its sliding window it is the same model.
-HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-# tensors of some checkpoints that are not weights: GPT-2's causal-mask buffers, Llama's rope table
-HF_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-
-
-def hf_tensor_names(config, arch):
-    """How our state dict and theirs name the same weights: rows of (their name, our names,
-    transposed). GPT-2 keeps its weights in Conv1D layers, (in, out), the transpose of nn.Linear's
-    (out, in), and projects q, k, v with one fused c_attn: our c_q, c_k, c_v stacked, transposed.
-    Llama's rope rotates the two halves of each head (rotate_half), as apply_rope does, so its
-    q_proj and k_proj need no permutation. Both directions of the conversion read this table."""
-    rows = []
-    if arch == "GPT2LMHeadModel":
-        rows += [("transformer.wte.weight", ["wte.weight"], False), ("transformer.wpe.weight", ["wpe.weight"], False)]
-        for i in range(config.n_layer):
-            for name, conv1d in (("ln_1", False), ("attn.c_attn", True), ("attn.c_proj", True), ("ln_2", False),
-                                 ("mlp.c_fc", True), ("mlp.c_proj", True)):
-                for w in ("weight", "bias"):  # GPT-2 always has biases; ours may be zeros (bias=False)
-                    if name == "attn.c_attn":
-                        ours = [f"h.{i}.attn.{n}.{w}" for n in ("c_q", "c_k", "c_v")]
-                    else:
-                        ours = [f"h.{i}.{name}.{w}"]
-                    rows.append((f"transformer.h.{i}.{name}.{w}", ours, conv1d and w == "weight"))
-        rows += [("transformer.ln_f.weight", ["ln_f.weight"], False), ("transformer.ln_f.bias", ["ln_f.bias"], False)]
-    else:
-        rows.append(("model.embed_tokens.weight", ["wte.weight"], False))
-        linears = (("self_attn.q_proj", "attn.c_q"), ("self_attn.k_proj", "attn.c_k"), ("self_attn.v_proj", "attn.c_v"),
-                   ("self_attn.o_proj", "attn.c_proj"), ("mlp.gate_proj", "mlp.c_gate"), ("mlp.up_proj", "mlp.c_fc"),
-                   ("mlp.down_proj", "mlp.c_proj"))
-        for i in range(config.n_layer):
-            rows += [(f"model.layers.{i}.input_layernorm.weight", [f"h.{i}.ln_1.weight"], False),
-                     (f"model.layers.{i}.post_attention_layernorm.weight", [f"h.{i}.ln_2.weight"], False)]
-            for theirs, ours in linears:
-                for w in ("weight", "bias") if config.bias else ("weight",):
-                    rows.append((f"model.layers.{i}.{theirs}.{w}", [f"h.{i}.{ours}.{w}"], False))
-        rows.append(("model.norm.weight", ["ln_f.weight"], False))
-    if not config.tie_weights:
-        rows.append(("lm_head.weight", ["lm_head.weight"], False))
-    return rows
-
-
-def config_from_hf(hf, source="config.json"):
-    """A transformers config.json (as a dict) -> (GPTConfig, architecture). What this GPT cannot
-    compute exactly (another architecture, rope scaling, attention biases without MLP biases,
-    heads narrower than hidden_size / num_attention_heads ...) is refused with a ValueError that
-    names the field. dropout is left at 0: a training script sets its own."""
-
-    def refuse(field, why):
-        raise ValueError(f"{source}: {field}={hf.get(field)!r}: {why}")
-
-    def need(field):
-        if field not in hf:
-            raise ValueError(f"{source}: no {field!r}")
-        return hf[field]
-
-    archs = hf.get("architectures") or [HF_ARCHITECTURES.get(hf.get("model_type"), hf.get("model_type"))]
-    arch = archs[0]
-    if len(archs) != 1 or arch not in HF_ARCHITECTURES.values():
-        refuse("architectures", f"only {', '.join(HF_ARCHITECTURES.values())} map onto this GPT")
-    if arch == "GPT2LMHeadModel":
-        approximate = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(
-            hf.get("activation_function", "gelu_new"))
-        if approximate is None:
-            refuse("activation_function", "expected gelu_new, gelu_pytorch_tanh (both tanh-approximated) or gelu")
-        if not hf.get("scale_attn_weights", True):
-            refuse("scale_attn_weights", "attention here is always scaled by 1/sqrt(head_dim)")
-        if hf.get("scale_attn_by_inverse_layer_idx", False):
-            refuse("scale_attn_by_inverse_layer_idx", "attention here is not scaled by the layer index")
-        if hf.get("add_cross_attention", False):
-            refuse("add_cross_attention", "a decoder-only GPT has no cross-attention")
-        args = dict(vocab_size=need("vocab_size"), block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-                    n_layer=need("n_layer"), n_head=need("n_head"), n_embd=need("n_embd"), bias=True,
-                    pos_emb="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
-                    gelu_approximate=approximate, n_inner=hf.get("n_inner"),
-                    tie_weights=hf.get("tie_word_embeddings", True))
-    else:
-        if hf.get("hidden_act", "silu") != "silu":
-            refuse("hidden_act", "swiglu here gates with silu")
-        if hf.get("rope_scaling") is not None:
-            refuse("rope_scaling", "only plain rope (no scaling of positions or frequencies) is implemented")
-        rope = hf.get("rope_parameters") or {}  # where transformers 5 keeps rope_theta and the scaling
-        if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
-            refuse("rope_parameters", "only plain rope (rope_type default, no scaling) is implemented")
-        n_embd, n_head = need("hidden_size"), need("num_attention_heads")
-        if n_embd % n_head or hf.get("head_dim") not in (None, n_embd // n_head):
-            refuse("head_dim", f"heads here are hidden_size / num_attention_heads = {n_embd / n_head:g} wide")
-        attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
-        if attention_bias != mlp_bias:
-            refuse("attention_bias" if attention_bias else "mlp_bias",
-                   "bias here is one switch for every linear layer: attention_bias and mlp_bias must agree")
-        if arch == "MistralForCausalLM" and hf.get("sliding_window") is not None:
-            refuse("sliding_window", "Mistral's window is not mapped onto ours (use a config with sliding_window null)")
-        args = dict(vocab_size=need("vocab_size"), block_size=need("max_position_embeddings"),
-                    n_layer=need("num_hidden_layers"), n_head=n_head, n_embd=n_embd,
-                    n_kv_head=hf.get("num_key_value_heads") or n_head, bias=attention_bias, pos_emb="rope",
-                    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm="rmsnorm",
-                    norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", n_inner=need("intermediate_size"),
-                    tie_weights=hf.get("tie_word_embeddings", False))
-    try:
-        config = GPTConfig(**args)
-        if config.n_inner is not None and GPTConfig(**dict(args, n_inner=None)).mlp_hidden == config.n_inner:
-            config = replace(config, n_inner=None)  # the size we would pick: a round trip keeps the config equal
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    return config, arch
-
-
-def read_hf_folder(folder):
-    """-> (config.json as a dict, every tensor by its name) of a Hugging Face model folder: from
-    model.safetensors, or the shards its index lists, or else the older pytorch_model.bin
-    (read with weights_only: no code runs from the file)."""
-    from safetensors.torch import load_file  # here, not at the top: only folders need the package
-
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        index = os.path.join(folder, name + ".index.json")  # a sharded checkpoint
-        if os.path.isfile(os.path.join(folder, name)):
-            files = [name]
-        elif os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            continue
-        tensors = {}
-        for file in files:
-            p = os.path.join(folder, file)
-            try:
-                tensors.update(load_file(p) if file.endswith(".safetensors")
-                               else torch.load(p, map_location="cpu", weights_only=True))
-            except Exception as e:
-                raise ValueError(f"{p} is damaged or not a checkpoint: {type(e).__name__}: {e}") from None
-        return hf, tensors
-    raise ValueError(f"{folder}: config.json but no model.safetensors or pytorch_model.bin (or an index of shards)")
-
-
-def from_hf(folder):
-    """A Hugging Face model folder (GPT2LMHeadModel, LlamaForCausalLM) -> (GPTConfig, our state
-    dict), the weights in the dtype they were saved in. Refuses (ValueError, naming the field or
-    the tensor) what this GPT cannot compute exactly. GPT-2 always has biases; if every one of
-    them is zero (a fresh init, or our export of a bias=False model) the model is bias=False."""
-    hf, tensors = read_hf_folder(folder)
-    config, arch = config_from_hf(hf, source=os.path.join(folder, "config.json"))
-    # a bare GPT2Model / LlamaModel saved on its own has no prefix; a tied head may be saved too
-    prefix = "transformer." if arch == "GPT2LMHeadModel" else "model."
-    tensors = {k if k.startswith(prefix) or k == "lm_head.weight" else prefix + k: v
-               for k, v in tensors.items() if not k.endswith(HF_BUFFERS)}
-    if config.tie_weights:
-        tensors.pop("lm_head.weight", None)
-    rows = hf_tensor_names(config, arch)
-    missing = [theirs for theirs, _, _ in rows if theirs not in tensors]
-    unexpected = sorted(set(tensors) - {theirs for theirs, _, _ in rows})
-    if missing or unexpected:
-        raise ValueError(f"{folder}: the tensors do not fit {arch} as config.json describes it: missing "
-                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                         f"{' ...' if len(unexpected) > 6 else ''}")
-    with torch.device("meta"):  # the shapes our model expects, without allocating it
-        expected = GPT(config).state_dict()
-    sd = {}
-    for theirs, ours, transposed in rows:
-        t = tensors[theirs].t() if transposed else tensors[theirs]
-        for name, part in zip(ours, t.chunk(len(ours))):
-            if part.shape != expected[name].shape:
-                raise ValueError(f"{folder}: {theirs} has shape {tuple(tensors[theirs].shape)}, but config.json "
-                                 f"implies {tuple(expected[name].shape)} for our {name}")
-            sd[name] = part.contiguous()
-    if arch == "GPT2LMHeadModel" and not any(v.any() for k, v in sd.items() if k.endswith(".bias")):
-        config = replace(config, bias=False)
-        sd = {k: v for k, v in sd.items() if not k.endswith(".bias")}
-    if config.tie_weights:
-        sd["lm_head.weight"] = sd["wte.weight"]  # our state dict names the shared matrix twice
-    return config, sd
-
-
-def hf_architecture(config):
-    """The transformers class that computes exactly what this config does, or a ValueError that
-    says why there is none."""
-
-    def refuse(why):
-        raise ValueError(f"cannot export to transformers: {why}")
-
-    if config.n_expert > 0:
-        refuse(f"n_expert={config.n_expert}: mixture-of-experts layers have no transformers class with our layout")
-    if config.sliding_window is not None:
-        refuse(f"sliding_window={config.sliding_window}" + (f", n_sink={config.n_sink}" if config.n_sink else "") +
-               ": GPT2LMHeadModel and LlamaForCausalLM attend to the whole context, without attention sinks")
-    if config.pos_emb == "sinusoidal":
-        refuse("pos_emb=sinusoidal: neither GPT2LMHeadModel (learned) nor LlamaForCausalLM (rope) has fixed sinusoids")
-    layout = (config.pos_emb, config.norm, config.mlp)
-    if layout == ("learned", "layernorm", "gelu"):
-        if config.n_kv_head != config.n_head:
-            refuse(f"n_kv_head={config.n_kv_head} < n_head={config.n_head}: GPT-2 has no grouped-query attention")
-        return "GPT2LMHeadModel"
-    if layout == ("rope", "rmsnorm", "swiglu"):
-        return "LlamaForCausalLM"
-    refuse(f"pos_emb={config.pos_emb}, norm={config.norm}, mlp={config.mlp}: GPT2LMHeadModel is learned / "
-           "layernorm / gelu and LlamaForCausalLM rope / rmsnorm / swiglu; this mix is neither")
-
-
-def to_hf(model, bos_token_id=None, eos_token_id=None):
-    """Our GPT -> (a transformers config.json as a dict, its tensors by their names), for
-    GPT2LMHeadModel or LlamaForCausalLM (hf_architecture refuses the rest). A LoRA model goes out
-    with its adapters merged into the weights; a bias=False GPT-2 with zero biases."""
-    cfg = model.config
-    sd = model.merged_state_dict() if cfg.lora_rank or model.quantization else model.state_dict()
-    cfg = replace(cfg, lora_rank=0)
-    arch = hf_architecture(cfg)
-    dtype = str(sd["wte.weight"].dtype).removeprefix("torch.")
-    hf = dict(architectures=[arch], model_type="gpt2" if arch == "GPT2LMHeadModel" else "llama",
-              vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_weights, bos_token_id=bos_token_id,
-              eos_token_id=eos_token_id, torch_dtype=dtype)
-    if arch == "GPT2LMHeadModel":
-        hf.update(n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                  n_inner=cfg.n_inner, activation_function={"none": "gelu", "tanh": "gelu_new"}[cfg.gelu_approximate],
-                  layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                  attn_pdrop=cfg.dropout)
-    else:
-        hf.update(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
-                  num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-                  hidden_act="silu", max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-                  rope_theta=cfg.rope_theta, rope_scaling=None, attention_bias=cfg.bias, mlp_bias=cfg.bias,
-                  attention_dropout=cfg.dropout)
-    tensors = {}
-    for theirs, ours, transposed in hf_tensor_names(cfg, arch):
-        parts = []
-        for name in ours:
-            if name not in sd:  # a bias of a bias=False model, which GPT-2 must have: zeros
-                weight = sd[name.removesuffix("bias") + "weight"]
-                parts.append(torch.zeros(weight.size(0), dtype=weight.dtype))
-            else:
-                parts.append(sd[name])
-        t = torch.cat(parts) if len(parts) > 1 else parts[0]
-        tensors[theirs] = (t.t() if transposed else t).detach().cpu().contiguous()
-    return hf, tensors
-
-
-def save_hf(model, folder, bos_token_id=None, eos_token_id=None):
-    """Write config.json and model.safetensors, a folder that transformers'
-    AutoModelForCausalLM.from_pretrained loads (see to_hf). -> the config written."""
-    from safetensors.torch import save_file  # here, not at the top: only folders need the package
-
-    hf, tensors = to_hf(model, bos_token_id, eos_token_id)
-    os.makedirs(folder, exist_ok=True)
-    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    return hf

@@ -74,11 +74,15 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
+import bpe
 import common
 import losses
+import posttrain
+from configurator import configure
 from data.tasks import tasks
 
 # -----------------------------------------------------------------------------
@@ -161,7 +165,7 @@ dtype = "auto"  # auto | float32 | bfloat16 | float16
 compile = True  # torch.compile the model (skipped on CPU and MPS)
 seed = 1337
 # -----------------------------------------------------------------------------
-config = common.configure(globals())
+config = configure(globals())
 # -----------------------------------------------------------------------------
 
 N = prompts_per_iter * samples_per_prompt  # completions per iteration per process
@@ -193,24 +197,25 @@ master = ddp.master
 # -----------------------------------------------------------------------------
 # the policy to start from, its tokenizer, and the prompts
 
-ckpt, ckpt_path, resumed, tok, reference_path = common.post_training_start(init_from, out_dir, eval_only)
+ckpt, ckpt_path, resumed, tok, reference_path = posttrain.post_training_start(init_from, out_dir, eval_only, master)
 meta = ckpt["meta"]
-prompts = common.rl_prompts(config, tok, ckpt["model_args"]["block_size"], ddp)  # train, dev and test splits
+prompts = posttrain.rl_prompts(prompt_dataset, rl_tasks, tok, ddp, eval_prompts, pass_k_prompts, test_prompts,
+                               ckpt["model_args"]["block_size"], max_new_tokens)  # train, dev and test splits
 train_examples = prompts["train"]
-stream = common.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp,  # uniform: cells evenly
-                            cells=[common.cell_key(ex) for ex in train_examples] if rl_cell_weights == "uniform" else None)
+# rl_cell_weights=uniform: each cell as often as the others
+cells = [posttrain.cell_key(ex) for ex in train_examples] if rl_cell_weights == "uniform" else None
+stream = posttrain.EpochStream(len(train_examples), seed, prompts_per_iter, 1, ddp, cells=cells)
 if resumed and ("value_head" if shared else "value_model") not in ckpt:
     sys.exit(f"config error: {ckpt_path} was written with the other value_model; resume with the one it started with")
 
 # -----------------------------------------------------------------------------
 # the policy (with its value head when shared), the value network (separate), the reference, the reward
 
-train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 value = None
 try:
     # the saved policy is a plain GPT: a shared value head is stored beside it, and goes back on here
     model = common.model_from_checkpoint(ckpt, ckpt_path, {"scalar_head": shared} if resumed else
-                                         dict(train_args, scalar_head=shared), quantize=quantize,
+                                         common.training_args(config, scalar_head=shared), quantize=quantize,
                                          quant_group_size=quant_group_size, trains=not eval_only, resuming=resumed)
     if shared and resumed:
         model.score_head.load_state_dict(ckpt["value_head"])
@@ -223,19 +228,18 @@ try:
             start, start_path = common.load_checkpoint(reward_model), reward_model
             if start.get("stage") != "reward":
                 raise ValueError(f"value_init=reward: {reward_model} is not a reward model (stage {start.get('stage')!r})")
-            common.check_same_tokenizer(start["meta"], f"reward model {reward_model}", meta, "the policy")
+            bpe.check_same_tokenizer(start["meta"], f"reward model {reward_model}", meta, "the policy")
         value = common.model_from_checkpoint(start, start_path, {"scalar_head": True, "dropout": dropout})
     if value is not None and not value.config.tie_weights:
         value.lm_head.requires_grad_(False)  # the value network reads only its scalar head
-    reference = common.Reference(model, reference_path, ddp.device) if kl_coef > 0 else None
-    rewarder = common.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty)
+    reference = posttrain.Reference(model, reference_path, ddp.device) if kl_coef > 0 else None
+    rewarder = posttrain.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 kl_now = ckpt.get("kl_coef", kl_coef) if resumed else kl_coef  # the controller's coefficient, carried across resumes
 moments = tuple(ckpt.get("reward_moments", (0, 0.0, 0.0))) if resumed else (0, 0.0, 0.0)  # of the sequence rewards
 if master:
-    print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}; "
-          f"reference: {reference or 'none (kl_coef 0)'}; value: "
+    print(f"reference: {reference or 'none (kl_coef 0)'}; value: "
           f"{'a head on the policy' if shared else f'a separate network from {ckpt_path if resumed else start_path}'}")
 # a shared value head starts from nothing: it may learn faster than the fine-tuned backbone
 raw_model, model, optimizer, scaler = common.prepare_training(
@@ -254,7 +258,7 @@ def checkpoint():
     if shared:
         value_part = {"value_head": raw_model.score_head.state_dict()}
     else:
-        value_part = {"value_model": raw_value.state_dict(), "value_model_args": raw_value.config.to_dict(),
+        value_part = {"value_model": raw_value.state_dict(), "value_model_args": asdict(raw_value.config),
                       "value_optimizer": value_optimizer.state_dict(), "value_scaler": value_scaler.state_dict()}
     common.save_training_checkpoint(os.path.join(out_dir, "ckpt.pt"), ddp, raw_model, optimizer, scaler, ctx.dtype,
                                     drop_scalar_head=True, **loop.state(), config=config, meta=meta, stage="ppo",
@@ -263,13 +267,13 @@ def checkpoint():
 
 def save_best():
     common.save_weights(os.path.join(out_dir, "best.pt"), ddp, raw_model, drop_scalar_head=True,
-                        iter_num=loop.iter_num, best_val_loss=loop.best_val_loss, config=config, meta=meta, stage="ppo")
+                        iter_num=loop.iter_num, best_metric=loop.best_metric, config=config, meta=meta, stage="ppo")
 
 
 loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best, metric="err_rl")
 ckpt = None  # free it
-if master and not (resumed or eval_only):
-    open(os.path.join(out_dir, "samples.txt"), "w").close()
+evals = posttrain.Evals(tok, ctx, eval_batch_size, eval_max_new_tokens, pass_k_samples, eval_show, rl_tasks, seed,
+                        out_dir)
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -279,17 +283,18 @@ while True:
     if value is not None:  # the value network's rate follows the same schedule
         common.set_lr(value_optimizer, lr * (value_learning_rate or learning_rate) / learning_rate)
     if loop.eval_due():  # dev split: greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
-        common.evaluate_rl(loop, raw_model, prompts["dev"], prompts["pass_dev"], tok, ctx, config)
+        posttrain.evaluate_rl(loop, raw_model, prompts["dev"], prompts["pass_dev"], evals)
     if loop.done():
         break
 
     # ---- rollout: P prompts x samples_per_prompt completions in one batched generate ---------
     # examples[i] is the task of row i: row p * S + s is sample s of prompt p
-    (examples, out), t_gen = common.timed(common.rollout, raw_model, train_examples, stream, loop.iter_num, ddp,
-                                          ctx, tok, config, samples_per_prompt)
+    (examples, out), t_gen = posttrain.timed(posttrain.rollout, raw_model, train_examples, stream, loop.iter_num, ddp,
+                                             ctx, tok, samples_per_prompt, max_new_tokens, temperature, top_k, top_p,
+                                             seed)
 
     # ---- the sequence rewards ------------------------------------------------------------------
-    (seq_rewards, reward_parts, texts), t_score = common.timed(rewarder, examples, out)
+    (seq_rewards, reward_parts, texts), t_score = posttrain.timed(rewarder, examples, out)
     scores = seq_rewards
     if reward_scaling:  # by the std of every reward so far, on every process (so the same on each)
         moments = losses.running_moments(*moments, torch.tensor(ddp.gather_objects(seq_rewards.tolist())))
@@ -303,9 +308,9 @@ while True:
     # truncated completion keeps its tokens (its reward goes on its last one) unless mask_truncated
     mask = out.loss_mask(drop_truncated=mask_truncated)
     with torch.no_grad(), ctx:
-        x, _ = raw_model(inputs, pos=pos, hidden=True)
-        old_logp = raw_model.head_logprobs(x, targets, temperature, tok.n_vocab)[0]
-        old_values = (raw_model.head_scores(x) if shared else raw_value.scores(inputs, pos)) * mask
+        x = raw_model(inputs, pos)
+        old_logp = raw_model.logprobs(x, targets, temperature, tok.n_vocab)[0]
+        old_values = (raw_model.scores(x) if shared else raw_value.scores(raw_value(inputs, pos))) * mask
         # without a reference (kl_coef 0) the penalty is 0
         ref_logp = reference.logprobs(inputs, targets, pos, temperature, tok.n_vocab) if reference else old_logp
 
@@ -329,22 +334,18 @@ while True:
     steps, stop = 0, False
     loss_sum, grad_norm, value_grad_norm = torch.zeros((), device=ddp.device), torch.zeros(()), torch.zeros(())
     for epoch in range(ppo_epochs):
-        for mb in common.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device):
+        for mb in posttrain.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device):
             m = mask[mb]
             # the tokens of this step over every process: DDP averages the gradients, hence the mean
             n_tokens = ddp.all_reduce_mean(m.sum().float()).item()
             if n_tokens == 0:
                 continue  # nothing to learn from: every completion left out
             with ctx:
-                x, _ = model(inputs[mb], pos=pos[mb], hidden=True)
+                x = model(inputs[mb], pos[mb])
                 # the entropy bonus needs its graph; without one (ent_coef 0) it is only logged
-                logp, entropy = raw_model.head_logprobs(x, targets[mb], temperature, tok.n_vocab,
-                                                        entropy=True if ent_coef > 0 else "log")
-                if shared:
-                    values = raw_model.head_scores(x)
-                else:
-                    xv, _ = value(inputs[mb], pos=pos[mb], hidden=True)
-                    values = raw_value.head_scores(xv)
+                logp, entropy = raw_model.logprobs(x, targets[mb], temperature, tok.n_vocab,
+                                                   entropy=True if ent_coef > 0 else "log")
+                values = raw_model.scores(x) if shared else raw_value.scores(value(inputs[mb], pos[mb]))
                 pg, clipped = losses.clipped_surrogate(logp, old_logp[mb], advantages[mb], clip_eps)
                 vf, value_clipped = losses.clipped_value_loss(values, old_values[mb], returns[mb], clip_value)
                 pg_loss = (pg * m).sum() / n_tokens  # token means over the minibatch of every process
@@ -387,7 +388,7 @@ while True:
     if loop.step_done(loss_sum / max(steps, 1), tokens=n_gen, lr=lr, reward=seq_rewards.mean(), **reward_parts,
                       true_score=sum(tasks.score(ex, t) for ex, t in zip(examples, texts)) / N,
                       em=sum(tasks.exact_match(ex, t) for ex, t in zip(examples, texts)) / N,
-                      work=common.worked_share(examples, texts),
+                      work=posttrain.worked_share(examples, texts),
                       kl=kl.sum().item() / n_mask if reference else None,
                       kl_k3=(losses.kl_k3(old_logp, ref_logp) * mask).sum().item() / n_mask if reference else None,
                       kl_seq=kl_seq if reference else None, kl_coef=coef_used, entropy=ent_sum / tokens_seen,
@@ -399,5 +400,5 @@ while True:
 
 if value is not None:
     ddp.check_in_sync(raw_value)
-common.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], tok, ctx, config, rl_tasks)
+posttrain.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], evals)
 loop.close(raw_model)

@@ -21,6 +21,7 @@ import platform
 import sys
 
 import common
+from configurator import configure
 
 # -----------------------------------------------------------------------------
 out = "report.md"  # the report to write
@@ -193,7 +194,7 @@ def machine_cpu():
 
 
 if __name__ == "__main__":
-    common.configure(globals())
+    configure(globals())
     try:
         main()
     except (OSError, ValueError, json.JSONDecodeError) as e:

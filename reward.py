@@ -14,7 +14,7 @@ replies of a batch go through the model in one forward.
 
 Writes to out_dir: ckpt.pt (for resume, stage "reward"), best.pt (the weights with the best val
 loss), log.jsonl. Both store reward_mean and reward_std, the reward's mean and std over training
-answers, so the RL stages can normalise it: common.RewardModel loads a checkpoint as a scorer.
+answers, so the RL stages can normalise it: posttrain.RewardModel loads a checkpoint as a scorer.
 
 A tiny run on a laptop CPU (about 5 minutes, after sft.py config/sft_tasks.py and the pairs):
     python data/preferences/prepare.py --source=rules
@@ -46,6 +46,9 @@ import torch
 
 import common
 import losses
+import posttrain
+from configurator import configure
+from conversations import pair_batch, preference_splits
 from data.tasks.tasks import score
 
 # -----------------------------------------------------------------------------
@@ -72,7 +75,7 @@ lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj 
 quantize = "none"  # none | int8 | int4 weights (frozen): train LoRA on them (QLoRA) or evaluate (eval_only)
 quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # reward
-loss = "bt"  # bt (Bradley-Terry) | margin_ranking | bt_margin (Bradley-Terry with a margin, Llama 2)
+loss_type = "bt"  # bt (Bradley-Terry) | margin_ranking | bt_margin (Bradley-Terry with a margin, Llama 2)
 margin = 1.0  # the margin m of a pair without a margin field (margin_ranking, bt_margin)
 center_coef = 0.0  # adds center_coef * mean((r_c + r_r)^2) to the training loss, keeping rewards centred (0 = off)
 eval_pairs = 2000  # held-out pairs per folder measured at each eval (0 = all)
@@ -97,11 +100,11 @@ dtype = "auto"  # auto | float32 | bfloat16 | float16
 compile = True  # torch.compile the model (skipped on CPU and MPS)
 seed = 1337
 # -----------------------------------------------------------------------------
-config = common.configure(globals())
+config = configure(globals())
 # -----------------------------------------------------------------------------
 
-if loss not in ("bt", "margin_ranking", "bt_margin"):
-    sys.exit(f"config error: loss must be bt | margin_ranking | bt_margin, got {loss!r}")
+if loss_type not in ("bt", "margin_ranking", "bt_margin"):
+    sys.exit(f"config error: loss_type must be bt | margin_ranking | bt_margin, got {loss_type!r}")
 if batch_size < 1 or eval_pairs < 0 or calibration_bins < 1 or center_coef < 0:
     sys.exit("config error: need batch_size >= 1, eval_pairs >= 0, calibration_bins >= 1, center_coef >= 0")
 ddp, grad_accum, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed,
@@ -111,18 +114,18 @@ master = ddp.master
 # -----------------------------------------------------------------------------
 # the checkpoint to start from, and the pairs rendered by its chat template
 
-ckpt, ckpt_path, resumed, tok, _ = common.post_training_start(init_from, out_dir)
+ckpt, ckpt_path, resumed, tok, _ = posttrain.post_training_start(init_from, out_dir, verbose=master)
 meta = ckpt["meta"]
 block_size = ckpt["model_args"]["block_size"]
 pad_id = tok.special_id("<|endoftext|>")
 try:
-    train_pairs, val_pairs = common.preference_splits(preference_dataset, tok, block_size, eval_pairs,
-                                                      train=not eval_only, verbose=master)
+    train_pairs, val_pairs = preference_splits([common.data_dir(f) for f in preference_dataset], tok, block_size,
+                                               eval_pairs, train=not eval_only, verbose=master)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"data error: {e}")
 if not eval_only and not train_pairs:
     sys.exit("data error: no training pairs left")
-stream = common.EpochStream(len(train_pairs), seed, batch_size, grad_accum, ddp)
+stream = posttrain.EpochStream(len(train_pairs), seed, batch_size, grad_accum, ddp)
 
 
 def pair_margins(pairs):
@@ -132,16 +135,14 @@ def pair_margins(pairs):
 # -----------------------------------------------------------------------------
 # model, optimizer, checkpoint
 
-train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
-    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else {**train_args, "scalar_head": True},
-                                         quantize=quantize, quant_group_size=quant_group_size, trains=not eval_only)
+    train_args = None if resumed else common.training_args(config, scalar_head=True)  # a fresh scalar head
+    model = common.model_from_checkpoint(ckpt, ckpt_path, train_args, quantize=quantize,
+                                         quant_group_size=quant_group_size, trains=not eval_only)
 except ValueError as e:
     sys.exit(f"init_from: {e}")
 if not model.config.scalar_head:
     sys.exit(f"{ckpt_path} is a resume checkpoint without a scalar head: not a reward model")
-if master:
-    print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}")
 base = ckpt.get("base", ckpt_path) if resumed else init_from
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None,
@@ -154,9 +155,9 @@ def rewards_of(pairs):
     raw_model.eval()
     rc, rr = [], []
     for k in range(0, len(pairs), batch_size):
-        idx, _, lengths = common.pair_batch(pairs[k : k + batch_size], pad_id, ddp.device)
+        idx, _, lengths = pair_batch(pairs[k : k + batch_size], pad_id, ddp.device)
         with ctx:
-            r = raw_model.sequence_scores(idx, lengths - 1)
+            r = raw_model.scores(raw_model(idx), lengths - 1)
         n = r.size(0) // 2
         rc.append(r[:n].float())
         rr.append(r[n:].float())
@@ -182,7 +183,7 @@ def checkpoint():
 
 def save_best():
     common.save_weights(os.path.join(out_dir, "best.pt"), ddp, raw_model, iter_num=loop.iter_num,
-                        best_val_loss=loop.best_val_loss, **reward_stats(), config=config, meta=meta,
+                        best_metric=loop.best_metric, **reward_stats(), config=config, meta=meta,
                         stage="reward", base=base)
 
 
@@ -195,9 +196,9 @@ ckpt = None  # free it
 
 def ranking_loss(r_c, r_r, m):
     """The ranking loss of this run (the centring term is added apart, so val losses compare)."""
-    if loss == "bt":
+    if loss_type == "bt":
         return losses.bradley_terry_loss(r_c, r_r)
-    if loss == "bt_margin":
+    if loss_type == "bt_margin":
         return losses.bradley_terry_loss(r_c, r_r, m)
     return losses.margin_ranking_loss(r_c, r_r, m)
 
@@ -229,10 +230,10 @@ def evaluate():
         graded = [(r, score(row, reply)) for a, b, row in part if "answer" in row
                   for r, reply in ((a, row["chosen"]), (b, row["rejected"]))]
         if graded:
-            stats["spearman"] = common.spearman([g[0] for g in graded], [g[1] for g in graded])
+            stats["spearman"] = posttrain.spearman([g[0] for g in graded], [g[1] for g in graded])
         # calibration of sigmoid(r_c - r_r), each pair in both orders, so outcomes are 1 and 0
         p = torch.sigmoid(rc - rr).tolist()
-        stats["ece"], _ = common.calibration(p + [1 - x for x in p], [1] * n + [0] * n, calibration_bins)
+        stats["ece"], _ = posttrain.calibration(p + [1 - x for x in p], [1] * n + [0] * n, calibration_bins)
         prefix = f"{name}/" if len(val_pairs) > 1 else ""
         out.update({prefix + k: v for k, v in stats.items()})
         all_loss, all_n = all_loss + stats["val_loss"] * n, all_n + n
@@ -259,12 +260,11 @@ while True:
     acc_gap = torch.zeros(2, device=ddp.device)  # this process's (accuracy, mean reward gap) of the iteration
     for micro_step in range(grad_accum):
         pairs = [train_pairs[i] for i in stream.indices(loop.iter_num, micro_step)]
-        idx, _, lengths = common.pair_batch(pairs, pad_id, ddp.device)
+        idx, _, lengths = pair_batch(pairs, pad_id, ddp.device)
         if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with ctx:
-            x, _ = model(idx, hidden=True)  # chosen and rejected in one forward
-            r = raw_model.head_scores(x)[torch.arange(idx.size(0), device=ddp.device), lengths - 1]
+            r = raw_model.scores(model(idx), lengths - 1)  # chosen and rejected in one forward
             r_c, r_r = r[: len(pairs)], r[len(pairs):]
             objective = ranking_loss(r_c, r_r, pair_margins(pairs)) / grad_accum  # <- the ranking loss
             total += objective.detach()

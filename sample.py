@@ -17,12 +17,16 @@ is needed.
 Export a checkpoint for transformers (AutoModelForCausalLM, AutoTokenizer), then exit:
     python sample.py --out_dir=out-sft --export_hf=out-sft-hf
 
-Quantize the weights at load (weight-only, model.quantize), or write a quantized checkpoint that
+Quantize the weights at load (weight-only, quantize.py), or write a quantized checkpoint that
 loads anywhere a checkpoint is taken. With bf16 activations (--dtype=bfloat16) the CPU's int8 and
-int4 kernels run; with float32 ones each matmul usually dequantizes its weight (model.QUANT_PATHS):
+int4 kernels run; with float32 ones each matmul usually dequantizes its weight (quantize.QUANT_PATHS):
     python sample.py --out_dir=out-shakespeare --quantize=int8 --dtype=bfloat16
     python sample.py --out_dir=out-shakespeare --quantize=int4 --quant_group_size=64 --export_quantized=out-shakespeare/int4.pt
     python sample.py --ckpt=out-shakespeare/int4.pt
+
+Decoding faster on this machine, each kept only where it measures faster here (autotune.py): the
+compiled decode step, and on a multi-core CPU the split-weight matmul:
+    python sample.py --out_dir=out-shakespeare --compile=true --split_linear=true
 
 It prints each sample as it is generated, separated by a line of dashes, and on stderr the speed:
     [sample 1: 500 tokens in 1.42s, 352 tokens/s]
@@ -48,12 +52,18 @@ import os
 import pickle
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
+import autotune
+import bpe
 import common
 import webchat
-from model import GPT, from_nanogpt, save_hf
+from configurator import configure
+from convert import from_nanogpt, save_hf, save_hf_tokenizer
+from model import GPT
+from quantize import quantize_model
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -83,7 +93,8 @@ device = "auto"
 dtype = "auto"  # auto | float32 | bfloat16 | float16
 quantize = "none"  # none | int8 | int4: weight-only, applied at load (a quantized checkpoint loads as it was stored)
 quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
-compile = False  # torch.compile the decode step, kept only where it measures faster (model.compile_decode)
+compile = False  # torch.compile the decode step, kept only where it measures faster (autotune.compile_decode)
+split_linear = False  # the split-weight decode matmul, kept where it measures faster (autotune.split_linear)
 # -----------------------------------------------------------------------------
 
 
@@ -132,14 +143,12 @@ def load(out_dir, ckpt_path):
     if "meta" in checkpoint:  # ours, quantized or not
         model = common.model_from_checkpoint(checkpoint, ckpt_path, quantize=quantize, quant_group_size=quant_group_size)
         meta = checkpoint["meta"]
-        return model, common.tokenizer_from_meta(meta), ckpt_path, meta, checkpoint.get("stage")
+        return model, bpe.tokenizer_from_meta(meta), ckpt_path, meta, checkpoint.get("stage")
     # nanoGPT's: no meta; a char-level vocabulary from its meta.pkl, else GPT-2's
     config, state_dict = from_nanogpt(checkpoint["model"], checkpoint["model_args"])
     if nanogpt_meta:
         tokenizer = CharTokenizer(nanogpt_meta)
     elif config.vocab_size in (50257, 50304):
-        import bpe
-
         tokenizer = bpe.gpt2_tokenizer(("<|endoftext|>",))
     else:
         raise ValueError(f"{ckpt_path} is a nanoGPT checkpoint with a {config.vocab_size}-token vocabulary: "
@@ -149,7 +158,7 @@ def load(out_dir, ckpt_path):
         model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {ckpt_path} does not fit its own model config: {e}") from None
-    return common.quantize_model(model, quantize, quant_group_size), tokenizer, ckpt_path, None, None
+    return quantize_model(model, quantize, quant_group_size), tokenizer, ckpt_path, None, None
 
 
 def encode_prompt(tokenizer, text):
@@ -183,16 +192,20 @@ def main():
     if export_quantized:
         return save_quantized(model, meta, stage, path, export_quantized)
     if dt == "auto":  # a CPU with bf16 instructions: bf16 weights only where they measure faster here
-        model, dt = common.choose_decode_dtype(model, dev)
+        model, dt = autotune.decode_dtype(model, dev)
         print(f"dtype auto: decoding in {dt} (measured)", file=sys.stderr)
     amp = common.autocast(device_type, dt)
+    if split_linear:  # the split-weight matmul, where it measures faster here
+        choices = autotune.split_linear(model)
+        shapes = ", ".join(f"{o}x{i} {path}" for (o, i, _), path in choices.items())
+        print(f"split_linear: {shapes or 'nothing to split'}", file=sys.stderr)
     if compile:  # the decode step over a static cache, kept only where it measures faster here
-        choice, eager_ms, compiled_ms = model.compile_decode()
+        choice, eager_ms, compiled_ms = autotune.compile_decode(model)
         print(f"decode step: eager {eager_ms:.2f} ms, compiled {compiled_ms:.2f} ms: using {choice}", file=sys.stderr)
     if serve:
         # a fine-tuned model chats; a pretrained one continues a prompt (our tokenizers reserve the
         # chat tokens from the start, so the tokenizer alone does not tell)
-        chats = common.has_chat_template(tokenizer) and stage != "pretrain"
+        chats = bpe.has_chat_template(tokenizer) and stage != "pretrain"
         chat_page = webchat.Chat(model, tokenizer, dev, amp, path, chats, system, temperature, top_k, top_p,
                                  max_new_tokens, use_cache, seed)
         return webchat.serve(chat_page, host, serve)
@@ -229,11 +242,11 @@ def export(model, tokenizer, folder):
     eos = [specials[name] for name in ("<|end|>", "<|endoftext|>") if name in specials]
     hf = save_hf(model, folder, bos_token_id=specials.get("<|endoftext|>"), eos_token_id=eos or None)
     written = "config.json, model.safetensors"
-    if not hasattr(tokenizer, "save_hf"):
+    if not isinstance(tokenizer, bpe.Tokenizer):
         print(f"note: a {tokenizer.kind} vocabulary has no Hugging Face form; no tokenizer files written", file=sys.stderr)
     else:
         try:
-            tokenizer.save_hf(folder, model_max_length=model.config.block_size)
+            save_hf_tokenizer(tokenizer, folder, model_max_length=model.config.block_size)
             written += ", tokenizer.json, tokenizer_config.json"
         except ValueError as e:
             print(f"note: the tokenizer is not written: {e}", file=sys.stderr)
@@ -249,7 +262,7 @@ def save_quantized(model, meta, stage, path, out):
         raise ValueError("export_quantized needs quantize=int8 or quantize=int4 (or a quantized checkpoint)")
     if meta is None:
         raise ValueError(f"export_quantized: {path} carries no tokenizer (meta): only checkpoints of this repository")
-    common.save_checkpoint({"model": model.state_dict(), "model_args": model.config.to_dict(),
+    common.save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
                             "quantization": model.quantization, "meta": meta, "stage": stage, "source": path,
                             "git": common.git_commit()}, out)
     print(f"wrote {out}: {os.path.getsize(out) / 1e6:.1f} MB ({os.path.getsize(path) / 1e6:.1f} MB as read from {path})"
@@ -287,7 +300,7 @@ def reply(model, tokenizer, history, dev, amp, generator):
 
 def chat_loop(model, tokenizer, dev, amp, question=None):
     """One answer to `question`, or, without one, a conversation read from the terminal."""
-    if not common.has_chat_template(tokenizer):
+    if not bpe.has_chat_template(tokenizer):
         raise ValueError(f"chat needs a checkpoint whose tokenizer has the chat tokens (<|user|>, <|assistant|>, "
                          f"<|end|>); this one is {tokenizer.kind} with {list(tokenizer.special_tokens)}")
     generator = torch.Generator(dev).manual_seed(seed)
@@ -319,7 +332,7 @@ def chat_loop(model, tokenizer, dev, amp, question=None):
 
 
 if __name__ == "__main__":
-    common.configure(globals(), stream=sys.stderr)  # stdout carries only the samples
+    configure(globals(), stream=sys.stderr)  # stdout carries only the samples
     try:
         main()
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -43,12 +43,18 @@ On a CPU, mfu is the fraction of a matmul speed measured at start, a rough guide
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
 import common
 import losses
-from data.tasks.tasks import exact_match, metrics
+import posttrain
+from configurator import configure
+from conversations import read_conversations
+from convert import add_chat_tokens
+from data.tasks.tasks import metrics
+from model import cross_entropy, lora_state_dict
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -84,8 +90,7 @@ eval_show = 12  # prompt / reference / answer examples appended to out_dir/sampl
 train_embeddings = False  # with LoRA: train the token embedding (= the tied output head) too, not only adapters
 # the embedding rows of ids the pretraining text never had (train.py records them: tiny shakespeare
 # has no digits and no chat tokens) only ever learned to be unlikely outputs, which pushed them all
-# one way (mean pairwise cosine 0.87 for the digits, 0.97 for the chat tokens, 0.12 for letters), so
-# as inputs they start nearly equal and SFT spends its first thousand iterations telling 3 from 7:
+# one way, so as inputs they start nearly equal and SFT first has to tell 3 from 7 (README, SFT):
 # norm restarts them as random directions as long as the other rows, init at N(0, 0.02), none keeps them
 reinit_unseen = "norm"  # none | init | norm
 # distillation: learn from a teacher's distribution too (empty teacher: off)
@@ -114,7 +119,7 @@ compile = True  # torch.compile the model (skipped on CPU and MPS)
 grad_checkpointing = False  # recompute each block in the backward pass instead of keeping its activations
 seed = 1337
 # -----------------------------------------------------------------------------
-config = common.configure(globals())
+config = configure(globals())
 # -----------------------------------------------------------------------------
 
 if reinit_unseen not in ("none", "init", "norm"):
@@ -135,12 +140,8 @@ if master:
 # -----------------------------------------------------------------------------
 # the checkpoint to start from, and its tokenizer
 
-ckpt, ckpt_path, resumed = common.load_start(init_from, out_dir)
-if "meta" not in ckpt:
-    sys.exit(f"{ckpt_path} carries no tokenizer (meta): SFT needs a checkpoint of this repository")
-meta = ckpt["meta"]
-tok = common.tokenizer_from_meta(meta)
-tok, meta = common.add_chat_tokens(tok, meta, verbose=master)  # a model from elsewhere lacks them: appended
+ckpt, ckpt_path, resumed, tok, _ = posttrain.post_training_start(init_from, out_dir, verbose=master)
+tok, meta = add_chat_tokens(tok, ckpt["meta"], verbose=master)  # a model from elsewhere lacks them: appended
 block_size = ckpt["model_args"]["block_size"]
 end_id, pad_id = tok.special_id("<|end|>"), tok.special_id("<|endoftext|>")
 base = ckpt.get("base", ckpt_path) if resumed else init_from  # the pretrained weights under it all
@@ -148,14 +149,14 @@ base = ckpt.get("base", ckpt_path) if resumed else init_from  # the pretrained w
 # -----------------------------------------------------------------------------
 # data: conversations rendered by the chat template, once
 
-data_dir = common.task_data(sft_dataset, ddp)
+data_dir = posttrain.task_data(sft_dataset, ddp)
 paths = {split: os.path.join(data_dir, f"{split}.jsonl") for split in ("train", "val")}
 
 
 def load_split(split):
     """-> the conversations of a split that fit in block_size + 1 tokens: their rows (the JSON
     objects) and their (ids, loss_mask)."""
-    rows, blank = common.read_conversations(paths[split])
+    rows, blank = read_conversations(paths[split])
     kept, rendered = [], []
     for row in rows:
         ids, mask = tok.render_conversation(row["messages"])
@@ -188,8 +189,8 @@ if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in leve
 
 
 # the first epoch of a curriculum runs from easy to hard, later epochs are plain shuffles
-stream = common.EpochStream(len(train_seqs), seed, batch_size, grad_accum, ddp,
-                            first_epoch=levels if curriculum != "none" else None)
+stream = posttrain.EpochStream(len(train_seqs), seed, batch_size, grad_accum, ddp,
+                               first_epoch=levels if curriculum != "none" else None)
 
 
 def get_batch(seqs):
@@ -210,16 +211,13 @@ def get_batch(seqs):
 # -----------------------------------------------------------------------------
 # model, optimizer, checkpoint
 
-train_args = {k: config[k] for k in config if k == "dropout" or k.startswith("lora_")}
 try:
-    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else train_args, quantize=quantize,
-                                         quant_group_size=quant_group_size, trains=not eval_only)
+    model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else common.training_args(config),
+                                         quantize=quantize, quant_group_size=quant_group_size, trains=not eval_only)
     if model.config.vocab_size < tok.n_vocab:  # chat tokens appended above: rows for them
         model.resize_vocab(meta["vocab_size"])
 except ValueError as e:
     sys.exit(f"init_from: {e}")
-if master:
-    print(f"{'resuming' if resumed else 'starting'} from {ckpt_path} at iter {ckpt['iter_num'] if resumed else 0}")
 unseen = meta.get("unseen_ids") or []
 if reinit_unseen != "none" and unseen and not resumed and not eval_only:
     model.reset_token_rows(unseen, match_norm=reinit_unseen == "norm", generator=torch.Generator().manual_seed(seed))
@@ -233,8 +231,8 @@ meta = dict(meta, unseen_ids=[i for i in unseen if i not in seen_here])
 if train_embeddings and model.config.lora_rank > 0:
     # Adapters alone cannot fix an embedding the base never learned: tiny shakespeare has no digits
     # and no chat tokens, so their rows were only ever pushed down as outputs and all point the
-    # same way (cosine 0.9 between any two), and a frozen table can neither tell 3 from 7 nor learn
-    # to say <|end|>. The usual remedy (PEFT's modules_to_save) is to train the table as well.
+    # same way, and a frozen table can neither tell 3 from 7 nor learn to say <|end|>. The usual
+    # remedy (PEFT's modules_to_save) is to train the table as well.
     model.wte.weight.requires_grad_(True)
 model.grad_checkpointing = grad_checkpointing
 # batches vary in length: dynamic=True compiles one graph for all of them
@@ -253,14 +251,11 @@ def checkpoint():
 
 def save_weights(name):
     common.save_weights(os.path.join(out_dir, name), ddp, raw_model, iter_num=loop.iter_num,
-                        best_val_loss=loop.best_val_loss, config=config, meta=meta, stage="sft", base=base)
+                        best_metric=loop.best_metric, config=config, meta=meta, stage="sft", base=base)
 
 
 loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, lambda: save_weights("best.pt"))
 ckpt = None  # free it
-# a fresh run starts its samples anew; a resumed run or a lone evaluation appends to them
-if master and not (resumed or eval_only):
-    open(os.path.join(out_dir, "samples.txt"), "w").close()
 
 # -----------------------------------------------------------------------------
 # evaluation: assistant-token losses, and greedy answers to held-out prompts
@@ -272,13 +267,16 @@ eval_seqs = {  # fixed batches, the same in every run, so eval losses are compar
 }
 eval_batches = {split: [get_batch(seqs[k : k + batch_size]) for k in range(ddp.rank * batch_size, len(seqs), ddp.world_size * batch_size)]
                 for split, seqs in eval_seqs.items()}
-gen_examples = common.held_out_prompts(val_rows, eval_prompts, tok)
+gen_examples = posttrain.held_out_prompts(val_rows, eval_prompts, tok)
 test_path = os.path.join(data_dir, "test.jsonl")
 try:
-    test_rows = common.read_conversations(test_path)[0] if test_prompts and os.path.isfile(test_path) else []
+    test_rows = read_conversations(test_path)[0] if test_prompts and os.path.isfile(test_path) else []
 except ValueError as e:
     sys.exit(f"data error: {e}")
-test_examples = [ex for ex in common.held_out_prompts(test_rows, test_prompts, tok) if len(ex["prompt"]) < block_size]
+test_examples = posttrain.held_out_prompts(test_rows, test_prompts, tok)
+test_examples = [ex for ex in test_examples if len(ex["prompt"]) < block_size]
+# the test split at the end: no pass@k, every cell
+evals = posttrain.Evals(tok, ctx, eval_batch_size, eval_max_new_tokens, 0, eval_show, (), seed, out_dir)
 
 
 def n_loss_tokens(Y):
@@ -291,15 +289,17 @@ def n_loss_tokens(Y):
 while True:
     lr = loop.lr(optimizer)
     if loop.eval_due():
-        split_loss = {split: common.mean_loss(model, batches, ctx, ddp, n_loss_tokens) for split, batches in eval_batches.items()}
+        split_loss = {split: common.mean_loss(model, raw_model, batches, ctx, ddp, n_loss_tokens)
+                      for split, batches in eval_batches.items()}
         loop.log("eval", train_loss=split_loss["train"], val_loss=split_loss["val"], lr=lr)
         if gen_examples:
             t_gen = time.time()
-            answers = common.answer_prompts(raw_model, gen_examples, tok, ctx, ddp, eval_batch_size, eval_max_new_tokens)
+            answers = posttrain.answer_prompts(raw_model, gen_examples, tok, ctx, ddp, eval_batch_size,
+                                               eval_max_new_tokens)
             loop.log("answers", **metrics(gen_examples, answers), s=time.time() - t_gen)
             if master and eval_show:
-                common.write_samples(os.path.join(out_dir, "samples.txt"), gen_examples, answers, loop.iter_num,
-                                     eval_show, exact_match)
+                posttrain.write_samples(os.path.join(out_dir, "samples.txt"), gen_examples, answers, loop.iter_num,
+                                        eval_show)
         loop.evaluated(split_loss["val"])
     if loop.done():
         break
@@ -317,12 +317,17 @@ while True:
         if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with ctx:
-            logits, loss = model(X, Y)  # <- SFT: Y is -1 on every token that is not the assistant's
+            x = model(X)  # (B, T, n_embd): the hidden states
+            if teacher_model is None:
+                loss = raw_model.loss(x, Y)  # <- SFT: Y is -1 on every token that is not the assistant's
+            else:  # the logits once, for the cross-entropy and the distillation term both
+                logits = raw_model.logits(x)
+                loss = cross_entropy(logits, Y)
             share = n_loss_tokens(Y) / n_mean
             ce += (loss * share).detach()
             if teacher_model is not None:  # <- distillation, on the assistant's tokens only (Y -1 elsewhere)
                 with torch.no_grad():
-                    teacher_logits, _ = teacher_model(X)
+                    teacher_logits = teacher_model.logits(teacher_model(X))
                 loss, part = losses.distilled(loss, logits, teacher_logits, Y, distill_alpha, distill_temperature,
                                               distill_loss, distill_beta, tok.n_vocab)
                 kd += (part * share).detach()
@@ -343,14 +348,14 @@ while True:
 
 if raw_model.config.lora_rank > 0 and not eval_only and not loop.nonfinite and master:
     save_weights("merged.pt")
-    adapters = {"lora": raw_model.lora_state_dict()}
+    adapters = {"lora": lora_state_dict(raw_model)}
     if raw_model.wte.weight.requires_grad:  # trained with them: it goes with them
         adapters["embedding"] = raw_model.wte.weight.detach().clone()
-    common.save_checkpoint({**adapters, "model_args": raw_model.config.to_dict(), "iter_num": loop.iter_num,
+    common.save_checkpoint({**adapters, "model_args": asdict(raw_model.config), "iter_num": loop.iter_num,
                             "quantization": raw_model.quantization,  # the base they were trained on
                             "config": config, "git": common.git_commit(), "stage": "sft", "base": base},
                            os.path.join(out_dir, "lora.pt"))
     print(f"saved {os.path.join(out_dir, 'merged.pt')} (adapters merged) and {os.path.join(out_dir, 'lora.pt')} "
           f"(the adapters{' and the embedding' if 'embedding' in adapters else ''}, for the base {base})")
-common.evaluate_test(loop, raw_model, test_examples, [], tok, ctx, config)
+posttrain.evaluate_test(loop, raw_model, test_examples, [], evals)
 loop.close(raw_model)

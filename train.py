@@ -30,16 +30,18 @@ and at every eval_interval
 
 import math
 import os
-import subprocess
 import sys
 from dataclasses import fields
 
 import numpy as np
 import torch
 
+import bpe
 import common
 import losses
-from model import GPT, GPTConfig
+from configurator import configure
+from model import GPT, GPTConfig, cross_entropy
+from quantize import quantize_model
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -105,7 +107,7 @@ compile = True  # torch.compile the model (skipped on CPU and MPS)
 grad_checkpointing = False  # recompute each block in the backward pass instead of keeping its activations
 seed = 1337
 # -----------------------------------------------------------------------------
-config = common.configure(globals())
+config = configure(globals())
 # -----------------------------------------------------------------------------
 
 if teacher and grad_checkpointing:
@@ -120,19 +122,14 @@ if master:
 # -----------------------------------------------------------------------------
 # data
 
-data_dir = dataset if os.path.isabs(dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
-if not os.path.isfile(os.path.join(data_dir, "meta.json")):
-    if master and dataset.startswith("tiny_shakespeare/"):
-        kind = dataset.split("/", 1)[1]
-        args = ["--tokenizer=bpe", f"--vocab_size={kind[3:]}"] if kind.startswith("bpe") else [f"--tokenizer={kind}"]
-        print(f"data/{dataset} is missing: preparing it")
-        script = os.path.join(os.path.dirname(data_dir), "prepare.py")
-        if subprocess.run([sys.executable, script, *args]).returncode != 0:
-            sys.exit(f"could not prepare data/{dataset}; see the message above")
-    ddp.barrier()
-    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
-        sys.exit(f"dataset {dataset!r}: no meta.json in {data_dir}; run its prepare.py first")
-meta = common.load_meta(data_dir)
+data_dir = common.data_dir(dataset)
+if dataset.startswith("tiny_shakespeare/"):  # its prepare.py writes a missing folder: byte, bpe4096 ...
+    kind = dataset.split("/", 1)[1]
+    command = ["data/tiny_shakespeare/prepare.py", *(["--tokenizer=bpe", f"--vocab_size={kind[3:]}"]
+                                                     if kind.startswith("bpe") else [f"--tokenizer={kind}"])]
+common.prepare_missing(data_dir, ("meta.json", "train.bin", "val.bin"), ddp,
+                       command if dataset.startswith("tiny_shakespeare/") else None, "run its prepare.py first")
+meta = bpe.dataset_meta(data_dir)
 data_dtype = np.dtype(meta["dtype"])
 # the ids the training text never contains (tiny shakespeare has no digits and no chat tokens):
 # their embedding rows only ever learn to be unlikely, so a later stage that needs them (SFT on
@@ -167,20 +164,18 @@ model_args["vocab_size"] = meta["vocab_size"]
 ckpt, resumed = None, False
 if init_from == "scratch":
     try:
-        model = common.quantize_model(GPT(GPTConfig(**model_args)), quantize, quant_group_size, trains=not eval_only)
+        model = quantize_model(GPT(GPTConfig(**model_args)), quantize, quant_group_size, trains=not eval_only)
     except ValueError as e:
         sys.exit(f"config error: {e}")
 else:
-    ckpt, path, resumed = common.load_start(init_from, out_dir)
+    ckpt, path, resumed = common.load_start(init_from, out_dir, verbose=master)
     try:
         if "meta" in ckpt:  # the checkpoint's ids must mean what the dataset's ids mean
-            common.check_same_tokenizer(ckpt["meta"], f"init_from={path}", meta, f"dataset {dataset}")
+            bpe.check_same_tokenizer(ckpt["meta"], f"init_from={path}", meta, f"dataset {dataset}")
         model = common.model_from_checkpoint(ckpt, path, None if resumed else model_args, quantize=quantize,
                                              quant_group_size=quant_group_size, trains=not eval_only)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if master:
-        print(f"{'resuming' if resumed else 'starting'} from {path} at iter {ckpt.get('iter_num', 0) if resumed else 0}")
 model.grad_checkpointing = grad_checkpointing
 raw_model, model, optimizer, scaler = common.prepare_training(model, ddp, dtype, compile, weight_decay, learning_rate,
                                                               (beta1, beta2), resume_from=ckpt if resumed else None, ctx=ctx)
@@ -196,7 +191,7 @@ def checkpoint():
 
 def save_best():
     common.save_weights(os.path.join(out_dir, "best.pt"), ddp, raw_model, iter_num=loop.iter_num,
-                        best_val_loss=loop.best_val_loss, config=config, meta=meta, stage="pretrain")
+                        best_metric=loop.best_metric, config=config, meta=meta, stage="pretrain")
 
 
 loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best)
@@ -212,7 +207,7 @@ eval_batches = {  # fixed batches, the same in every run, so eval losses are com
 
 
 def sample_text(n_tokens):
-    tok = common.tokenizer_from_meta(meta)
+    tok = bpe.tokenizer_from_meta(meta)
     start = torch.tensor([[tok.special_id("<|endoftext|>")]], device=ddp.device)
     with ctx:
         out = raw_model.generate(start, n_tokens, temperature=0)
@@ -227,7 +222,8 @@ flops_per_step = raw_model.flops_per_token(block_size) * tokens_per_step
 while True:
     lr = loop.lr(optimizer)
     if loop.eval_due():
-        split_loss = {split: common.mean_loss(model, batches, ctx, ddp) for split, batches in eval_batches.items()}
+        split_loss = {split: common.mean_loss(model, raw_model, batches, ctx, ddp)
+                      for split, batches in eval_batches.items()}
         loop.log("eval", train_loss=split_loss["train"], val_loss=split_loss["val"],
                  val_ppl=math.exp(min(split_loss["val"], 50.0)), lr=lr)
         if eval_sample_tokens and master:
@@ -243,11 +239,16 @@ while True:
         if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with ctx:
-            logits, loss = model(X, Y)
+            x = model(X)  # (B, T, n_embd): the hidden states
+            if teacher_model is None:
+                loss = raw_model.loss(x, Y)
+            else:  # the logits once, for the cross-entropy and the distillation term both
+                logits = raw_model.logits(x)
+                loss = cross_entropy(logits, Y)
             ce += loss.detach() / grad_accum  # the accumulated gradient is the mean over micro-steps
             if teacher_model is not None:  # <- distillation: the teacher's softened distribution as a target too
                 with torch.no_grad():
-                    teacher_logits, _ = teacher_model(X)
+                    teacher_logits = teacher_model.logits(teacher_model(X))
                 loss, part = losses.distilled(loss, logits, teacher_logits, Y, distill_alpha, distill_temperature,
                                               distill_loss, distill_beta, meta["n_vocab"])
                 kd += part.detach() / grad_accum

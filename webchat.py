@@ -57,7 +57,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-import common
+import bpe
+import conversations
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "webchat.html")
 MAX_BODY = 1 << 20  # bytes: a request larger than this is refused before it is read
@@ -70,7 +71,7 @@ class Chat:
     def __init__(self, model, tokenizer, device, amp, name, chat, system="", temperature=0.8, top_k=200, top_p=1.0,
                  max_tokens=500, use_cache=True, seed=1337):
         """chat: a chat model (messages in the chat template), else a base model (a prompt to continue)."""
-        if chat and not common.has_chat_template(tokenizer):
+        if chat and not bpe.has_chat_template(tokenizer):
             raise ValueError(f"a chat needs the chat tokens <|user|>, <|assistant|>, <|end|>; this {tokenizer.kind} "
                              f"tokenizer has {list(tokenizer.special_tokens)}")
         self.model, self.tokenizer, self.amp, self.name, self.chat = model, tokenizer, amp, name, chat
@@ -125,7 +126,7 @@ class Chat:
         """A conversation from the page -> the prompt's ids, with the chat template."""
         if not self.chat:
             raise ValueError("this is a base model, not a chat model: send 'prompt', text for it to continue")
-        messages = common.messages_of({"messages": messages})
+        messages = conversations.messages_of({"messages": messages})
         if messages[-1]["role"] != "user":
             raise ValueError(f"'messages' must end with the user's message, not the {messages[-1]['role']}'s")
         if not messages[-1]["content"].strip():

@@ -2,13 +2,8 @@
 # SFT is neither solved nor hopeless, grpo_tasks.py's rl_tasks: on-policy pairs, for each prompt the
 # best of 8 samples at temperature 1 against the worst (by the checker's score), built first when
 # data/preferences/policy_rl is missing. Then: python sample.py --out_dir=out-dpo --chat=True
-#
-# Measured (2-core AMD EPYC, torch 2.13.0+cpu, bf16 autocast, from the pipeline run's SFT model, on
-# its 2,171 policy pairs of the 5 cells; README.md "Direct Preference Optimization"): 26 s alone
-# (the pairs, built by the pipeline's pairs stage, about 15 s more), mean held-out exact match over
-# the 5 cells 0.384 -> 0.41 (0.40-0.43 over 3 seeds) with sft_coef 1.0, and down to 0.26 without it
-# (likelihood displacement: logp_chosen fell from -2.2 to -3.5 with logp_rejected). beta 0.5 (0.38,
-# 0.42 with sft_coef 1.0) and IPO (0.27 at beta 0.1, 0.40 at 0.5) did no better.
+# sft_coef 1.0 because plain DPO fell below SFT here (likelihood displacement), and beta 0.5 and IPO
+# did no better: README.md, "Direct Preference Optimization", has the measurements.
 out_dir = "out-dpo"
 init_from = "out-sft/ckpt.pt"
 preference_dataset = ("preferences/policy_rl",)

@@ -1,4 +1,4 @@
-# GRPO on worked solutions (issue 19): from the SFT model that writes its steps before the answer
+# GRPO on worked solutions: from the SFT model that writes its steps before the answer
 # (python sft.py config/sft_tasks_cot.py), on the cells still unsolved after it, difficulty 4
 # included (4-digit numbers, longer strings; SFT never trained on it). The reward looks only at the
 # final answer, the text after the last "Answer:" (partial credit), plus a small reward for

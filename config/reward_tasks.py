@@ -11,7 +11,7 @@ log_interval = 25
 eval_pairs = 1000
 
 batch_size = 32
-loss = "bt"
+loss_type = "bt"
 center_coef = 0.0
 
 learning_rate = 3e-4

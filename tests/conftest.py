@@ -3,6 +3,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def save_byte_checkpoint(path, config, seed=0):
         model.lm_head.weight.mul_(30)
     tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
     meta = {"tokenizer": "byte", "vocab_size": config.vocab_size, "tokenizer_state": tok.state()}
-    common.save_checkpoint({"model": model.state_dict(), "model_args": config.to_dict(), "meta": meta}, path)
+    common.save_checkpoint({"model": model.state_dict(), "model_args": asdict(config), "meta": meta}, path)
     return model.eval(), tok
 
 
@@ -147,13 +148,13 @@ def ab_policy(tmp_path):
     g = torch.Generator().manual_seed(0)
     for _ in range(60):
         x = torch.where(torch.rand(16, 33, generator=g) < 0.5, ord("a"), ord("b"))
-        _, loss = model(x[:, :-1], x[:, 1:])
+        loss = model.loss(model(x[:, :-1]), x[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
     meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
     base = str(tmp_path / "ab.pt")
-    common.save_checkpoint({"model": model.state_dict(), "model_args": cfg.to_dict(), "meta": meta}, base)
+    common.save_checkpoint({"model": model.state_dict(), "model_args": asdict(cfg), "meta": meta}, base)
     data = tmp_path / "say"
     data.mkdir()
     row = {"messages": [{"role": "user", "content": "Say aaaaaaaa"}, {"role": "assistant", "content": "aaaaaaaa"}],
@@ -184,13 +185,13 @@ def rare_policy(tmp_path):
     x = torch.tensor([convs[0][0]] * 2 + [convs[1][0]] * 18)  # 1 in 10 says a's
     y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:])] for ids, mask in [convs[0]] * 2 + [convs[1]] * 18])
     for _ in range(150):
-        _, loss = model(x[:, :-1], y)
+        loss = model.loss(model(x[:, :-1]), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
     meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
     base = str(tmp_path / "rare.pt")
-    common.save_checkpoint({"model": model.state_dict(), "model_args": cfg.to_dict(), "meta": meta}, base)
+    common.save_checkpoint({"model": model.state_dict(), "model_args": asdict(cfg), "meta": meta}, base)
     data = tmp_path / "say"
     data.mkdir()
     row = {"messages": user + [{"role": "assistant", "content": "aaaa"}], "answer": "aaaa", "task": "say",

@@ -1,8 +1,8 @@
-"""common.configure: the checked config mechanism every script shares."""
+"""configurator.configure: the checked config mechanism every script shares."""
 
 import pytest
 
-from common import configure, parse_value
+from configurator import configure, parse_value
 
 
 def defaults():
@@ -77,3 +77,21 @@ def test_config_file_is_checked(tmp_path):
     wrong.write_text("compile = 'yes please'\n")
     with pytest.raises(ValueError, match="'compile' expects a bool"):
         configure(defaults(), [str(wrong)], verbose=False)
+
+
+@pytest.mark.parametrize("script", ["train.py", "sft.py", "reward.py", "grpo.py", "ppo.py", "dpo.py"])
+def test_every_stage_has_the_settings_its_loop_and_its_model_read_by_name(script):
+    # common.Loop and model_from_checkpoint take these from a stage's config by their names: a
+    # setting renamed in one script must fail here, not at the start of a run
+    import ast
+    import os
+    from dataclasses import fields
+
+    import common
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, script)) as f:
+        tree = ast.parse(f.read())
+    settings = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    needed = {f.name for f in fields(common.LoopSettings)} | set(common.TRAINING_FIELDS)
+    assert needed <= settings, sorted(needed - settings)

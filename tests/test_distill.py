@@ -5,6 +5,7 @@ The loss itself is checked by hand in test_losses.py."""
 import json
 import os
 import random
+from dataclasses import asdict
 
 import torch
 
@@ -13,7 +14,7 @@ import common
 import losses
 from conftest import run_script, save_byte_checkpoint
 from data.tasks.tasks import generate
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, cross_entropy
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--log_interval=1", "--warmup_iters=2", "--device=cpu", "--compile=false", "--dtype=float32"]
@@ -33,12 +34,13 @@ def test_a_student_converges_toward_its_teacher():
     x = torch.randint(0, 40, (8, 16), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 40, (8, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        t_logits, _ = teacher(x)
+        t_logits = teacher.logits(teacher(x))
     opt = student.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
-    kl = lambda: losses.distill_loss(student(x)[0], t_logits, y, 1.0, "forward_kl").item()  # noqa: E731
+    kl = lambda: losses.distill_loss(student.logits(student(x)), t_logits, y, 1.0, "forward_kl").item()  # noqa: E731
     start = kl()
     for _ in range(150):
-        logits, ce = student(x, y)
+        logits = student.logits(student(x))
+        ce = cross_entropy(logits, y)
         loss, _ = losses.distilled(ce, logits, t_logits, y, alpha=1.0, temperature=2.0)
         opt.zero_grad()
         loss.backward()
@@ -73,7 +75,7 @@ def test_a_teacher_of_another_tokenizer_is_refused(byte_dataset, tmp_path):
     cfg = GPTConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32)
     meta = {"tokenizer": "bpe", "n_vocab": tok.n_vocab, "vocab_size": 320, "tokenizer_state": tok.state()}
     path = str(tmp_path / "bpe_teacher.pt")
-    common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": cfg.to_dict(), "meta": meta}, path)
+    common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "meta": meta}, path)
     res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=1", f"--out_dir={tmp_path / 'x'}",
                      f"--teacher={path}", check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr

@@ -14,13 +14,16 @@ import torch
 
 import bpe
 import common
+import conversations
 from conftest import run_script, save_byte_checkpoint
 from data.tasks.tasks import generate
 from model import GPTConfig
 
+# dtype=float32: dtype=auto times float32 against bf16 in every run, and runs compared bit for bit
+# could then take different ones on a loaded CPU
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=1", "--device=cpu", "--compile=false",
         "--eval_pairs=8", "--eval_prompts=8", "--pass_k_prompts=2", "--pass_k_samples=4", "--eval_max_new_tokens=4",
-        "--learning_rate=1e-3", "--rl_tasks=add/2,reverse/1"]
+        "--learning_rate=1e-3", "--rl_tasks=add/2,reverse/1", "--dtype=float32"]
 
 
 def write_jsonl(path, rows):
@@ -78,7 +81,7 @@ def summed_reply_logps(model, convs, prompt_too=False):
     for ids, mask in convs:
         idx = torch.tensor(ids)[None]
         keep = torch.tensor(mask[1:], dtype=torch.bool)[None] | prompt_too
-        out.append(model.logprobs(idx[:, :-1], idx[:, 1:].masked_fill(~keep, -1), vocab_limit=261).sum().item())
+        out.append(model.logprobs(model(idx[:, :-1]), idx[:, 1:].masked_fill(~keep, -1), vocab_limit=261)[0].sum().item())
     return out
 
 
@@ -87,12 +90,12 @@ def test_one_forward_of_both_halves_equals_two_and_only_replies_count(dpo_setup)
     tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
     ckpt = common.load_checkpoint(base)
     model = common.model_from_checkpoint(ckpt, base).eval()
-    rows, _ = common.read_preferences(os.path.join(folders[0], "val.jsonl"))
-    pairs, _ = common.render_pairs(rows, tok, 49)
+    rows, _ = conversations.read_preferences(os.path.join(folders[0], "val.jsonl"))
+    pairs, _ = conversations.render_pairs(rows, tok, 49)
     # dpo.py's batch: chosen rows then rejected rows, right-padded, targets only on the reply tokens
-    idx, mask, _ = common.pair_batch(pairs, tok.special_id("<|endoftext|>"), "cpu")
+    idx, mask, _ = conversations.pair_batch(pairs, tok.special_id("<|endoftext|>"), "cpu")
     with torch.no_grad():
-        one = model.logprobs(idx[:, :-1], idx[:, 1:].masked_fill(~mask[:, 1:], -1), vocab_limit=tok.n_vocab).sum(1)
+        one = model.logprobs(model(idx[:, :-1]), idx[:, 1:].masked_fill(~mask[:, 1:], -1), vocab_limit=tok.n_vocab)[0].sum(1)
         chosen = summed_reply_logps(model, [c for c, _, _ in pairs])
         rejected = summed_reply_logps(model, [r for _, r, _ in pairs])
         whole = summed_reply_logps(model, [c for c, _, _ in pairs], prompt_too=True)
@@ -119,7 +122,7 @@ def test_policy_is_its_reference_at_the_start_and_precomputed_equals_live(dpo_se
     # the log-probs the script logs are of the reply tokens alone, each conversation as if alone
     tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
     model = common.model_from_checkpoint(common.load_checkpoint(base), base).eval()
-    pairs, _ = common.render_pairs(common.read_preferences(os.path.join(folders[0], "val.jsonl"))[0], tok, 49)
+    pairs, _ = conversations.render_pairs(conversations.read_preferences(os.path.join(folders[0], "val.jsonl"))[0], tok, 49)
     with torch.no_grad():
         chosen = summed_reply_logps(model, [c for c, _, _ in pairs])
         rejected = summed_reply_logps(model, [r for _, r, _ in pairs])

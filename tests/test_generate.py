@@ -2,13 +2,16 @@
 with their masks, groups of samples sharing one prefill, and the reference with adapters off."""
 
 
+from dataclasses import asdict
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import autotune
 import model as model_module
 from conftest import build, tiny
-from model import GPT, sample_next
+from model import GPT, adapters_off, load_base_weights, lora_layers, merge_lora, sample_next, unmerge_lora
 
 
 def test_logprobs_are_those_of_the_tempered_truncated_distribution():
@@ -16,32 +19,32 @@ def test_logprobs_are_those_of_the_tempered_truncated_distribution():
     idx = torch.randint(0, 37, (2, 6), generator=torch.Generator().manual_seed(0))
     targets = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(1))
     targets[0, 2] = -1
-    logits, _ = model(idx)
+    logits = model.logits(model(idx))
     for temperature, vocab_limit in ((1.0, None), (0.7, None), (1.3, 30)):
         want = F.log_softmax(logits[..., :vocab_limit] / temperature, dim=-1)
         want = want.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).masked_fill(targets < 0, 0.0)
-        got = model.logprobs(idx, targets, temperature=temperature, vocab_limit=vocab_limit)
+        got, _ = model.logprobs(model(idx), targets, temperature=temperature, vocab_limit=vocab_limit)
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="temperature"):
-        model.logprobs(idx, targets, temperature=0.0)
+        model.logprobs(model(idx), targets, temperature=0.0)
 
 
 def test_entropy_and_chunked_head_agree_with_one_chunk(monkeypatch):
     model = build(tiny(), dtype=torch.float32, sharpen=3.0)
     idx = torch.randint(0, 37, (3, 8), generator=torch.Generator().manual_seed(0))
     targets = torch.randint(0, 37, (3, 8), generator=torch.Generator().manual_seed(1))
-    x, _ = model(idx, hidden=True)
-    logp, ent = model.head_logprobs(x, targets, temperature=0.9, entropy=True)
+    x = model(idx)
+    logp, ent = model.logprobs(x, targets, temperature=0.9, entropy=True)
     p = F.softmax(model.lm_head(x) / 0.9, dim=-1)
     torch.testing.assert_close(ent, -(p * p.log()).sum(-1))
     # chunks of 5 rows (24 rows in all), with gradients: checkpointed chunks, same values and grads
     monkeypatch.setattr(model_module, "LOGPROB_CHUNK", 5 * 37)
     x1 = x.detach().requires_grad_()
-    logp1, _ = model.head_logprobs(x1, targets, temperature=0.9)
+    logp1, _ = model.logprobs(x1, targets, temperature=0.9)
     logp1.sum().backward()
     monkeypatch.setattr(model_module, "LOGPROB_CHUNK", 2**24)
     x2 = x.detach().requires_grad_()
-    logp2, _ = model.head_logprobs(x2, targets, temperature=0.9)
+    logp2, _ = model.logprobs(x2, targets, temperature=0.9)
     logp2.sum().backward()
     torch.testing.assert_close(logp1, logp2)
     torch.testing.assert_close(logp1, logp.detach())
@@ -144,19 +147,19 @@ def test_adapters_off_is_the_base_model():
     torch.manual_seed(0)
     base = GPT(tiny()).double().eval()
     lora = GPT(tiny(lora_rank=4, lora_targets=("attn", "mlp"))).double().eval()
-    lora.load_base_weights(base.state_dict())
+    load_base_weights(lora, base.state_dict())
     with torch.no_grad():
-        for layer in lora.lora_layers():
+        for layer in lora_layers(lora):
             layer.lora_B.normal_()
     idx = torch.randint(0, 37, (2, 9))
-    assert not torch.allclose(lora(idx)[0], base(idx)[0])
-    with lora.adapters_off():
-        torch.testing.assert_close(lora(idx)[0], base(idx)[0], rtol=0, atol=0)
-    lora.merge_lora()
-    with lora.adapters_off():  # merged too: the kept original weights
-        torch.testing.assert_close(lora(idx)[0], base(idx)[0], rtol=0, atol=0)
-    lora.unmerge_lora()
-    assert not torch.allclose(lora(idx)[0], base(idx)[0])
+    assert not torch.allclose(lora.logits(lora(idx)), base.logits(base(idx)))
+    with adapters_off(lora):
+        torch.testing.assert_close(lora.logits(lora(idx)), base.logits(base(idx)), rtol=0, atol=0)
+    merge_lora(lora)
+    with adapters_off(lora):  # merged too: the kept original weights
+        torch.testing.assert_close(lora.logits(lora(idx)), base.logits(base(idx)), rtol=0, atol=0)
+    unmerge_lora(lora)
+    assert not torch.allclose(lora.logits(lora(idx)), base.logits(base(idx)))
 
 
 def test_rolling_cache_at_sixteen_times_block_size_follows_the_stated_rule():
@@ -179,21 +182,21 @@ def test_scalar_head_reads_the_last_real_token_with_either_padding():
 
     model = build(tiny(scalar_head=True, pos_emb="rope"))
     seqs = [torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2]), torch.tensor([6, 5, 3, 5])]
-    alone = torch.stack([model.sequence_scores(s[None], torch.tensor([len(s) - 1]))[0] for s in seqs])
+    alone = torch.stack([model.scores(model(s[None]), torch.tensor([len(s) - 1]))[0] for s in seqs])
     # right padding: last = length - 1
     right = torch.zeros(3, 5, dtype=torch.long)
     for b, s in enumerate(seqs):
         right[b, : len(s)] = s
-    got = model.sequence_scores(right, torch.tensor([len(s) - 1 for s in seqs]))
+    got = model.scores(model(right), torch.tensor([len(s) - 1 for s in seqs]))
     torch.testing.assert_close(got, alone, rtol=0, atol=1e-12)
     # left padding with positions: the last column, found from the mask of real tokens
     idx, pos = left_pad(seqs)
-    got = model.sequence_scores(idx, last_index(pos >= 0), pos=pos)
+    got = model.scores(model(idx, pos), last_index(pos >= 0))
     torch.testing.assert_close(got, alone, rtol=0, atol=1e-12)
     # values at every position equal each prefix scored alone
-    values = model.scores(seqs[0][None])[0]
+    values = model.scores(model(seqs[0][None]))[0]
     for t in range(5):
-        torch.testing.assert_close(values[t], model.sequence_scores(seqs[0][None, : t + 1], torch.tensor([t]))[0])
+        torch.testing.assert_close(values[t], model.scores(model(seqs[0][None, : t + 1]), torch.tensor([t]))[0])
 
 
 def test_scalar_head_trains_under_lora_and_a_plain_checkpoint_gains_one():
@@ -205,13 +208,13 @@ def test_scalar_head_trains_under_lora_and_a_plain_checkpoint_gains_one():
     assert {"score_head.weight", "score_head.bias"} <= trainable
     assert all("lora_" in n or n.startswith("score_head.") for n in trainable)
     plain = GPT(tiny())
-    ckpt = {"model": plain.state_dict(), "model_args": plain.config.to_dict()}
+    ckpt = {"model": plain.state_dict(), "model_args": asdict(plain.config)}
     rm = common.model_from_checkpoint(ckpt, "plain.pt", {"scalar_head": True})
     assert rm.score_head is not None and torch.equal(rm.wte.weight, plain.wte.weight)
-    back = common.model_from_checkpoint({"model": rm.state_dict(), "model_args": plain.config.to_dict()}, "rm.pt")
+    back = common.model_from_checkpoint({"model": rm.state_dict(), "model_args": asdict(plain.config)}, "rm.pt")
     assert back.score_head is None  # a reward checkpoint read as a policy drops the head
     with pytest.raises(RuntimeError, match="no scalar head"):
-        back.scores(torch.zeros(1, 3, dtype=torch.long))
+        back.scores(back(torch.zeros(1, 3, dtype=torch.long)))
 
 
 def test_compiled_decode_step_gives_the_eager_tokens():
@@ -225,7 +228,7 @@ def test_compiled_decode_step_gives_the_eager_tokens():
     model = build(tiny(pos_emb="rope", n_kv_head=2), dtype=torch.float32, sharpen=2.0)
     idx = torch.randint(0, 37, (2, 5), generator=torch.Generator().manual_seed(0))
     eager = model.generate(idx, 12, generator=torch.Generator().manual_seed(1))
-    model.compile_decode(measure=False)
+    autotune.compile_decode(model, measure=False)
     assert model.compiled_decode_step is not None
     compiled = model.generate(idx, 12, generator=torch.Generator().manual_seed(1))
     assert torch.equal(compiled, eager)
@@ -240,17 +243,17 @@ def test_a_lora_checkpoint_starting_a_new_stage_is_its_own_reference():
     cfg = tiny(lora_rank=4, lora_targets=("attn",))
     sft = GPT(cfg).double().eval()
     with torch.no_grad():
-        for layer in sft.lora_layers():
+        for layer in lora_layers(sft):
             layer.lora_B.normal_()
-    ckpt = {"model": sft.state_dict(), "model_args": cfg.to_dict()}
+    ckpt = {"model": sft.state_dict(), "model_args": asdict(cfg)}
     idx = torch.randint(0, 37, (2, 9))
     policy = common.model_from_checkpoint(ckpt, "sft.pt", {"lora_rank": 4, "lora_targets": ("attn",)}).double().eval()
-    torch.testing.assert_close(policy(idx)[0], sft(idx)[0], atol=1e-5, rtol=1e-5)  # stored in float32
-    with policy.adapters_off():
-        torch.testing.assert_close(policy(idx)[0], sft(idx)[0], atol=1e-5, rtol=1e-5)  # the reference is the start
-    assert all(not layer.lora_B.any() for layer in policy.lora_layers())  # fresh adapters
+    torch.testing.assert_close(policy.logits(policy(idx)), sft.logits(sft(idx)), atol=1e-5, rtol=1e-5)  # stored in float32
+    with adapters_off(policy):
+        torch.testing.assert_close(policy.logits(policy(idx)), sft.logits(sft(idx)), atol=1e-5, rtol=1e-5)  # the reference is the start
+    assert all(not layer.lora_B.any() for layer in lora_layers(policy))  # fresh adapters
     resumed = common.model_from_checkpoint(ckpt, "sft.pt").double().eval()  # a resume keeps them as they are
-    assert any(layer.lora_B.any() for layer in resumed.lora_layers())
+    assert any(layer.lora_B.any() for layer in lora_layers(resumed))
 
 
 def test_group_samples_of_a_prompt_longer_than_block_size():
@@ -277,7 +280,7 @@ def test_each_row_gets_the_room_its_prompt_leaves_in_block_size():
     # the cache past 16 columns computes what the full recompute does
     assert torch.equal(out.idx, ref.idx) and torch.equal(out.mask, ref.mask) and torch.equal(out.pos, ref.pos)
     # the forward over the whole batch, wider than block_size, scores the completions as sampled
-    logp = model.logprobs(out.idx[:, :-1], out.targets(), out.pos[:, :-1])
+    logp, _ = model.logprobs(model(out.idx[:, :-1], out.pos[:, :-1]), out.targets())
     assert torch.isfinite(logp).all() and (logp[~out.loss_mask()] == 0).all() and (logp[out.loss_mask()] < 0).all()
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(out.idx[:, :-1])  # without positions the 21 columns are 21 positions

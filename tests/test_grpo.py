@@ -3,17 +3,21 @@ checkpoints, exact resume, two processes, the LoRA reference with adapters off, 
 the reward. The objective's pieces are tested by hand in test_losses.py."""
 
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import common
+import posttrain
 from conftest import read_log, run_script
 from model import GPT, GPTConfig
 
+# dtype=float32: dtype=auto times float32 against bf16 in every run, and runs compared bit for bit
+# could then take different ones on a loaded CPU
 TINY = ["--prompts_per_iter=4", "--group_size=4", "--max_new_tokens=6", "--log_interval=1", "--warmup_iters=1",
         "--device=cpu", "--compile=false", "--eval_prompts=12", "--pass_k_prompts=4", "--pass_k_samples=4",
-        "--eval_max_new_tokens=6", "--learning_rate=1e-3", "--rl_tasks="]
+        "--eval_max_new_tokens=6", "--learning_rate=1e-3", "--rl_tasks=", "--dtype=float32"]
 
 
 def grpo(base, data, out, *args, check=True):
@@ -129,7 +133,7 @@ def test_a_reward_model_as_the_reward(rl_setup):
     torch.manual_seed(1)
     rm = GPT(rm_cfg)
     path = str(tmp / "rm.pt")
-    common.save_checkpoint({"model": rm.state_dict(), "model_args": rm_cfg.to_dict(), "meta": ckpt["meta"],
+    common.save_checkpoint({"model": rm.state_dict(), "model_args": asdict(rm_cfg), "meta": ckpt["meta"],
                             "stage": "reward", "reward_mean": 0.5, "reward_std": 2.0}, path)
     out = str(tmp / "rm-out")
     grpo(base, data, out, "--max_iters=2", "--eval_interval=2", "--reward=score,model=0.5", f"--reward_model={path}")
@@ -157,15 +161,18 @@ def test_rl_prompts_give_each_prompt_the_room_it_has_and_name_a_cell_with_none(r
 
     _, data, _ = rl_setup
     tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
-    config = dict(prompt_dataset=data, rl_tasks=("add/2", "copy/1"), max_new_tokens=16, eval_prompts=100,
-                  pass_k_prompts=100, test_prompts=100)
+    cells = ("add/2", "copy/1")
     ddp = common.Distributed("cpu")
-    common.rl_prompts(config, tok, 128, ddp)
-    lengths = {c: sorted(len(ex["prompt"]) for ex in common.rl_prompts(config, tok, 128, ddp)["train"]
-                         if common.cell_key(ex) == c) for c in config["rl_tasks"]}
+
+    def prompts(block_size):
+        return posttrain.rl_prompts(data, cells, tok, ddp, 100, 100, 100, block_size, 16)
+
+    lengths = {c: sorted(len(ex["prompt"]) for ex in prompts(128)["train"] if posttrain.cell_key(ex) == c) for c in cells}
     longest = max(lengths["add/2"] + lengths["copy/1"])
-    out = common.rl_prompts(config, tok, longest + 4, ddp)  # every prompt keeps some room, less than 16
+    out = prompts(longest + 4)  # every prompt keeps some room, less than 16
     assert len(out["train"]) == 20 and len(out["dev"]) == 12 and len(out["test"]) == 8 and len(out["pass_test"]) == 4
     assert "prompts: add/2 10 (10 with room for fewer than 16 new tokens), copy/1 10 (" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="the cells add/2 keep no training prompt"):
-        common.rl_prompts(config, tok, min(lengths["add/2"]), ddp)
+        prompts(min(lengths["add/2"]))
+    no_train = posttrain.rl_prompts(data, cells, tok, ddp, 100, 100, 100)  # DPO's: no block_size, no train split
+    assert no_train["train"] == [] and len(no_train["dev"]) == 12 and len(no_train["pass_dev"]) == 6

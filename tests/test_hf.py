@@ -11,6 +11,7 @@ nothing is downloaded.
 import json
 import os
 import random
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -21,8 +22,9 @@ pytest.importorskip("safetensors")
 import bpe  # noqa: E402
 import common  # noqa: E402
 from conftest import TEXT, run_script, save_byte_checkpoint  # noqa: E402
-from model import (GPT, GPTConfig, apply_rope, config_from_hf, from_hf, hf_architecture, rope_cos_sin,  # noqa: E402
-                   save_hf)
+from convert import (config_from_hf, from_hf, hf_architecture, save_hf, save_hf_tokenizer,  # noqa: E402
+                     tokenizer_from_hf)
+from model import GPT, GPTConfig, apply_rope, rope_cos_sin  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 TOL = 1e-5  # fp32, max |logit difference|
@@ -72,7 +74,7 @@ def ours_from(folder):
 
 def max_diff(ours, theirs, idx):
     with torch.no_grad():
-        return (ours(idx)[0] - theirs(idx).logits).abs().max().item()
+        return (ours.logits(ours(idx)) - theirs(idx).logits).abs().max().item()
 
 
 PIECES = ["the", "The", " of", " and", "ROMEO", "citizen", "don't", "I'm", "we'll", "they're", "IT'S", "'s",
@@ -99,7 +101,7 @@ def write_gpt2_tokenizer(folder, tok):
     the 256 bytes sorted by the character that spells them (the printable ones first, so id 0 is
     "!", not byte 0), then one id per merge, then <|endoftext|>. -> the ids the files give (bytes)."""
     order = sorted(range(256), key=lambda b: bpe.BYTE_CHARS[b])
-    vocab = [bytes([b]) for b in order] + tok._vocab[256: tok.n_vocab - len(tok.special_tokens)]
+    vocab = [bytes([b]) for b in order] + tok.vocab[256: tok.n_vocab - len(tok.special_tokens)]
     spelled = {bpe.spell(t): i for i, t in enumerate(vocab)}
     spelled["<|endoftext|>"] = len(vocab)
     os.makedirs(folder, exist_ok=True)
@@ -108,7 +110,7 @@ def write_gpt2_tokenizer(folder, tok):
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
         for a, b in tok.merges:
-            f.write(f"{bpe.spell(tok._vocab[a])} {bpe.spell(tok._vocab[b])}\n")
+            f.write(f"{bpe.spell(tok.vocab[a])} {bpe.spell(tok.vocab[b])}\n")
     return vocab
 
 
@@ -123,7 +125,7 @@ def trained():
 
 
 def test_new_config_fields_default_to_the_old_model_and_are_checked():
-    old = {k: v for k, v in GPTConfig().to_dict().items() if k not in ("norm_eps", "gelu_approximate", "n_inner")}
+    old = {k: v for k, v in asdict(GPTConfig()).items() if k not in ("norm_eps", "gelu_approximate", "n_inner")}
     model = GPT(GPTConfig(**old))  # a checkpoint written before these fields existed
     assert model.h[0].ln_1.eps == 1e-5 and model.h[0].mlp.c_fc.out_features == 1024  # 8/3 * 384 up to 64
     assert GPT(GPTConfig(**dict(old, mlp="gelu"))).h[0].mlp.gelu_approximate == "none"  # exact, erf
@@ -317,7 +319,7 @@ def assert_same_encoding(ours, theirs, texts):
 
 def test_gpt2_files_encode_as_transformers_does(tmp_path, trained):
     vocab = write_gpt2_tokenizer(tmp_path, trained)
-    ours = bpe.from_hf(tmp_path)
+    ours = tokenizer_from_hf(tmp_path)
     theirs = transformers.GPT2TokenizerFast.from_pretrained(tmp_path)
     assert ours.kind == "hf" and ours.n_vocab == len(theirs) == 701 and ours.special_tokens == {"<|endoftext|>": 700}
     assert ours.encode("!") == [0] and ours.decode_bytes([0]) == b"!" and ours.decode_bytes([188]) == b"\x00"
@@ -327,19 +329,19 @@ def test_gpt2_files_encode_as_transformers_does(tmp_path, trained):
     assert ours.encode("a <|endoftext|>") != ours.encode("a <|endoftext|>", allowed_special="all")
     # the same text through our trained tokenizer: the same tokens, only their ids are GPT-2's
     text = texts[0] + texts[1]
-    assert [vocab[i] for i in ours.encode(text)] == [trained._vocab[i] for i in trained.encode(text)]
+    assert [vocab[i] for i in ours.encode(text)] == [trained.vocab[i] for i in trained.encode(text)]
     # a tokenizer.json, as transformers writes one, reads the same
     theirs.save_pretrained(tmp_path / "json")
     for name in ("vocab.json", "merges.txt"):  # transformers 4 writes them too
         if os.path.exists(tmp_path / "json" / name):
             os.remove(tmp_path / "json" / name)
     assert os.path.isfile(tmp_path / "json" / "tokenizer.json")
-    assert_same_encoding(bpe.from_hf(tmp_path / "json"), theirs, texts[:300])
+    assert_same_encoding(tokenizer_from_hf(tmp_path / "json"), theirs, texts[:300])
 
 
 def test_hf_tokenizer_state_and_file_rebuild_it_without_the_folder(tmp_path, trained):
     write_gpt2_tokenizer(tmp_path, trained)
-    tok = bpe.from_hf(tmp_path).with_special_tokens(bpe.SPECIAL_TOKENS)
+    tok = tokenizer_from_hf(tmp_path).with_special_tokens(bpe.SPECIAL_TOKENS)
     assert tok.special_tokens == {"<|endoftext|>": 700, "<|system|>": 701, "<|user|>": 702, "<|assistant|>": 703,
                                   "<|end|>": 704}
     assert tok.with_special_tokens(["<|end|>"]) is tok
@@ -359,12 +361,12 @@ def test_exported_tokenizer_loads_in_transformers_with_our_ids_and_chat_template
         tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
     else:
         write_gpt2_tokenizer(tmp_path / "gpt2", trained)
-        tok = bpe.from_hf(tmp_path / "gpt2").with_special_tokens(bpe.SPECIAL_TOKENS)
-    tok.save_hf(tmp_path / "out", model_max_length=64)
+        tok = tokenizer_from_hf(tmp_path / "gpt2").with_special_tokens(bpe.SPECIAL_TOKENS)
+    save_hf_tokenizer(tok, tmp_path / "out", model_max_length=64)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     texts = varied_strings(1000, seed=4)
     assert_same_encoding(tok, theirs, texts)
-    assert_same_encoding(bpe.from_hf(tmp_path / "out"), theirs, texts[:200])
+    assert_same_encoding(tokenizer_from_hf(tmp_path / "out"), theirs, texts[:200])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
                 {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"}]
     ids = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -383,7 +385,7 @@ def test_folder_tokenizer_refusals(tmp_path, trained):
         with open(tmp_path / "json" / "tokenizer.json", "w") as f:
             json.dump({**spec, **change}, f)
         with pytest.raises(ValueError, match=message):
-            bpe.from_hf(tmp_path / "json")
+            tokenizer_from_hf(tmp_path / "json")
 
 
 # -----------------------------------------------------------------------------
@@ -396,9 +398,9 @@ def test_grown_vocab_keeps_old_ids_and_starts_new_rows_at_the_mean():
                                         tie_weights=tie)).eval(), 0.3)
         idx = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            before = model(idx)[0]
+            before = model.logits(model(idx))
             model.resize_vocab(64)
-            after = model(idx)[0]
+            after = model.logits(model(idx))
         assert model.config.vocab_size == 64 and after.shape == (2, 8, 64) and torch.equal(after[..., :40], before)
         assert torch.allclose(model.wte.weight[40:], model.wte.weight[:40].mean(0).expand(24, -1))
         assert (model.lm_head.weight is model.wte.weight) == tie
@@ -417,13 +419,13 @@ def test_a_folder_is_a_checkpoint_for_every_script(tmp_path, trained):
     assert ckpt["stage"] == "hf" and ckpt["meta"]["n_vocab"] == 701
     model = common.model_from_checkpoint(ckpt, str(tmp_path), {"dropout": 0.1, "lora_rank": 2})  # train.py's call
     assert model.config.dropout == 0.1 and model.config.lora_rank == 2
-    assert common.tokenizer_from_meta(ckpt["meta"]).encode("hello there") == bpe.from_hf(tmp_path).encode("hello there")
+    assert bpe.tokenizer_from_meta(ckpt["meta"]).encode("hello there") == tokenizer_from_hf(tmp_path).encode("hello there")
 
 
 def test_sample_py_reads_a_folder_and_exports_one(tmp_path, trained):
     folder = tmp_path / "gpt2"
     theirs = gpt2_folder_with_tokenizer(folder, trained)
-    tok = bpe.from_hf(folder)
+    tok = tokenizer_from_hf(folder)
     prompt = "First Citizen:"
     res = run_script("sample.py", f"--init_from={folder}", f"--start={prompt}", "--num_samples=1",
                      "--max_new_tokens=12", "--temperature=0", "--device=cpu")
@@ -460,7 +462,7 @@ def test_sft_py_appends_the_chat_tokens_to_a_folder_model(tmp_path, trained):
             "(and an untied head) grows from 701 to 768 rows") in res.stdout
     ckpt = common.load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["model_args"]["vocab_size"] == 768 and ckpt["model"]["wte.weight"].shape == (768, 32)
-    tok = common.tokenizer_from_meta(ckpt["meta"])
+    tok = bpe.tokenizer_from_meta(ckpt["meta"])
     assert tok.kind == "hf" and tok.special_id("<|end|>") == 704
 
 
@@ -468,25 +470,23 @@ def test_the_same_tokenizer_of_another_kind_passes_the_tokenizer_check(tmp_path,
     # GPT-2 files written in byte order give an hf-kind tokenizer with exactly our bpe's ids: the
     # check that init_from and dataset (or teacher and student) agree must accept it, and refuse
     # the same tokens under GPT-2's id order
-    import common
-
     folder = tmp_path / "byte_order"
     os.makedirs(folder)
-    vocab = [bytes([b]) for b in range(256)] + trained._vocab[256: trained.n_vocab - len(trained.special_tokens)]
+    vocab = [bytes([b]) for b in range(256)] + trained.vocab[256: trained.n_vocab - len(trained.special_tokens)]
     spelled = {bpe.spell(t): i for i, t in enumerate(vocab)}
     for name, i in trained.special_tokens.items():
         spelled[name] = i
     with open(folder / "vocab.json", "w", encoding="utf-8") as f:
         json.dump(spelled, f, ensure_ascii=False)
     with open(folder / "merges.txt", "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{bpe.spell(trained._vocab[a])} {bpe.spell(trained._vocab[b])}\n"
+        f.write("#version: 0.2\n" + "".join(f"{bpe.spell(trained.vocab[a])} {bpe.spell(trained.vocab[b])}\n"
                                             for a, b in trained.merges))
-    hf = bpe.from_hf(folder)
+    hf = tokenizer_from_hf(folder)
     assert hf.kind == "hf" and hf.state() != trained.state() and hf.same_ids_as(trained)
     meta = lambda tok: {"tokenizer": tok.kind, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}  # noqa: E731
-    common.check_same_tokenizer(meta(hf), "the folder", meta(trained), "the dataset")
+    bpe.check_same_tokenizer(meta(hf), "the folder", meta(trained), "the dataset")
     write_gpt2_tokenizer(tmp_path / "gpt2_order", trained)
-    other = bpe.from_hf(tmp_path / "gpt2_order")
+    other = tokenizer_from_hf(tmp_path / "gpt2_order")
     assert not other.same_ids_as(trained)
     with pytest.raises(ValueError, match="the ids mean different things"):
-        common.check_same_tokenizer(meta(other), "the folder", meta(trained), "the dataset")
+        bpe.check_same_tokenizer(meta(other), "the folder", meta(trained), "the dataset")

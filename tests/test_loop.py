@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
+import autotune
 import common
+import posttrain
 
 
 class FakeDDP:
@@ -33,10 +35,14 @@ class FakeDDP:
         pass
 
 
+def loop_config(tmp_path, **settings):
+    return dict(dict(out_dir=str(tmp_path), max_iters=10, eval_interval=5, log_interval=2, eval_only=False,
+                     always_save_checkpoint=True, learning_rate=1e-3, warmup_iters=0, lr_decay_iters=10, min_lr=1e-4,
+                     decay_lr=True, wandb_log=False, wandb_project="", wandb_run_name=""), **settings)
+
+
 def make_loop(tmp_path, ddp, state=None, **settings):
-    config = dict(out_dir=str(tmp_path), max_iters=10, eval_interval=5, log_interval=2, eval_only=False,
-                  always_save_checkpoint=True)
-    config.update(settings)
+    config = loop_config(tmp_path, **settings)
     saved = []
     loop = common.Loop(config, ddp, state, lambda: saved.append(("ckpt", loop.iter_num)),
                        lambda: saved.append(("best", loop.iter_num)))
@@ -89,7 +95,7 @@ def test_eval_cadence_and_saves(tmp_path):
 
 def test_a_checkpoint_off_an_eval_resumes_with_that_eval(tmp_path):
     # Ctrl-C after iteration 5 saves with iter_num 5 but the eval of 5 not done: the resumed run
-    # must do it (it used to skip it, so best_val_loss, best.pt and the log diverged)
+    # must do it (it used to skip it, so the best metric, best.pt and the log diverged)
     loop, _ = make_loop(tmp_path, FakeDDP())
     loop.evaluated(3.0)  # at 0
     for _ in range(5):
@@ -97,14 +103,14 @@ def test_a_checkpoint_off_an_eval_resumes_with_that_eval(tmp_path):
     state = loop.state()
     assert state["iter_num"] == 5 and state["last_eval_iter"] == 0
     resumed, _ = make_loop(tmp_path, FakeDDP(), state=state)
-    assert resumed.eval_due() and resumed.best_val_loss == 3.0
+    assert resumed.eval_due() and resumed.best_metric == 3.0
     # a checkpoint written at an eval resumes without repeating it
     resumed.evaluated(2.5)
     again, _ = make_loop(tmp_path, FakeDDP(), state=resumed.state())
     assert not again.eval_due()
-    # older checkpoints (no last_eval_iter) were written at their eval
-    old, _ = make_loop(tmp_path, FakeDDP(), state={"iter_num": 5, "best_val_loss": 1.0})
-    assert not old.eval_due()
+    # checkpoints written before best_metric held err_rl too called it best_val_loss
+    old, _ = make_loop(tmp_path, FakeDDP(), state={"iter_num": 5, "best_val_loss": 1.0, "last_eval_iter": 5})
+    assert not old.eval_due() and old.best_metric == 1.0
 
 
 def test_the_loss_since_the_last_line_survives_a_resume(tmp_path):
@@ -153,13 +159,13 @@ def test_dtype_auto_on_a_cpu_is_float32_without_bf16_instructions(monkeypatch):
 def test_the_measured_dtype_choice(monkeypatch, bf16_seconds, finite, expected):
     # bf16 is taken only when at least 1.2x faster and its output finite (float32 takes 0.01 s here)
     now = [0.0]
-    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: now[0])
 
     def step(dtype):
         now[0] += 0.01 if dtype == "float32" else bf16_seconds
         return torch.tensor(1.0 if finite or dtype == "float32" else float("nan"))
 
-    dtype, times = common.choose_cpu_dtype(step)
+    dtype, times = autotune.choose_cpu_dtype(step)
     assert dtype == expected and times["float32"] == pytest.approx(0.01)
 
 
@@ -195,27 +201,33 @@ def test_cell_stream_visits_the_cells_evenly_and_resumes_exactly():
     # 12 rows of one cell, 3 of another, 1 of a third: uniform draws each cell as often, and within a
     # cell its rows a fresh shuffle per epoch of that cell; a batch depends only on (seed, iteration)
     cells = ["a"] * 12 + ["b"] * 3 + ["c"]
-    stream = common.EpochStream(len(cells), 0, 6, 1, FakeDDP(), cells=cells)
+    stream = posttrain.EpochStream(len(cells), 0, 6, 1, FakeDDP(), cells=cells)
     seen = [i for it in range(12) for i in stream.indices(it, 0)]  # 72 draws
     assert [sum(cells[i] == c for i in seen) for c in "abc"] == [24, 24, 24]
     assert sorted(seen[0:36:3]) == list(range(12))  # cell a: its first epoch is a permutation of its rows
-    again = common.EpochStream(len(cells), 0, 6, 1, FakeDDP(), cells=cells)
+    again = posttrain.EpochStream(len(cells), 0, 6, 1, FakeDDP(), cells=cells)
     assert again.indices(7, 0) == stream.indices(7, 0)  # no state: a resumed run draws the same batch
-    rows = common.EpochStream(len(cells), 0, 6, 1, FakeDDP())  # rows: in proportion to the rows
+    rows = posttrain.EpochStream(len(cells), 0, 6, 1, FakeDDP())  # rows: in proportion to the rows
     assert sum(cells[i] == "a" for it in range(12) for i in rows.indices(it, 0)) == 54
 
 
 def test_minibatches_are_a_fresh_partition_on_every_pass():
-    a, b = (common.minibatches(12, 3, 1337, 0, 5, epoch, "cpu") for epoch in (0, 1))
+    a, b = (posttrain.minibatches(12, 3, 1337, 0, 5, epoch, "cpu") for epoch in (0, 1))
     assert sorted(torch.cat(a).tolist()) == list(range(12)) == sorted(torch.cat(b).tolist())
     assert [len(m) for m in a] == [4, 4, 4] and [set(m.tolist()) for m in a] != [set(m.tolist()) for m in b]
-    assert all(torch.equal(x, y) for x, y in zip(a, common.minibatches(12, 3, 1337, 0, 5, 0, "cpu")))
-    assert torch.equal(common.minibatches(12, 1, 1337, 0, 5, 0, "cpu")[0], torch.arange(12))  # one: in order
+    assert all(torch.equal(x, y) for x, y in zip(a, posttrain.minibatches(12, 3, 1337, 0, 5, 0, "cpu")))
+    assert torch.equal(posttrain.minibatches(12, 1, 1337, 0, 5, 0, "cpu")[0], torch.arange(12))  # one: in order
 
 
 def test_the_mean_over_cells_and_its_standard_error_by_hand():
     stats = {"em/add/3": 0.9, "n/add/3": 400, "em/sub/3": 0.5, "n/sub/3": 100, "em/copy/1": 1.0, "n/copy/1": 50}
-    mean, se = common.cells_mean(stats, ("add/3", "sub/3"))
+    mean, se = posttrain.cells_mean(stats, ("add/3", "sub/3"))
     # sqrt(0.9 * 0.1 / 400 + 0.5 * 0.5 / 100) / 2 = sqrt(0.000225 + 0.0025) / 2
     assert mean == pytest.approx(0.7) and se == pytest.approx(0.0261008, abs=1e-6)
-    assert common.cells_mean(stats)[0] == pytest.approx(0.8)  # no cells named: every cell measured
+    assert posttrain.cells_mean(stats)[0] == pytest.approx(0.8)  # no cells named: every cell measured
+
+
+def test_a_stage_without_a_setting_its_loop_needs_is_refused_at_the_start(tmp_path):
+    config = {k: v for k, v in loop_config(tmp_path).items() if k not in ("decay_lr", "wandb_log")}
+    with pytest.raises(ValueError, match="no setting decay_lr, wandb_log"):
+        common.Loop(config, FakeDDP(), None, None, None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build, tiny
-from model import GPT, KVCache, left_pad, sample_next
+from model import GPT, KVCache, attention_mask, left_pad, sample_next
 
 
 CONFIGS = [
@@ -51,11 +51,11 @@ def test_rolling_cache_runs_past_block_size_with_constant_memory():
     # drive the cached path by hand to watch the cache
     cache = KVCache(cfg, 1, 5 + n_new)
     assert cache.n_slots == 10  # n_sink + window, whatever the length
-    x, _ = model(idx, pos=torch.arange(5)[None], cache=cache)
+    x = model.logits(model(idx, pos=torch.arange(5)[None], cache=cache))
     sizes = {cache.nbytes()}
     tokens = [x[:, -1].argmax(-1)]
     for t in range(n_new - 1):
-        x, _ = model(tokens[-1][:, None], pos=torch.tensor([[5 + t]]), cache=cache)
+        x = model.logits(model(tokens[-1][:, None], pos=torch.tensor([[5 + t]]), cache=cache))
         tokens.append(x[:, -1].argmax(-1))
         sizes.add(cache.nbytes())
     assert len(sizes) == 1
@@ -124,12 +124,11 @@ def test_window_at_least_sequence_length_equals_full_attention():
     windowed = GPT(tiny(pos_emb="rope", sliding_window=32)).double().eval()
     windowed.load_state_dict(full.state_dict())
     idx = torch.randint(0, 37, (2, 32))
-    torch.testing.assert_close(full(idx)[0], windowed(idx)[0])
+    torch.testing.assert_close(full.logits(full(idx)), windowed.logits(windowed(idx)))
 
 
 def test_sliding_window_mask_against_hand_written_rule():
-    model = GPT(tiny(sliding_window=3, n_sink=1))
-    mask = model.attention_mask(None, 6, "cpu")[0, 0]
+    mask = attention_mask(None, 6, 3, 1, "cpu")[0, 0]  # a window of 3 positions, 1 sink
     expected = torch.tensor([[1, 0, 0, 0, 0, 0],
                              [1, 1, 0, 0, 0, 0],
                              [1, 1, 1, 0, 0, 0],
@@ -172,12 +171,13 @@ def test_loss_ignores_minus_one_and_logprobs_agree():
     idx = torch.randint(0, 37, (2, 8))
     targets = torch.randint(0, 37, (2, 8))
     targets[0, :3] = -1
-    logits, loss = model(idx, targets)
+    x = model(idx)
+    logits, loss = model.logits(x), model.loss(x, targets)
     logp = torch.log_softmax(logits, -1)
     keep = targets != -1
     by_hand = -logp[keep].gather(-1, targets[keep][:, None]).mean()
     torch.testing.assert_close(loss, by_hand)
-    lp = model.logprobs(idx, targets)
+    lp, _ = model.logprobs(model(idx), targets)
     assert torch.all(lp[~keep] == 0)
     torch.testing.assert_close(-lp[keep].mean(), by_hand)
 
@@ -185,9 +185,9 @@ def test_loss_ignores_minus_one_and_logprobs_agree():
 def test_hidden_states_feed_the_head():
     model = build(tiny())
     idx = torch.randint(0, 37, (2, 8))
-    h, _ = model(idx, hidden=True)
+    h = model(idx)
     assert h.shape == (2, 8, 32)
-    torch.testing.assert_close(model.lm_head(h), model(idx)[0])
+    torch.testing.assert_close(model.lm_head(h), model.logits(model(idx)))
 
 
 def test_left_pad_positions():
@@ -218,11 +218,11 @@ def test_bf16_autocast_and_double():
     model = GPT(tiny(sliding_window=4, n_sink=1))
     idx = torch.randint(0, 37, (2, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(idx, idx)
+        loss = model.loss(model(idx), idx)
         out = model.generate(idx, 5, temperature=0)
     assert torch.isfinite(loss) and out.shape == (2, 13)
     model.double()
-    assert model(idx)[0].dtype == torch.float64
+    assert model.logits(model(idx)).dtype == torch.float64
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -237,7 +237,6 @@ def test_bf16_autocast_and_double():
     (dict(n_sink=-1, sliding_window=3), "n_sink"),
     (dict(dropout=1.5), "dropout"),
     (dict(n_layer=0), "n_layer"),
-    (dict(block_size="64"), "block_size"),
 ])
 def test_invalid_configs_raise(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -271,53 +270,49 @@ def test_static_cache_for_compiled_decoding_equals_reference(kw):
     assert all(torch.equal(a, b) for a, b in zip(static, model.generate(prompts, 25, temperature=0, use_cache=False)))
 
 
-@pytest.mark.parametrize("force", ["split", "plain", None])
-def test_decode_linear_gives_f_linear_whichever_path_is_chosen(force, monkeypatch):
-    import model as model_module
-    from model import linear
+def test_the_split_matmul_gives_f_linear():
+    from autotune import SplitLinear, split_matmul
 
-    torch.set_num_threads(2)  # the conftest fixture restores the count
-    monkeypatch.setattr(model_module, "LINEAR_FORCE", force)
-    monkeypatch.setattr(model_module, "LINEAR_PATHS", {})
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(64, 24, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    for shape in [(1, 1, 24), (3, 1, 24), (2, 4, 24), (24,)]:
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        for bias in (None, b):
+            torch.testing.assert_close(split_matmul(x, w, bias, 2), torch.nn.functional.linear(x, w, bias))
+    layer = torch.nn.Linear(24, 64).double()
+    split = SplitLinear(layer, 4)
+    assert split.weight is layer.weight and split.state_dict().keys() == layer.state_dict().keys()
+    x = torch.randn(2, 24, generator=g, dtype=torch.float64)
     with torch.no_grad():
-        for shape in [(1, 1, 24), (3, 1, 24), (2, 4, 24), (24,)]:
-            x = torch.randn(*shape, generator=g, dtype=torch.float64)
-            for bias in (None, b):
-                torch.testing.assert_close(linear(x, w, bias), torch.nn.functional.linear(x, w, bias))
-        odd = torch.randn(65, 24, generator=g, dtype=torch.float64)  # rows not divisible: plain path
-        x = torch.randn(1, 24, generator=g, dtype=torch.float64)
-        torch.testing.assert_close(linear(x, odd), torch.nn.functional.linear(x, odd))
-    # measured: one choice per (shape, rows, dtype, threads), kept; forced: none recorded
-    recorded = set(model_module.LINEAR_PATHS.values())
-    assert (recorded <= {"split", "plain"} and len(model_module.LINEAR_PATHS) == 3) if force is None else not recorded
+        torch.testing.assert_close(split(x), layer(x))
 
 
-def test_the_measured_choice_is_kept_and_an_entry_overrides_it(monkeypatch):
-    import model as model_module
+def test_split_linear_swaps_where_it_measured_faster_or_everywhere(monkeypatch):
+    import autotune
+    from autotune import SplitLinear
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # the conftest fixture restores the count
+    model = build(tiny(pos_emb="rope", n_kv_head=2), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
-    monkeypatch.setattr(model_module, "LINEAR_PATHS", {})
-    monkeypatch.setattr(model_module, "_faster_path", lambda *a: (calls.append(1), "plain")[1])
-    split_calls = []
-    real_split = model_module._split_linear
-    monkeypatch.setattr(model_module, "_split_linear", lambda *a: (split_calls.append(1), real_split(*a))[1])
-    w, x = torch.randn(8, 4), torch.randn(1, 4)
-    with torch.no_grad():
-        for _ in range(3):
-            model_module.linear(x, w)
-        assert calls == [1] and split_calls == []  # measured once, the plain path kept
-        model_module.LINEAR_PATHS[(8, 4, 1, torch.float32, 2)] = "split"
-        torch.testing.assert_close(model_module.linear(x, w), torch.nn.functional.linear(x, w))
-        assert split_calls == [1]
+    monkeypatch.setattr(autotune, "faster", lambda *a: calls.append(1) or False)  # plain measures faster
+    choices = autotune.split_linear(model)
+    assert set(choices.values()) == {"plain"} and len(calls) == len(choices)  # measured once per weight shape
+    assert not any(isinstance(m, SplitLinear) for m in model.modules())
+    autotune.split_linear(model, everywhere=True)
+    assert any(isinstance(m, SplitLinear) for m in model.modules())
+    assert model.lm_head.weight is model.wte.weight  # still tied
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("kw", [dict(pos_emb="rope", n_kv_head=2), dict(pos_emb="learned", sliding_window=4, n_sink=1)])
-def test_cached_equals_reference_with_two_threads(kw):
-    torch.set_num_threads(2)  # decode steps take the split-weight path of model.linear
+def test_cached_equals_reference_with_the_split_matmul(kw):
+    import autotune
+
+    torch.set_num_threads(2)  # decode steps take the split-weight matmul, one block per thread
     model = build(tiny(**kw))
+    autotune.split_linear(model, everywhere=True)
     prompts = [torch.randint(0, 37, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 8)]
     a = model.generate(prompts, 20, temperature=0)
     b = model.generate(prompts, 20, temperature=0, use_cache=False)
@@ -339,8 +334,10 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(kw, monkeypatch):
         idx = torch.randint(0, 37, (3, 12), generator=torch.Generator().manual_seed(3))
         torch.manual_seed(7)
         targets = idx.roll(-1, 1).masked_fill(idx % 3 == 0, -1)  # some positions without a loss
-        logits, loss = model(idx, targets)
-        assert (logits is None) == ckpt
+        heads = []  # with checkpointing the loss never asks for the batch's logits at once
+        monkeypatch.setattr(model, "logits", lambda x, full=model.logits: (heads.append(1), full(x))[1])
+        loss = model.loss(model(idx), targets)
+        assert (not heads) == ckpt
         (loss + model.aux_loss()).backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_a, a), (loss_b, b) = grads

@@ -4,6 +4,7 @@ resume (shared and separate value), two processes, bad settings. GAE, whitening,
 the KL controller and the per-token rewards are tested by hand in test_losses.py."""
 
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -13,9 +14,11 @@ import losses
 from conftest import build, read_log, run_script, tiny
 from model import GPT, GPTConfig
 
+# dtype=float32: dtype=auto times float32 against bf16 in every run, and runs compared bit for bit
+# could then take different ones on a loaded CPU
 TINY = ["--prompts_per_iter=8", "--max_new_tokens=6", "--log_interval=1", "--warmup_iters=1", "--device=cpu",
         "--compile=false", "--eval_prompts=12", "--pass_k_prompts=4", "--pass_k_samples=4", "--eval_max_new_tokens=6",
-        "--learning_rate=1e-3", "--rl_tasks="]
+        "--learning_rate=1e-3", "--rl_tasks=", "--dtype=float32"]
 
 
 def ppo(base, data, out, *args, check=True):
@@ -32,7 +35,7 @@ def fake_reward_model(base, path, seed=1):
     ckpt = common.load_checkpoint(base)
     cfg = GPTConfig(**{**ckpt["model_args"], "scalar_head": True})
     torch.manual_seed(seed)
-    common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": cfg.to_dict(), "meta": ckpt["meta"],
+    common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "meta": ckpt["meta"],
                             "stage": "reward", "reward_mean": 0.5, "reward_std": 2.0}, path)
     return path
 
@@ -69,11 +72,11 @@ def test_the_value_head_reads_every_completion_position_as_each_row_alone():
     model = build(tiny(scalar_head=True, pos_emb="rope"), sharpen=1.0)
     out = rollout(model, stops=list(range(8)), seed=3)
     inputs, pos, mask = out.idx[:, :-1], out.pos[:, :-1], out.loss_mask()
-    values = model.scores(inputs, pos)  # (N, L + T - 1): the batch, left-padded, then filler after each stop
+    values = model.scores(model(inputs, pos))  # (N, L + T - 1): the batch, left-padded, then filler after each stop
     in_prompt = torch.arange(out.idx.size(1)) < out.prompt_len
     for i in range(out.idx.size(0)):
         own = (in_prompt & (out.pos[i] >= 0)) | out.mask[i]  # the row's prompt and completion, no padding
-        alone = model.scores(out.idx[i][own][None])[0]
+        alone = model.scores(model(out.idx[i][own][None]))[0]
         cols = mask[i].nonzero().flatten()  # the completion positions: the values GAE reads
         torch.testing.assert_close(values[i, cols], alone[pos[i, cols]])
 
@@ -134,7 +137,7 @@ def test_a_policy_with_a_value_head_saves_as_a_plain_gpt(tmp_path):
         assert ckpt["model_args"]["scalar_head"] is False
         plain = GPT(GPTConfig(**ckpt["model_args"]))
         plain.load_state_dict(ckpt["model"])  # strict: no score_head keys left over
-        torch.testing.assert_close(plain.eval()(x)[0], model(x)[0])
+        torch.testing.assert_close(plain.eval().logits(plain(x)), model.logits(model(x)))
     assert common.load_checkpoint(str(tmp_path / "best.pt"))["model_args"]["lora_rank"] == 0  # merged
 
 

@@ -1,4 +1,4 @@
-"""Weight-only quantization (model.quantize): the rounding stays within what the scale allows, the
+"""Weight-only quantization (quantize.py): the rounding stays within what the scale allows, the
 int4 packing round-trips, a quantized Linear computes its dequantized twin on either path, cached
 decoding matches the full recompute, a quantized checkpoint saves and loads to the same outputs,
 LoRA on a quantized base (QLoRA) trains only its adapters and keeps the integers bit-identical,
@@ -8,18 +8,22 @@ import dataclasses
 import json
 import os
 import types
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import common
 import model as model_module
+import quantize
 from conftest import build, run_script, save_byte_checkpoint, tiny
-from test_sft import sft, sft_setup  # noqa: F401  (sft_setup: a fixture, found here by pytest)
+from convert import to_hf
+from model import GPT, adapters_off, is_lora_key, load_base_weights, lora_layers, merge_lora, unmerge_lora
+from quantize import (QuantizedWeight, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
+                      unpack_int4)
 from test_lora import train
+from test_sft import sft, sft_setup  # noqa: F401  (sft_setup: a fixture, found here by pytest)
 from test_train import TINY, read_log
-from model import (GPT, QuantizedWeight, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
-                   to_hf, unpack_int4)
 
 MASTER = types.SimpleNamespace(master=True)  # save_weights writes on the master process only
 SETTINGS = [(8, None), (4, 32)]
@@ -32,8 +36,8 @@ def ids(v):
 @pytest.fixture(autouse=True)
 def fresh_paths(monkeypatch):
     """Each test measures its own paths: a choice recorded by another test must not leak in."""
-    monkeypatch.setattr(model_module, "QUANT_PATHS", {})
-    monkeypatch.setattr(model_module, "QUANT_FORCE", None)
+    monkeypatch.setattr(quantize, "QUANT_PATHS", {})
+    monkeypatch.setattr(quantize, "QUANT_FORCE", None)
 
 
 def weights(out, n_in, seed=0, dtype=torch.float32):
@@ -89,7 +93,7 @@ def test_every_layer_of_a_quantized_model_is_within_its_bound():
         ref = GPT(tiny(n_embd=64, n_kv_head=2))
         model = GPT(ref.config)
         model.load_state_dict(ref.state_dict())
-        model.quantize(bits, group)
+        quantize.quantize(model, bits, group)
         quantized = dict(model.named_modules())
         n = 0
         for name, m in ref.named_modules():
@@ -124,9 +128,9 @@ def quantized_linear_and_twin(bits, group, out=64, n_in=96, bias=True):
 @pytest.mark.parametrize("path", ["kernel", "dequantize", None])
 @pytest.mark.parametrize("bits, group", SETTINGS)
 def test_quantized_linear_equals_its_dequantized_twin(bits, group, path, monkeypatch):
-    monkeypatch.setattr(model_module, "QUANT_FORCE", path)
+    monkeypatch.setattr(quantize, "QUANT_FORCE", path)
     layer, twin = quantized_linear_and_twin(bits, group)
-    kernel = model_module.QUANT_KERNELS[("cpu", bits)]
+    kernel = quantize.QUANT_KERNELS[("cpu", bits)]
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for shape in [(1, 96), (3, 1, 96), (2, 4, 96), (4, 20, 96)]:  # decode-sized, and a prefill (80 rows)
@@ -134,7 +138,7 @@ def test_quantized_linear_equals_its_dequantized_twin(bits, group, path, monkeyp
             # float32 throughout: only the order of the sums differs between the paths
             torch.testing.assert_close(layer(x), twin(x), rtol=1e-5, atol=1e-5)
             ran = layer.weight.last_path
-            if x.numel() // 96 > model_module.QUANT_MAX_ROWS:  # a long prefill: always the dequantized weight
+            if x.numel() // 96 > quantize.QUANT_MAX_ROWS:  # a long prefill: always the dequantized weight
                 assert ran == "dequantize"
             else:
                 assert ran == {"kernel": kernel, "dequantize": "dequantize"}.get(path, ran) and ran in (kernel, "dequantize")
@@ -161,24 +165,24 @@ def test_bf16_activations_and_autocast(bits, group):
 def test_the_measured_choice_is_recorded_once_and_an_entry_overrides_it(monkeypatch):
     layer, _ = quantized_linear_and_twin(8, None, bias=False)
     calls = []
-    real = model_module._faster
-    monkeypatch.setattr(model_module, "_faster", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = quantize.faster
+    monkeypatch.setattr(quantize, "faster", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     x = torch.randn(1, 96)
     with torch.no_grad():
         for _ in range(3):
             layer(x)
         assert calls == [1]  # measured once for this (bits, shape, rows, dtype, device, threads)
-        (key, path), = model_module.QUANT_PATHS.items()
+        (key, path), = quantize.QUANT_PATHS.items()
         assert key == (8, None, 64, 96, 1, torch.float32, "cpu", torch.get_num_threads()) and path in ("kernel", "dequantize")
-        model_module.QUANT_PATHS[key] = "kernel"
+        quantize.QUANT_PATHS[key] = "kernel"
         layer(x)
         assert layer.weight.last_path == "torch._weight_int8pack_mm"
-        model_module.QUANT_PATHS[key] = "dequantize"
+        quantize.QUANT_PATHS[key] = "dequantize"
         layer(x)
         assert layer.weight.last_path == "dequantize"
         # a dtype the kernel refuses (float64) is no candidate: the dequantize path, nothing timed
         layer.double()(x.double())
-        assert calls == [1] and model_module.QUANT_PATHS[key[:5] + (torch.float64,) + key[6:]] == "dequantize"
+        assert calls == [1] and quantize.QUANT_PATHS[key[:5] + (torch.float64,) + key[6:]] == "dequantize"
 
 
 def test_gradients_reach_the_input_and_only_the_integers_are_saved():
@@ -221,8 +225,8 @@ MODELS = [
 def test_cached_decode_equals_the_full_recompute(kw, bits, group, force, monkeypatch):
     """float32 activations, greedy; a mixed-length batch (left padding, per-row positions) and
     one prompt. Decode steps take the measured (or the kernel) path, the recompute dequantizes."""
-    monkeypatch.setattr(model_module, "QUANT_FORCE", force)
-    model = build(tiny(**kw), dtype=torch.float32).quantize(bits, group)
+    monkeypatch.setattr(quantize, "QUANT_FORCE", force)
+    model = quantize.quantize(build(tiny(**kw), dtype=torch.float32), bits, group)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 37, (n,), generator=g) for n in (3, 9, 6)]
     cached = model.generate(prompts, 24, temperature=0)
@@ -240,10 +244,10 @@ def test_quantized_model_stays_close_to_the_original():
     """int8 and int4 (g32) of a random model: logits within a few percent of their range."""
     ref = build(tiny(n_embd=64), dtype=torch.float32)
     idx = torch.randint(0, 37, (2, 16), generator=torch.Generator().manual_seed(0))
-    logits = ref(idx)[0]
+    logits = ref.logits(ref(idx))
     for (bits, group), tol in zip(SETTINGS, (0.01, 0.05)):
-        model = build(ref.config, dtype=torch.float32).quantize(bits, group)
-        err = (model(idx)[0] - logits).abs().max() / logits.abs().max()
+        model = quantize.quantize(build(ref.config, dtype=torch.float32), bits, group)
+        err = (model.logits(model(idx)) - logits).abs().max() / logits.abs().max()
         assert 0 < err < tol, (bits, err)
         assert model.num_params() == ref.num_params() and model.wte.weight.dtype == torch.float32
 
@@ -252,11 +256,11 @@ def test_quantize_head():
     """quantize_head: a tied head gets a quantized copy of the table (the lookup keeps the table);
     the plain export gives the table back exactly; an untied head is quantized in place."""
     ref = build(tiny(), dtype=torch.float32)
-    model = build(ref.config, dtype=torch.float32).quantize(8, quantize_head=True)
+    model = quantize.quantize(build(ref.config, dtype=torch.float32), 8, quantize_head=True)
     assert isinstance(model.lm_head.weight, QuantizedWeight) and isinstance(model.wte.weight, torch.nn.Parameter)
     assert model.num_params() == ref.num_params()
     idx = torch.randint(0, 37, (1, 12))
-    logits, reference = model(idx)[0], ref(idx)[0]
+    logits, reference = model.logits(model(idx)), ref.logits(ref(idx))
     assert 0 < (logits - reference).abs().max() < 0.02 * reference.abs().max()
     sd = model.merged_state_dict()
     assert torch.equal(sd["lm_head.weight"], ref.wte.weight) and torch.equal(sd["wte.weight"], ref.wte.weight)
@@ -265,7 +269,7 @@ def test_quantize_head():
     # an export for transformers goes out dequantized: what the plain twin exports
     hf, tensors = to_hf(model)
     assert all(torch.equal(t, to_hf(plain)[1][k]) for k, t in tensors.items())
-    untied = build(tiny(tie_weights=False), dtype=torch.float32).quantize(4, 32, quantize_head=True)
+    untied = quantize.quantize(build(tiny(tie_weights=False), dtype=torch.float32), 4, 32, quantize_head=True)
     assert isinstance(untied.lm_head.weight, QuantizedWeight)
     with pytest.raises(ValueError, match="the head is quantized"):
         untied.resize_vocab(64)
@@ -281,14 +285,14 @@ def sizes_and_outputs(tmp_path, config):
     common.save_weights(str(tmp_path / "fp32.pt"), MASTER, ref)
     out = {"fp32": os.path.getsize(tmp_path / "fp32.pt")}
     for bits, group in SETTINGS:
-        model = build(config, dtype=torch.float32).quantize(bits, group)
+        model = quantize.quantize(build(config, dtype=torch.float32), bits, group)
         path = str(tmp_path / f"int{bits}.pt")
         common.save_weights(path, MASTER, model, meta={"tokenizer": "byte"})
         ckpt = common.load_checkpoint(path)
         assert ckpt["quantization"] == model.quantization and ckpt["quantization"]["format"].startswith(f"int{bits}:")
         loaded = common.model_from_checkpoint(ckpt, path).eval()
         assert loaded.quantization == model.quantization
-        assert torch.equal(loaded(idx)[0], model(idx)[0])
+        assert torch.equal(loaded.logits(loaded(idx)), model.logits(model(idx)))
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
         out[bits] = os.path.getsize(path)
     return out
@@ -301,7 +305,7 @@ def test_a_quantized_checkpoint_saves_and_loads_to_identical_outputs(tmp_path):
 
 
 def test_a_stored_format_is_kept_and_another_refused(tmp_path):
-    model = build(tiny(), dtype=torch.float32).quantize(4, 32)
+    model = quantize.quantize(build(tiny(), dtype=torch.float32), 4, 32)
     path = str(tmp_path / "int4.pt")
     common.save_weights(path, MASTER, model)
     ckpt = common.load_checkpoint(path)
@@ -325,39 +329,39 @@ def qlora(bits, group, **kw):
     base = GPT(tiny(**kw)).eval()
     torch.manual_seed(1)
     model = GPT(dataclasses.replace(base.config, lora_rank=4, lora_alpha=8.0, lora_targets=("attn", "mlp")))
-    model.load_base_weights(base.state_dict())
-    return base, model.quantize(bits, group)
+    load_base_weights(model, base.state_dict())
+    return base, quantize.quantize(model, bits, group)
 
 
 @pytest.mark.parametrize("bits, group", SETTINGS)
 def test_qlora_trains_only_adapters_and_leaves_the_integers_bit_identical(bits, group, tmp_path):
     _, model = qlora(bits, group)
-    before = {k: v.clone() for k, v in model.state_dict().items() if not model_module.is_lora_key(k)}
+    before = {k: v.clone() for k, v in model.state_dict().items() if not is_lora_key(k)}
     assert not [k for k in before if k.endswith(".weight") and ".attn." in k]  # no float copy of the base
     train(model)
     for name, p in model.named_parameters():  # the last step's gradients are still there
         assert (p.grad is not None) == ("lora_" in name), name  # adapters alone get them
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
-    assert all(layer.lora_B.abs().sum() > 0 for layer in model.lora_layers())
+    assert all(layer.lora_B.abs().sum() > 0 for layer in lora_layers(model))
     # the merged export dequantizes once: a plain float model computing what the adapted one does
     idx = torch.randint(0, 37, (2, 12))
     sd = model.merged_state_dict()
     plain = GPT(dataclasses.replace(model.config, lora_rank=0)).eval()
     plain.load_state_dict(sd)
-    torch.testing.assert_close(plain(idx)[0], model(idx)[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain.logits(plain(idx)), model.logits(model(idx)), rtol=1e-4, atol=1e-4)
     common.save_weights(str(tmp_path / "merged.pt"), MASTER, model)
     merged = common.load_checkpoint(str(tmp_path / "merged.pt"))
     assert merged["quantization"] is None and merged["model_args"]["lora_rank"] == 0
     # a resume checkpoint keeps the quantized base and the adapters: the same model back
-    ckpt = {"model": model.state_dict(), "model_args": model.config.to_dict(), "quantization": model.quantization}
+    ckpt = {"model": model.state_dict(), "model_args": asdict(model.config), "quantization": model.quantization}
     again = common.model_from_checkpoint(ckpt, "ckpt.pt").eval()
-    assert torch.equal(again(idx)[0], model(idx)[0])
+    assert torch.equal(again.logits(again(idx)), model.logits(model(idx)))
     # the reference policy of the RL stages: adapters off is the quantized base alone
-    with model.adapters_off():
-        off = model(idx)[0]
+    with adapters_off(model):
+        off = model.logits(model(idx))
     _, fresh = qlora(bits, group)
-    assert torch.equal(off, fresh.eval()(idx)[0])
+    assert torch.equal(off, fresh.eval().logits(fresh(idx)))
 
 
 # -----------------------------------------------------------------------------
@@ -367,30 +371,30 @@ def test_qlora_trains_only_adapters_and_leaves_the_integers_bit_identical(bits, 
 def test_refused_settings_say_why():
     model = GPT(tiny())
     with pytest.raises(ValueError, match="bits=3"):
-        model.quantize(3)
+        quantize.quantize(model, 3)
     with pytest.raises(ValueError, match="group_size=48"):
-        model.quantize(4, 48)
+        quantize.quantize(model, 4, 48)
     with pytest.raises(ValueError, match="group_size=64 does not divide the input width 32 of h.0.attn.c_q"):
-        model.quantize(4, 64)
+        quantize.quantize(model, 4, 64)
     with pytest.raises(ValueError, match="group_size=32: int8 has one scale per output row"):
-        model.quantize(8, 32)
+        quantize.quantize(model, 8, 32)
     with pytest.raises(ValueError, match="quantize must be none | int8 | int4, got 'int3'"):
-        common.quantize_model(model, "int3")
+        quantize.quantize_model(model, "int3")
     with pytest.raises(ValueError, match="quantize=int4 .quant_group_size=64.: quantize: group_size=64 does not divide"):
-        common.quantize_model(model, "int4", 64)
+        quantize.quantize_model(model, "int4", 64)
     with pytest.raises(ValueError, match="trains only with adapters"):
-        common.quantize_model(GPT(tiny()), "int8", trains=True)
-    model.quantize(8)
+        quantize.quantize_model(GPT(tiny()), "int8", trains=True)
+    quantize.quantize(model, 8)
     with pytest.raises(ValueError, match="already int8"):
-        model.quantize(4, 32)
+        quantize.quantize(model, 4, 32)
     lora = GPT(tiny(lora_rank=2))
-    lora.merge_lora()
+    merge_lora(lora)
     with pytest.raises(ValueError, match="merged into the weights"):
-        lora.quantize(8)
-    lora.unmerge_lora()
-    lora.quantize(8)
+        quantize.quantize(lora, 8)
+    unmerge_lora(lora)
+    quantize.quantize(lora, 8)
     with pytest.raises(ValueError, match="merge_lora: the base weights are int8"):
-        lora.merge_lora()
+        merge_lora(lora)
 
 
 # -----------------------------------------------------------------------------
@@ -407,7 +411,7 @@ def test_sample_quantizes_at_load_and_exports_a_quantized_checkpoint(tmp_path):
     res = run_script(*args)
     quantized = GPT(cfg)
     quantized.load_state_dict(model.state_dict())
-    quantized.quantize(4, 32)
+    quantize.quantize(quantized, 4, 32)
     expected = tok.decode_bytes(quantized.generate(ids, 30, temperature=0)[0].tolist()).decode("utf-8", errors="replace")
     assert res.stdout.startswith(expected) and "int4 weights in groups of 32" in res.stderr
     out = str(tmp_path / "int4.pt")
@@ -447,7 +451,7 @@ def test_train_eval_only_and_qlora_fine_tune(byte_dataset, tmp_path):
     resumed = common.load_checkpoint(os.path.join(qlora_dir, "ckpt.pt"))
     assert resumed["iter_num"] == 6
     for k, v in ckpt["model"].items():
-        if not model_module.is_lora_key(k):
+        if not is_lora_key(k):
             assert torch.equal(v, resumed["model"][k]), k
 
 

@@ -12,13 +12,17 @@ import torch
 
 import bpe
 import common
+import conversations
 import losses
+import posttrain
 from conftest import run_script, save_byte_checkpoint
 from data.tasks.tasks import generate, score
 from model import GPT, GPTConfig
 
+# dtype=float32: dtype=auto times float32 against bf16 in every run, and runs compared bit for bit
+# could then take different ones on a loaded CPU
 TINY = ["--batch_size=4", "--log_interval=1", "--warmup_iters=1", "--device=cpu", "--compile=false",
-        "--eval_pairs=8", "--learning_rate=1e-3"]
+        "--eval_pairs=8", "--learning_rate=1e-3", "--dtype=float32"]
 
 
 def write_jsonl(path, rows):
@@ -43,7 +47,7 @@ def test_both_formats_read_to_the_same_pair(tmp_path):
                 "rejected": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "6"}],
                 "margin": 0.5, "task": "add"}
     write_jsonl(tmp_path / "p.jsonl", [explicit, listed, "", implicit])
-    rows, blank = common.read_preferences(str(tmp_path / "p.jsonl"))
+    rows, blank = conversations.read_preferences(str(tmp_path / "p.jsonl"))
     assert blank == 1 and rows[0] == rows[1] == rows[2]
     assert rows[0] == {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "chosen": "5", "rejected": "6",
                        "margin": 0.5, "task": "add"}
@@ -66,7 +70,7 @@ def test_malformed_pairs_name_file_and_line(tmp_path):
         path = tmp_path / f"bad{k}.jsonl"
         write_jsonl(path, [good, good, line])
         with pytest.raises(ValueError) as e:
-            common.read_preferences(str(path))
+            conversations.read_preferences(str(path))
         assert f"bad{k}.jsonl line 3: " in str(e.value) and message in str(e.value), str(e.value)
 
 
@@ -75,11 +79,11 @@ def test_identical_and_overlong_pairs_are_counted_not_dropped_silently():
     rows = [{"prompt": [{"role": "user", "content": "q"}], "chosen": "same", "rejected": "same"},
             {"prompt": [{"role": "user", "content": "q"}], "chosen": "x" * 50, "rejected": "y"},
             {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}]
-    pairs, report = common.render_pairs(rows, tok, max_len=20)
+    pairs, report = conversations.render_pairs(rows, tok, max_len=20)
     assert report == {"identical": 1, "too_long": 1} and len(pairs) == 1
     (ids_c, mask_c), (ids_r, _), row = pairs[0]
     assert ids_c[-1] == tok.special_id("<|end|>") and sum(mask_c) == 2 and row is rows[2]  # "a" and <|end|>
-    idx, mask, lengths = common.pair_batch(pairs * 2, tok.special_id("<|endoftext|>"), "cpu")
+    idx, mask, lengths = conversations.pair_batch(pairs * 2, tok.special_id("<|endoftext|>"), "cpu")
     assert idx.shape == (4, len(ids_c)) and lengths.tolist() == [len(ids_c)] * 2 + [len(ids_r)] * 2
     assert idx[0, lengths[0] - 1] == tok.special_id("<|end|>") and mask.sum(1).tolist() == [2, 2, 2, 2]
 
@@ -88,7 +92,7 @@ def test_the_reply_mask_is_the_final_reply_only_in_a_multi_turn_prompt():
     tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
     prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "HELLO"},
               {"role": "user", "content": "2 + 2?"}]
-    pairs, _ = common.render_pairs([{"prompt": prompt, "chosen": "4", "rejected": "five"}], tok, 100)
+    pairs, _ = conversations.render_pairs([{"prompt": prompt, "chosen": "4", "rejected": "five"}], tok, 100)
     (ids_c, mask_c), (ids_r, mask_r), _ = pairs[0]
     assert tok.decode([t for t, m in zip(ids_c, mask_c) if m]) == "4<|end|>"  # not HELLO<|end|> too
     assert tok.decode([t for t, m in zip(ids_r, mask_r) if m]) == "five<|end|>"
@@ -102,7 +106,7 @@ def test_rules_pairs_are_near_misses_of_the_reference(tmp_path):
                      "--train_prompts_per_cell=10")
     assert "train: 180 prompts, 180 usable pairs (100%)" in res.stdout
     for split in ("train", "val"):
-        rows, _ = common.read_preferences(str(out / f"{split}.jsonl"))
+        rows, _ = conversations.read_preferences(str(out / f"{split}.jsonl"))
         for row in rows:
             ex = {"answer": row["answer"], "task": row["task"]}
             assert row["chosen"] == row["answer"] and row["rejected"] != row["answer"]
@@ -116,7 +120,7 @@ def test_rules_pairs_are_near_misses_of_the_reference(tmp_path):
     assert (out / "train.jsonl").read_bytes() == (again / "train.jsonl").read_bytes()
     # val prompts are data/tasks's held-out ones
     val = {json.loads(line)["messages"][0]["content"] for line in open(data / "val.jsonl")}
-    assert {r["prompt"][0]["content"] for r in common.read_preferences(str(out / "val.jsonl"))[0]} <= val
+    assert {r["prompt"][0]["content"] for r in conversations.read_preferences(str(out / "val.jsonl"))[0]} <= val
 
 
 def test_policy_pairs_come_from_the_model_s_samples(tmp_path):
@@ -130,7 +134,7 @@ def test_policy_pairs_come_from_the_model_s_samples(tmp_path):
                      f"--out_dir={out}", "--train_prompts_per_cell=6", "--samples_per_prompt=4", "--max_new_tokens=4",
                      "--cells=add/1", "--device=cpu")
     assert "train: 6 prompts," in res.stdout and "val: 4 prompts," in res.stdout
-    rows, _ = common.read_preferences(str(out / "train.jsonl"))
+    rows, _ = conversations.read_preferences(str(out / "train.jsonl"))
     for row in rows:
         ex = {"answer": row["answer"], "task": row["task"]}
         assert row["task"] == "add" and score(ex, row["chosen"]) > score(ex, row["rejected"])
@@ -144,22 +148,22 @@ def test_policy_pairs_come_from_the_model_s_samples(tmp_path):
 
 
 def test_spearman_and_calibration_on_hand_made_examples():
-    assert common.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert common.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert posttrain.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert posttrain.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # ranks with a tie: x (1, 2.5, 2.5, 4) against y (1, 2, 3, 4): 1 - 6 sum d^2 / (n (n^2 - 1)) does not
     # hold with ties; Pearson of the ranks: cov 4.5 / sqrt(4.5 * 5) = 0.9487
-    assert common.ranks([5, 7, 7, 9]) == [1, 2.5, 2.5, 4]
-    assert common.spearman([5, 7, 7, 9], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
-    assert math.isnan(common.spearman([1, 1, 1], [1, 2, 3]))
+    assert posttrain.ranks([5, 7, 7, 9]) == [1, 2.5, 2.5, 4]
+    assert posttrain.spearman([5, 7, 7, 9], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert math.isnan(posttrain.spearman([1, 1, 1], [1, 2, 3]))
     # calibration: bin [0.9, 1.0) holds p = 0.9, 0.95 with outcomes 1, 0: |0.5 - 0.925| = 0.425;
     # bin [0.2, 0.3) holds p = 0.2 with outcome 0: |0 - 0.2| = 0.2; weights 2/3 and 1/3
-    ece, table = common.calibration([0.9, 0.95, 0.2], [1, 0, 0], bins=10)
+    ece, table = posttrain.calibration([0.9, 0.95, 0.2], [1, 0, 0], bins=10)
     assert ece == pytest.approx(2 / 3 * 0.425 + 1 / 3 * 0.2)
     assert [(round(lo, 1), n) for lo, _, n, _, _ in table] == [(0.2, 1), (0.9, 2)]
-    assert common.calibration([0.75, 0.75, 0.75, 0.75], [1, 1, 1, 0])[0] == pytest.approx(0.0)
-    assert common.pass_at_k(8, 0, 4) == 0.0 and common.pass_at_k(8, 8, 1) == 1.0
-    assert common.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
-    assert common.pass_at_k(8, 2, 1) == pytest.approx(2 / 8)
+    assert posttrain.calibration([0.75, 0.75, 0.75, 0.75], [1, 1, 1, 0])[0] == pytest.approx(0.0)
+    assert posttrain.pass_at_k(8, 0, 4) == 0.0 and posttrain.pass_at_k(8, 8, 1) == 1.0
+    assert posttrain.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert posttrain.pass_at_k(8, 2, 1) == pytest.approx(2 / 8)
 
 
 # --- the model ---------------------------------------------------------------
@@ -175,18 +179,18 @@ def test_a_tiny_reward_model_learns_a_synthetic_preference():
         k = rng.randrange(5)
         rows.append({"prompt": [{"role": "user", "content": "say"}], "chosen": word[:k] + "z" + word[k + 1:],
                      "rejected": word})
-    pairs, _ = common.render_pairs(rows, tok, 64)
+    pairs, _ = conversations.render_pairs(rows, tok, 64)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32, scalar_head=True))
     opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
-    idx, _, lengths = common.pair_batch(pairs, tok.special_id("<|endoftext|>"), "cpu")
+    idx, _, lengths = conversations.pair_batch(pairs, tok.special_id("<|endoftext|>"), "cpu")
     for _ in range(150):
-        r = model.sequence_scores(idx, lengths - 1)
+        r = model.scores(model(idx), lengths - 1)
         loss = losses.bradley_terry_loss(r[:64], r[64:])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    r = model.sequence_scores(idx, lengths - 1)
+    r = model.scores(model(idx), lengths - 1)
     assert (r[:64] > r[64:]).all() and loss.item() < 0.05
 
 
@@ -238,15 +242,15 @@ def test_script_end_to_end(reward_setup):
     assert ckpt["stage"] == "reward" and ckpt["model_args"]["scalar_head"] and "score_head.weight" in ckpt["model"]
     assert math.isfinite(ckpt["reward_mean"]) and ckpt["reward_std"] > 0
     # the RL stages' scorer: normalised by the stored statistics
-    rm = common.RewardModel(os.path.join(out, "ckpt.pt"), "cpu", policy_meta=ckpt["meta"])
+    rm = posttrain.RewardModel(os.path.join(out, "ckpt.pt"), "cpu", policy_meta=ckpt["meta"])
     raw = GPT(GPTConfig(**ckpt["model_args"]))
     raw.load_state_dict(ckpt["model"])
     idx = torch.randint(0, 256, (2, 10))
     last = torch.tensor([9, 4])
-    want = (raw.eval().sequence_scores(idx, last) - ckpt["reward_mean"]) / ckpt["reward_std"]
+    want = (raw.eval().scores(raw(idx), last) - ckpt["reward_mean"]) / ckpt["reward_std"]
     torch.testing.assert_close(rm(idx, last), want)
     with pytest.raises(ValueError, match="not a reward model"):
-        common.RewardModel(base, "cpu")
+        posttrain.RewardModel(base, "cpu")
     # measure the checkpoint on one folder, appending to the run's log
     reward(base, folders[:1], out, f"--init_from={out}/ckpt.pt", "--eval_only=True")
     after = read_log(out)
@@ -285,8 +289,8 @@ def test_two_processes_agree(reward_setup):
 
 def test_bad_settings_and_data_stop_with_a_message(reward_setup):
     base, folders, tmp = reward_setup
-    res = reward(base, folders, str(tmp / "x"), "--loss=hinge", check=False)
-    assert res.returncode != 0 and "loss must be bt | margin_ranking | bt_margin" in res.stderr
+    res = reward(base, folders, str(tmp / "x"), "--loss_type=hinge", check=False)
+    assert res.returncode != 0 and "loss_type must be bt | margin_ranking | bt_margin" in res.stderr
     with open(os.path.join(folders[0], "train.jsonl"), "a") as f:
         f.write('{"prompt": "q", "chosen": "a"}\n')
     res = reward(base, folders, str(tmp / "x"), check=False)

@@ -5,6 +5,7 @@ script runs end to end into a checkpoint that sample.py loads."""
 import json
 import os
 import random
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,12 +13,15 @@ import torch.nn.functional as F
 
 import bpe
 import common
+import conversations
 from conftest import run_script
 from data.tasks.tasks import generate
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_base_weights, load_lora_state_dict
 
+# dtype=float32: dtype=auto times float32 against bf16 in every run, and two runs compared bit for
+# bit could then take different ones on a loaded CPU
 TINY = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--device=cpu",
-        "--compile=false", "--eval_prompts=8", "--eval_max_new_tokens=8", "--learning_rate=3e-3"]
+        "--compile=false", "--eval_prompts=8", "--eval_max_new_tokens=8", "--learning_rate=3e-3", "--dtype=float32"]
 
 
 def write_jsonl(path, rows):
@@ -34,7 +38,7 @@ def sft_setup(tmp_path):
     tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
     meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
     base = str(tmp_path / "base.pt")
-    common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": cfg.to_dict(), "meta": meta,
+    common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "meta": meta,
                             "iter_num": 0, "stage": "pretrain"}, base)
     rng = random.Random(0)
     data = tmp_path / "data"
@@ -101,12 +105,12 @@ def test_loss_is_the_mean_over_assistant_tokens(sft_setup):
     ckpt = common.load_checkpoint(base)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
-    tok = common.tokenizer_from_meta(ckpt["meta"])
-    rows, _ = common.read_conversations(os.path.join(data, "val.jsonl"))
+    tok = bpe.tokenizer_from_meta(ckpt["meta"])
+    rows, _ = conversations.read_conversations(os.path.join(data, "val.jsonl"))
     nll, n = 0.0, 0
     for row in rows:
         ids, mask = tok.render_conversation(row["messages"])
-        logits, _ = model(torch.tensor([ids[:-1]]))
+        logits = model.logits(model(torch.tensor([ids[:-1]])))
         losses = F.cross_entropy(logits[0], torch.tensor(ids[1:]), reduction="none")
         keep = torch.tensor(mask[1:], dtype=torch.bool)
         nll, n = nll + losses[keep].sum().item(), n + int(keep.sum())
@@ -127,9 +131,9 @@ def test_malformed_jsonl_reports_file_and_line(tmp_path):
         path = tmp_path / f"bad{k}.jsonl"
         write_jsonl(path, [good, "", good, line, good])
         with pytest.raises(ValueError) as e:
-            common.read_conversations(str(path))
+            conversations.read_conversations(str(path))
         assert f"bad{k}.jsonl line 4: " in str(e.value) and message in str(e.value)
-    rows, blank = common.read_conversations(str(tmp_path / "bad3.jsonl"), require_assistant=False)
+    rows, blank = conversations.read_conversations(str(tmp_path / "bad3.jsonl"), require_assistant=False)
     assert len(rows) == 4 and blank == 1 and rows[0]["messages"][1] == {"role": "assistant", "content": "b"}
 
 
@@ -185,14 +189,14 @@ def test_lora_sft_changes_only_adapters_and_saves_merged_and_adapters(sft_setup)
     adapted = GPT(GPTConfig(**b["model_args"]))
     adapted.load_state_dict(b["model"])
     x = torch.randint(0, 256, (2, 16))
-    torch.testing.assert_close(plain(x)[0], adapted(x)[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain.logits(plain(x)), adapted.logits(adapted(x)), rtol=1e-4, atol=1e-4)
     # lora.pt: the adapters alone, which load on top of the base
     lora = torch.load(os.path.join(out, "lora.pt"), weights_only=True)
     assert sorted(lora["lora"]) == sorted(adapters) and lora["base"] == base
     again = GPT(GPTConfig(**lora["model_args"]))
-    again.load_base_weights(a["model"])
-    again.load_lora_state_dict(lora["lora"])
-    torch.testing.assert_close(again(x)[0], adapted(x)[0])
+    load_base_weights(again, a["model"])
+    load_lora_state_dict(again, lora["lora"])
+    torch.testing.assert_close(again.logits(again(x)), adapted.logits(adapted(x)))
     # best.pt is merged too, so sample.py reads it like any checkpoint
     assert common.load_checkpoint(os.path.join(out, "best.pt"))["model_args"]["lora_rank"] == 0
 
@@ -247,14 +251,14 @@ def test_lora_with_train_embeddings_changes_only_adapters_and_the_embedding(sft_
     lora = torch.load(os.path.join(out, "lora.pt"), weights_only=True)
     assert torch.equal(lora["embedding"], b["model"]["wte.weight"])
     again = GPT(GPTConfig(**lora["model_args"]))
-    again.load_base_weights(a["model"])
-    again.load_lora_state_dict(lora["lora"])
+    load_base_weights(again, a["model"])
+    load_lora_state_dict(again, lora["lora"])
     with torch.no_grad():
         again.wte.weight.copy_(lora["embedding"])
     adapted = GPT(GPTConfig(**b["model_args"]))
     adapted.load_state_dict(b["model"])
     x = torch.randint(0, 256, (2, 16))
-    torch.testing.assert_close(again(x)[0], adapted(x)[0])
+    torch.testing.assert_close(again.logits(again(x)), adapted.logits(adapted(x)))
 
 
 def test_rows_of_ids_pretraining_never_saw_restart(sft_setup):

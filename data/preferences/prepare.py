@@ -33,13 +33,16 @@ import json
 import os
 import random
 import string
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402  (the repo root is on the path now)
+import bpe  # noqa: E402  (the repo root is on the path now)
+import common  # noqa: E402
+import posttrain  # noqa: E402
+from configurator import configure  # noqa: E402
+from conversations import read_conversations  # noqa: E402
 from data.tasks.tasks import score  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -99,9 +102,9 @@ def perturb(ex, rng):
     return rng.choice(options)
 
 
-def read_prompts(split, rng):
+def read_prompts(data_dir, split, rng):
     path = os.path.join(data_dir, f"{split}.jsonl")
-    rows, _ = common.read_conversations(path)
+    rows, _ = read_conversations(path)
     wanted = {tuple(c.split("/")) for c in cells}
     by_cell = {}
     for row in rows:
@@ -130,18 +133,15 @@ def rules_pairs(rows, rng):
     return [pair(row, row["answer"], perturb(row, rng)) for row in rows]
 
 
-def policy_pairs(rows, rng):
+def policy_pairs(rows, rng, ddp):
     ckpt = common.load_checkpoint(init_from)
     model = common.model_from_checkpoint(ckpt, init_from)
-    tok = common.tokenizer_from_meta(ckpt["meta"])
-    dev = common.pick_device(device)
-    device_type = "cuda" if dev.startswith("cuda") else dev
-    ctx = common.autocast(device_type, common.pick_dtype(dtype, device_type))
-    model.to(dev).eval()
-    examples = common.held_out_prompts(rows, len(rows), tok)
-    ddp = common.Distributed(dev)  # one process: answer_prompts shares work out over processes
-    answers = common.answer_prompts(model, examples, tok, ctx, ddp, batch_size, max_new_tokens, temperature,
-                                    samples_per_prompt, seed=seed)
+    tok = bpe.tokenizer_from_meta(ckpt["meta"])
+    ctx = common.autocast(ddp.device_type, common.pick_dtype(dtype, ddp.device_type))
+    model.to(ddp.device).eval()
+    examples = posttrain.held_out_prompts(rows, len(rows), tok)
+    answers = posttrain.answer_prompts(model, examples, tok, ctx, ddp, batch_size, max_new_tokens, temperature,
+                                       samples_per_prompt, seed=seed)
     out = []
     for ex, samples in zip(examples, answers):
         scored = sorted(((score(ex, a), a) for a in set(samples)), key=lambda s: s[0])
@@ -158,17 +158,14 @@ def main():
     if source not in ("rules", "policy"):
         raise ValueError(f"source must be rules | policy, got {source!r}")
     out = out_dir or os.path.join(ROOT, "data", "preferences", source)
-    if not all(os.path.isfile(os.path.join(data_dir, f"{s}.jsonl")) for s in ("train", "val")):
-        if tasks_dir != "tasks":
-            raise ValueError(f"no train.jsonl and val.jsonl in {data_dir}")
-        print("data/tasks is missing: generating it")
-        subprocess.run([sys.executable, os.path.join(ROOT, "data", "tasks", "prepare.py")], check=True)
+    ddp = common.Distributed(device)  # one process: answer_prompts shares work out over processes
+    data_dir = posttrain.task_data(tasks_dir, ddp)  # generated when missing
     os.makedirs(out, exist_ok=True)
     for split in ("train", "val"):
         rng = random.Random(f"{seed}-{split}")
-        rows = read_prompts(split, rng)
+        rows = read_prompts(data_dir, split, rng)
         t0 = time.time()
-        pairs = rules_pairs(rows, rng) if source == "rules" else policy_pairs(rows, rng)
+        pairs = rules_pairs(rows, rng) if source == "rules" else policy_pairs(rows, rng, ddp)
         with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
             for p in pairs:
                 f.write(json.dumps(p) + "\n")
@@ -177,8 +174,7 @@ def main():
 
 
 if __name__ == "__main__":
-    common.configure(globals())
-    data_dir = tasks_dir if os.path.isabs(tasks_dir) else os.path.join(ROOT, "data", tasks_dir)
+    configure(globals())
     try:
         main()
     except (ValueError, FileNotFoundError) as e:

@@ -51,7 +51,7 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from common import configure  # noqa: E402  (the repo root is on the path now)
+from configurator import configure  # noqa: E402  (the repo root is on the path now)
 from data.tasks.tasks import DIFFICULTIES, STEP_PATTERNS, TASKS, generate, n_problems, problem_key  # noqa: E402
 
 # -----------------------------------------------------------------------------

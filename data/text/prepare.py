@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import bpe  # noqa: E402  (the repo root is on the path now)
+from configurator import configure  # noqa: E402
 
 
 def list_files(input_dir, extensions):
@@ -142,8 +143,6 @@ def prepare(paths, out_dir, tokenizer="bpe", vocab_size=4096, pattern="gpt4", pa
 
 
 if __name__ == "__main__":
-    from common import configure
-
     # I/O
     input_dir = ""  # folder of text files, searched recursively
     out_dir = ""  # empty: data/text/<input_dir's name>/<byte | bpe4096 | gpt2>

@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import bpe  # noqa: E402  (the repo root is on the path now)
+from configurator import configure  # noqa: E402
 
 
 def read_corpus(input, data_dir, url):
@@ -83,8 +84,6 @@ def prepare(text, out_dir, tokenizer="byte", vocab_size=4096, pattern="gpt4", pa
 
 
 if __name__ == "__main__":
-    from common import configure
-
     # I/O
     input = ""  # corpus file; empty: data_dir/input.txt, downloaded from url if missing
     data_dir = ""  # where input.txt is looked for and <name>/ is written; empty: this script's folder
