@@ -297,18 +297,53 @@ class Reference:
             return self.policy.logprobs(self.policy(idx, pos), targets, temperature, vocab_limit)[0]
 
 
+READS = ("end", "lines")  # where a reward model reads a reply (reward.py's reward_read): see read_positions
+
+
+def line_end_ids(tok, device):
+    """The ids of tok whose text holds a newline (one per step of a worked solution), as a tensor."""
+    specials = set(tok.special_tokens.values())
+    return torch.tensor([i for i in range(tok.n_vocab) if i not in specials and b"\n" in tok.decode_bytes([i])],
+                        dtype=torch.long, device=device)
+
+
+def read_positions(idx, reply_mask, read, line_ids):
+    """Where a reward model reads each reply of a batch -> (B, T) bool, from the reply's mask (B, T)
+    (True on its tokens and its closing <|end|>):
+
+        end     the reply's last token only: its <|end|>, or the last token of a completion that ran
+                out, the one token that has seen the whole reply (InstructGPT's reading)
+        lines   that token and every line end inside the reply (the tokens holding a newline): a
+                worked solution is read after each of its steps, so a wrong step is seen where it
+                is, one local check at a time, rather than only through the final token
+
+    The reward is the mean of the scalar head over these positions (read_reward)."""
+    last = last_index(reply_mask)
+    where = torch.zeros_like(reply_mask)
+    where[torch.arange(idx.size(0), device=idx.device), last] = True
+    if read == "lines":
+        where |= reply_mask & torch.isin(idx, line_ids)
+    return where
+
+
+def read_reward(scores, where):
+    """The mean of the scalar head's scores (B, T) over the positions where (B, T) -> (B,)."""
+    return (scores * where).sum(1) / where.sum(1)
+
+
 class RewardModel:
     """A reward.py checkpoint as a frozen scorer for the RL stages:
 
-        rm = posttrain.RewardModel("out-reward/ckpt.pt", device, policy_meta=meta)
-        rewards = rm(idx, last, pos)   # (N,), normalised
+        rm = posttrain.RewardModel("out-reward/ckpt.pt", tok, device, policy_meta=meta)
+        rewards = rm(idx, mask, pos)   # (N,), normalised
 
-    scores each row of a batch of rendered conversations at its last real token (last, see
-    model.last_index) and returns (r - reward_mean) / reward_std with the statistics the
-    checkpoint stores, so that rewards are about unit-sized whatever the reward model's scale.
-    policy_meta: the policy's tokenizer must be the reward model's (checked)."""
+    scores each row of a batch of rendered conversations where it was trained to read the reply
+    whose tokens mask marks (read_positions: at its last token, or also at every line end) and
+    returns (r - reward_mean) / reward_std with the statistics the checkpoint stores, so that
+    rewards are about unit-sized whatever the reward model's scale. policy_meta: the policy's
+    tokenizer must be the reward model's (checked)."""
 
-    def __init__(self, path, device, policy_meta=None):
+    def __init__(self, path, tok, device, policy_meta=None):
         ckpt = common.load_checkpoint(path)
         if ckpt.get("stage") != "reward" or not ckpt["model_args"].get("scalar_head"):
             raise ValueError(f"{path} is not a reward model (stage {ckpt.get('stage')!r}): train one with reward.py")
@@ -316,11 +351,15 @@ class RewardModel:
             check_same_tokenizer(ckpt["meta"], f"reward model {path}", policy_meta, "the policy")
         self.model = common.model_from_checkpoint(ckpt, path).to(device).eval().requires_grad_(False)
         self.mean, self.std = ckpt.get("reward_mean", 0.0), ckpt.get("reward_std", 1.0)
+        self.read = ckpt.get("config", {}).get("reward_read", "end")  # as it was trained to read
+        self.line_ids = line_end_ids(tok, device)
         self.path = path
 
     @torch.no_grad()
-    def __call__(self, idx, last, pos=None):
-        return (self.model.scores(self.model(idx, pos), last).float() - self.mean) / max(self.std, 1e-6)
+    def __call__(self, idx, mask, pos=None):
+        scores = self.model.scores(self.model(idx, pos)).float()
+        r = read_reward(scores, read_positions(idx, mask, self.read, self.line_ids))
+        return (r - self.mean) / max(self.std, 1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -362,7 +401,7 @@ class TaskReward:
         self.weights = parse_weights(reward, self.TERMS)
         self.end = tok.special_id("<|end|>")
         self.penalty = missing_end_penalty
-        self.model = RewardModel(reward_model, device, policy_meta) if "model" in self.weights else None
+        self.model = RewardModel(reward_model, tok, device, policy_meta) if "model" in self.weights else None
 
     def texts(self, out):
         """The completions as text, without their <|end|>."""
@@ -378,10 +417,8 @@ class TaskReward:
                          ("format", lambda ex, t: float(follows_format(ex, t)))):
             if name in self.weights:
                 parts[name] = torch.tensor([fn(ex, t) for ex, t in zip(examples, texts)], device=device)
-        if self.model is not None:
-            # the reward model reads the completion's last real token: its <|end|>, or the last
-            # token it had when it ran out
-            parts["model"] = self.model(out.idx, last_index(out.mask), out.pos)
+        if self.model is not None:  # read where it was trained to: see read_positions
+            parts["model"] = self.model(out.idx, out.mask, out.pos)
         rewards = sum(self.weights[k] * v.float() for k, v in parts.items())
         rewards = rewards - self.penalty * out.truncated.float()
         return rewards, {f"reward_{k}": v.float().mean().item() for k, v in parts.items()}, texts

@@ -10,7 +10,11 @@ backbone with a scalar head (GPTConfig.scalar_head) read at the last real token 
 conversation, the assistant's closing <|end|>, the one token that has seen the whole reply: a
 causal backbone read at its last token, as InstructGPT and TRL build reward models (the seed
 curriculum calls the reward model an encoder; this is the design we build). Chosen and rejected
-replies of a batch go through the model in one forward.
+replies of a batch go through the model in one forward. Two options give it a view of the steps
+of a worked solution: reward_read=lines reads the head at every line end of the reply too and
+takes the mean (posttrain.read_positions), so that each step is judged where it is written, a
+one-digit local check; lm_coef adds the chosen replies' next-token loss, a verifier that also
+learns to generate what good replies look like (Cobbe et al. 2021 found it helps).
 
 Writes to out_dir: ckpt.pt (for resume, stage "reward"), best.pt (the weights with the best val
 loss), log.jsonl. Both store reward_mean and reward_std, the reward's mean and std over training
@@ -78,6 +82,8 @@ quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 loss_type = "bt"  # bt (Bradley-Terry) | margin_ranking | bt_margin (Bradley-Terry with a margin, Llama 2)
 margin = 1.0  # the margin m of a pair without a margin field (margin_ranking, bt_margin)
 center_coef = 0.0  # adds center_coef * mean((r_c + r_r)^2) to the training loss, keeping rewards centred (0 = off)
+reward_read = "end"  # end: the head at the reply's <|end|> | lines: its mean over every line end too (posttrain.read_positions)
+lm_coef = 0.0  # adds lm_coef * the chosen reply's next-token loss (a verifier that also generates, Cobbe et al. 2021)
 eval_pairs = 2000  # held-out pairs per folder measured at each eval (0 = all)
 calibration_bins = 10  # bins of sigmoid(r_c - r_r) for the calibration error
 stats_pairs = 1000  # training pairs whose answers give the reward's mean and std for the checkpoint
@@ -105,8 +111,10 @@ config = configure(globals())
 
 if loss_type not in ("bt", "margin_ranking", "bt_margin"):
     sys.exit(f"config error: loss_type must be bt | margin_ranking | bt_margin, got {loss_type!r}")
-if batch_size < 1 or eval_pairs < 0 or calibration_bins < 1 or center_coef < 0:
-    sys.exit("config error: need batch_size >= 1, eval_pairs >= 0, calibration_bins >= 1, center_coef >= 0")
+if batch_size < 1 or eval_pairs < 0 or calibration_bins < 1 or center_coef < 0 or lm_coef < 0:
+    sys.exit("config error: need batch_size >= 1, eval_pairs >= 0, calibration_bins >= 1, center_coef >= 0, lm_coef >= 0")
+if reward_read not in posttrain.READS:
+    sys.exit(f"config error: reward_read must be {' | '.join(posttrain.READS)}, got {reward_read!r}")
 ddp, grad_accum, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed,
                                                     gradient_accumulation_steps, out_dir)
 master = ddp.master
@@ -118,6 +126,7 @@ ckpt, ckpt_path, resumed, tok, _ = posttrain.post_training_start(init_from, out_
 meta = ckpt["meta"]
 block_size = ckpt["model_args"]["block_size"]
 pad_id = tok.special_id("<|endoftext|>")
+line_ids = posttrain.line_end_ids(tok, ddp.device)  # where reward_read=lines reads too
 try:
     train_pairs, val_pairs = preference_splits([common.data_dir(f) for f in preference_dataset], tok, block_size,
                                                eval_pairs, train=not eval_only, verbose=master)
@@ -155,9 +164,10 @@ def rewards_of(pairs):
     raw_model.eval()
     rc, rr = [], []
     for k in range(0, len(pairs), batch_size):
-        idx, _, lengths = pair_batch(pairs[k : k + batch_size], pad_id, ddp.device)
+        idx, mask, _ = pair_batch(pairs[k : k + batch_size], pad_id, ddp.device)
         with ctx:
-            r = raw_model.scores(raw_model(idx), lengths - 1)
+            r = posttrain.read_reward(raw_model.scores(raw_model(idx)), posttrain.read_positions(idx, mask, reward_read,
+                                                                                                   line_ids))
         n = r.size(0) // 2
         rc.append(r[:n].float())
         rr.append(r[n:].float())
@@ -260,16 +270,21 @@ while True:
     acc_gap = torch.zeros(2, device=ddp.device)  # this process's (accuracy, mean reward gap) of the iteration
     for micro_step in range(grad_accum):
         pairs = [train_pairs[i] for i in stream.indices(loop.iter_num, micro_step)]
-        idx, _, lengths = pair_batch(pairs, pad_id, ddp.device)
+        idx, mask, lengths = pair_batch(pairs, pad_id, ddp.device)
         if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with ctx:
-            r = raw_model.scores(model(idx), lengths - 1)  # chosen and rejected in one forward
+            x = model(idx)  # chosen and rejected in one forward
+            r = posttrain.read_reward(raw_model.scores(x), posttrain.read_positions(idx, mask, reward_read, line_ids))
             r_c, r_r = r[: len(pairs)], r[len(pairs):]
             objective = ranking_loss(r_c, r_r, pair_margins(pairs)) / grad_accum  # <- the ranking loss
             total += objective.detach()
             if center_coef:  # rewards kept near 0: the ranking losses see only differences
                 objective = objective + center_coef * losses.center_loss(r_c, r_r) / grad_accum
+            if lm_coef:  # the chosen replies' tokens as next-token targets, each the target of the token before
+                n = len(pairs)
+                targets = torch.cat((idx[:n, 1:].masked_fill(~mask[:n, 1:], -1), idx.new_full((n, 1), -1)), dim=1)
+                objective = objective + lm_coef * raw_model.loss(x[:n], targets) / grad_accum
             objective = objective + raw_model.aux_loss() / grad_accum  # MoE: plus its load-balancing terms
         scaler.scale(objective).backward()
         acc_gap += torch.stack(((r_c > r_r).float().mean(), (r_c - r_r).mean())).detach() / grad_accum

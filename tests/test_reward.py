@@ -242,15 +242,16 @@ def test_script_end_to_end(reward_setup):
     assert ckpt["stage"] == "reward" and ckpt["model_args"]["scalar_head"] and "score_head.weight" in ckpt["model"]
     assert math.isfinite(ckpt["reward_mean"]) and ckpt["reward_std"] > 0
     # the RL stages' scorer: normalised by the stored statistics
-    rm = posttrain.RewardModel(os.path.join(out, "ckpt.pt"), "cpu", policy_meta=ckpt["meta"])
+    tok = bpe.tokenizer_from_meta(ckpt["meta"])
+    rm = posttrain.RewardModel(os.path.join(out, "ckpt.pt"), tok, "cpu", policy_meta=ckpt["meta"])
     raw = GPT(GPTConfig(**ckpt["model_args"]))
     raw.load_state_dict(ckpt["model"])
     idx = torch.randint(0, 256, (2, 10))
-    last = torch.tensor([9, 4])
-    want = (raw.eval().scores(raw(idx), last) - ckpt["reward_mean"]) / ckpt["reward_std"]
-    torch.testing.assert_close(rm(idx, last), want)
+    mask = torch.arange(10) < torch.tensor([[10], [5]])  # replies ending at 9 and 4
+    want = (raw.eval().scores(raw(idx), torch.tensor([9, 4])) - ckpt["reward_mean"]) / ckpt["reward_std"]
+    torch.testing.assert_close(rm(idx, mask), want)
     with pytest.raises(ValueError, match="not a reward model"):
-        posttrain.RewardModel(base, "cpu")
+        posttrain.RewardModel(base, tok, "cpu")
     # measure the checkpoint on one folder, appending to the run's log
     reward(base, folders[:1], out, f"--init_from={out}/ckpt.pt", "--eval_only=True")
     after = read_log(out)
@@ -259,7 +260,8 @@ def test_script_end_to_end(reward_setup):
 
 def test_resume_is_bit_identical(reward_setup):
     base, folders, tmp = reward_setup
-    args = ["--dropout=0.1", "--eval_interval=3", "--lr_decay_iters=6"]
+    # read at every line end, with the chosen replies' LM loss beside the ranking loss
+    args = ["--dropout=0.1", "--eval_interval=3", "--lr_decay_iters=6", "--reward_read=lines", "--lm_coef=0.5"]
     straight, split = str(tmp / "straight"), str(tmp / "split")
     reward(base, folders, straight, *args, "--max_iters=6")
     reward(base, folders, split, *args, "--max_iters=3")
@@ -296,3 +298,23 @@ def test_bad_settings_and_data_stop_with_a_message(reward_setup):
     res = reward(base, folders, str(tmp / "x"), check=False)
     assert res.returncode != 0 and "train.jsonl line 49: expected 'chosen' and 'rejected'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_reward_model_reads_a_reply_at_its_end_or_at_every_line_end_too():
+    # a reply "ab\ncd\n" + <|end|> after a prompt: end reads the <|end|> only; lines the two newlines too,
+    # and the reward is the mean of the head there, worked out by hand
+    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
+    end = tok.special_id("<|end|>")
+    idx = torch.tensor([[7, 7, ord("a"), ord("b"), 10, ord("c"), ord("d"), 10, end, 0]])
+    mask = torch.tensor([[False, False] + [True] * 7 + [False]])
+    line_ids = posttrain.line_end_ids(tok, "cpu")
+    assert line_ids.tolist() == [10]  # only the newline byte holds a newline
+    scores = torch.arange(10.0)[None]  # the head's score at position t is t
+    where_end = posttrain.read_positions(idx, mask, "end", line_ids)
+    where_lines = posttrain.read_positions(idx, mask, "lines", line_ids)
+    assert where_end[0].nonzero().flatten().tolist() == [8] and where_lines[0].nonzero().flatten().tolist() == [4, 7, 8]
+    assert posttrain.read_reward(scores, where_end).item() == 8.0
+    assert posttrain.read_reward(scores, where_lines).item() == pytest.approx((4 + 7 + 8) / 3)
+    # a newline in the prompt is not read: only the reply's
+    idx[0, 1] = 10
+    assert posttrain.read_positions(idx, mask, "lines", line_ids)[0].nonzero().flatten().tolist() == [4, 7, 8]

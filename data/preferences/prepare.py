@@ -15,9 +15,11 @@ Two sources:
              changed, dropped, doubled or swapped digit or letter, the word unreversed, a near-miss
              sort, a truncated copy. Deterministic; no model needed.
     policy   on-policy pairs: k answers per prompt sampled from an SFT model (temperature 1, all
-             of a prompt's samples sharing one prefill), scored by the checker; the best is paired
-             with the worst. A prompt whose k answers all score the same gives no pair. These are
-             the mistakes the policy really makes.
+             of a prompt's samples sharing one prefill), scored by the checker, the stand-in for
+             a human labeller; the best is paired with the worst, or with pairs_per_prompt = n up
+             to n distinct pairs of a better and a worse answer (more pairs from the same samples,
+             as a labeller ranking k answers gives). A prompt whose k answers all score the same
+             gives no pair. These are the mistakes the policy really makes.
 
     python data/preferences/prepare.py --source=rules
     python data/preferences/prepare.py --source=policy --init_from=out-sft/ckpt.pt
@@ -55,6 +57,7 @@ seed = 1337
 # policy
 init_from = "out-sft/ckpt.pt"  # the SFT checkpoint that answers
 samples_per_prompt = 8  # k answers per prompt
+pairs_per_prompt = 1  # 1: the best answer against the worst; n > 1: up to n pairs of a better and a worse answer
 temperature = 1.0
 max_new_tokens = 32
 batch_size = 256  # sampled rows per generate call
@@ -145,18 +148,26 @@ def policy_pairs(rows, rng, ddp):
     out = []
     for ex, samples in zip(examples, answers):
         scored = sorted(((score(ex, a), a) for a in set(samples)), key=lambda s: s[0])
-        if scored[-1][0] > scored[0][0]:
+        row = {"messages": [{"role": "user", "content": ex["question"]}], "answer": ex["answer"],
+               "task": ex.get("task"), "difficulty": ex.get("difficulty")}
+        if scored[-1][0] == scored[0][0]:
+            continue  # every answer as good as the others: nothing to prefer
+        if pairs_per_prompt == 1:
             best = [a for s, a in scored if s == scored[-1][0]]
             worst = [a for s, a in scored if s == scored[0][0]]
-            row = {"messages": [{"role": "user", "content": ex["question"]}], "answer": ex["answer"],
-                   "task": ex.get("task"), "difficulty": ex.get("difficulty")}
             out.append(pair(row, rng.choice(sorted(best)), rng.choice(sorted(worst))))
+        else:  # distinct (better, worse) pairs of the prompt's answers, a random n of them
+            ordered = [(a, b) for i, (sa, a) in enumerate(scored) for sb, b in scored[:i] if sa > sb]
+            out += [pair(row, a, b) for a, b in rng.sample(ordered, min(pairs_per_prompt, len(ordered)))]
     return out
 
 
 def main():
     if source not in ("rules", "policy"):
         raise ValueError(f"source must be rules | policy, got {source!r}")
+    if pairs_per_prompt < 1 or samples_per_prompt < 2:
+        raise ValueError(f"need pairs_per_prompt >= 1 and samples_per_prompt >= 2, got {pairs_per_prompt} and "
+                         f"{samples_per_prompt}")
     out = out_dir or os.path.join(ROOT, "data", "preferences", source)
     ddp = common.Distributed(device)  # one process: answer_prompts shares work out over processes
     data_dir = posttrain.task_data(tasks_dir, ddp)  # generated when missing
