@@ -25,7 +25,8 @@ encode, encode_ordinary, decode, decode_bytes, special_id, state, save):
     gpt2   OpenAI's GPT-2 ranks, fetched by tiktoken       gpt2_tokenizer(SPECIAL_TOKENS)
     hf     the byte-level BPE of a Hugging Face folder     convert.tokenizer_from_hf("path/to/gpt2")
            (GPT-2's vocab.json + merges.txt, or a tokenizer.json), kept as its ranks: its ids are
-           the folder's, and GPT-2's first 256 are not the byte values
+           the folder's, GPT-2's first 256 are not the byte values, and the special tokens may
+           come first (SmolLM2's 17 are ids 0..16); Qwen2's NFC normaliser comes with it
 
 Special tokens cannot be forged: encode() turns the text "<|endoftext|>" into the ordinary tokens
 for "<", "|", "endoftext" ... unless allowed_special names it (or refuse_special=True, which raises).
@@ -41,6 +42,7 @@ import heapq
 import json
 import os
 import time
+import unicodedata
 from collections import Counter, defaultdict
 
 import regex
@@ -63,6 +65,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<
 
 FORMAT = "bpe-tokenizer v1"  # first line of a saved tokenizer, and state()["format"]
 KINDS = ("byte", "bpe", "gpt2")  # what get_tokenizer (and so a prepare script) builds; convert.py reads "hf"
+NORMALIZERS = (None, "NFC")  # what an hf tokenizer may do to the text before splitting it (Qwen2's: NFC)
 
 
 def resolve_pattern(pattern):
@@ -234,27 +237,34 @@ _PROBES = ("Hello world, it's 2024! I'll say: don't", "  two  spaces\n\n\tand ta
 
 
 class Tokenizer:
-    """A byte, bpe, gpt2 or hf tokenizer. For byte and bpe, ids 0..255 are the byte values and
-    merged ids follow; gpt2 and hf take their ids from their ranks (tiktoken's, or the folder's),
-    where the single bytes need not come first. Special tokens take the highest ids. Encoding runs
-    in tiktoken."""
+    """A byte, bpe, gpt2 or hf tokenizer. For byte and bpe, ids 0..255 are the byte values, merged
+    ids follow, then the special tokens. gpt2 and hf take their ids from their ranks (tiktoken's,
+    or the folder's), where the single bytes need not come first, and their special tokens may sit
+    anywhere among them (a tokenizer trained with the tokenizers library puts them first): every id
+    0 .. n_vocab - 1 is an ordinary token or a special one, exactly once. normalizer (hf only: None
+    or "NFC", Qwen2's) is applied to the text before it is encoded. Encoding runs in tiktoken."""
 
-    def __init__(self, kind, pattern=None, merges=(), special_tokens=None, ranks=None):
+    def __init__(self, kind, pattern=None, merges=(), special_tokens=None, ranks=None, normalizer=None):
         if kind not in KINDS + ("hf",):
             raise ValueError(f"unknown tokenizer kind {kind!r}, expected one of {KINDS + ('hf',)}")
         if kind in ("bpe", "hf") and not isinstance(pattern, str):
             raise ValueError(f"a {kind} tokenizer needs its split pattern, got {pattern!r}")
+        if normalizer not in NORMALIZERS or (normalizer and kind != "hf"):
+            raise ValueError(f"normalizer={normalizer!r}: expected None, or {' | '.join(NORMALIZERS[1:])} "
+                             "for an hf tokenizer")
         self.kind = kind
         self.pattern = pattern
+        self.normalizer = normalizer
         self.special_tokens = dict(special_tokens or {})
+        for name, i in self.special_tokens.items():
+            if not isinstance(name, str) or not name or type(i) is not int:
+                raise ValueError(f"special tokens must map non-empty strings to ids, got {name!r}: {i!r}")
 
         if ranks is not None:  # gpt2, hf: {token bytes: rank}, which is also the id; merges are implicit
-            if sorted(ranks.values()) != list(range(len(ranks))):
-                raise ValueError(f"the ranks of a {kind} tokenizer must number its tokens 0, 1, ... without gaps")
             self.merges = None
-            vocab = [b""] * len(ranks)
-            for token, rank in ranks.items():
-                vocab[rank] = token
+            ordinary = {rank: token for token, rank in ranks.items()}  # id -> bytes
+            if len(ordinary) != len(ranks):
+                raise ValueError(f"two tokens of this {kind} tokenizer share a rank")
         else:
             self.merges = [tuple(pair) for pair in merges]
             vocab = [bytes([i]) for i in range(256)]
@@ -267,18 +277,21 @@ class Tokenizer:
             ranks = {}
             for i, token in enumerate(vocab):
                 ranks.setdefault(token, i)
+            ordinary = dict(enumerate(vocab))
 
-        n_base = len(vocab)
-        ids = sorted(self.special_tokens.values())
-        if ids != list(range(n_base, n_base + len(ids))):
-            raise ValueError(f"special token ids {self.special_tokens} must be {n_base}, {n_base + 1}, ... "
-                             f"(after the {n_base} ordinary ids)")
-        for name in self.special_tokens:
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"special token names must be non-empty strings, got {name!r}")
-            vocab.append(name.encode("utf-8"))
-        self.vocab = vocab  # id -> bytes
-        self.n_vocab = len(vocab)
+        # tiktoken keeps the ordinary ranks and the special ids apart and takes any ids for either;
+        # what it cannot tell us is an id used twice or left out, so that is checked here
+        n_vocab = len(ordinary) + len(self.special_tokens)
+        taken = Counter([*ordinary, *self.special_tokens.values()])
+        twice = sorted(i for i, c in taken.items() if c > 1)
+        missing = sorted(set(range(n_vocab)) - set(taken))
+        if twice or missing:
+            raise ValueError(f"the {len(ordinary)} tokens and {len(self.special_tokens)} special tokens of a {kind} "
+                             f"tokenizer must take the ids 0..{n_vocab - 1} once each, but id " +
+                             (f"{twice[0]} is taken twice" if twice else f"{missing[0]} is missing"))
+        specials = {i: name.encode("utf-8") for name, i in self.special_tokens.items()}
+        self.vocab = [ordinary[i] if i in ordinary else specials[i] for i in range(n_vocab)]  # id -> bytes
+        self.n_vocab = n_vocab
         self._enc = tiktoken.Encoding(
             f"{kind}{self.n_vocab}",
             pat_str=pattern or GPT4_PATTERN,  # byte: any split gives the same bytes
@@ -291,20 +304,26 @@ class Tokenizer:
         folder's GPT-2 and tiktoken's gpt2 are one tokenizer): the same bytes behind every id, the
         same special tokens, and the same ids for a set of probe texts, which catches two split
         patterns that differ (patterns may be spelled differently and still split alike)."""
-        if self.vocab != other.vocab or self.special_tokens != other.special_tokens:
+        if (self.vocab, self.special_tokens, self.normalizer) != (other.vocab, other.special_tokens, other.normalizer):
             return False
         return all(self.encode_ordinary(t) == other.encode_ordinary(t) for t in _PROBES)
 
     def __repr__(self):
         merges = "" if self.merges is None else f", {len(self.merges)} merges"
         specials = list(self.special_tokens)
-        return f"Tokenizer({self.kind}, n_vocab={self.n_vocab}{merges}, special_tokens={specials})"
+        normalizer = f", normalizer={self.normalizer}" if self.normalizer else ""
+        return f"Tokenizer({self.kind}, n_vocab={self.n_vocab}{merges}{normalizer}, special_tokens={specials})"
 
     # --- encoding and decoding
 
     def encode_ordinary(self, text):
         """Text to ids, special-token strings included, as plain text."""
-        return self._enc.encode_ordinary(text)
+        return self._enc.encode_ordinary(self.normalize(text))
+
+    def normalize(self, text):
+        """The text as the tokenizer encodes it: unchanged, or in Unicode normal form (NFC composes
+        "e" + U+0301 into "é"), so decode(encode(text)) gives the normalised text back."""
+        return unicodedata.normalize(self.normalizer, text) if self.normalizer else text
 
     def encode(self, text, allowed_special=(), refuse_special=False):
         """Text to ids. A special token's string becomes its id only if allowed_special names it
@@ -316,6 +335,7 @@ class Tokenizer:
             allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
             for name in allowed:
                 self.special_id(name)  # fail on unknown names
+        text = self.normalize(text)  # a special token's name is ASCII: NFC leaves it, and its edges, alone
         if refuse_special:
             for name in self.special_tokens:
                 if name not in allowed and name in text:
@@ -407,8 +427,16 @@ class Tokenizer:
             "merges": None if self.merges is None else [list(pair) for pair in self.merges],
             "special_tokens": dict(self.special_tokens),
         }
-        if self.kind == "hf":  # every ordinary token in id order, spelled as GPT-2's files spell it
-            state["ranks"] = [spell(token) for token in self.vocab[: self.n_vocab - len(self.special_tokens)]]
+        if self.kind == "hf":
+            # every ordinary token in id order, spelled as GPT-2's files spell it, "" at a special
+            # token's id, up to the last ordinary id (specials after it need no place holders)
+            special_ids = set(self.special_tokens.values())
+            ranks = [("" if i in special_ids else spell(token)) for i, token in enumerate(self.vocab)]
+            while ranks and ranks[-1] == "":
+                ranks.pop()
+            state["ranks"] = ranks
+            if self.normalizer:
+                state["normalizer"] = self.normalizer
         return state
 
     @classmethod
@@ -437,8 +465,8 @@ class Tokenizer:
             if not isinstance(ranks, list) or not all(isinstance(t, str) for t in ranks):
                 raise bad("an hf tokenizer needs its ranks, a list of tokens spelled as strings")
             try:
-                return cls("hf", pattern=state["pattern"], special_tokens=specials,
-                           ranks={unspell(t): i for i, t in enumerate(ranks)})
+                return cls("hf", pattern=state["pattern"], special_tokens=specials, normalizer=state.get("normalizer"),
+                           ranks={unspell(t): i for i, t in enumerate(ranks) if t})
             except ValueError as e:
                 raise bad(e) from None
         merges = state["merges"]
@@ -455,12 +483,14 @@ class Tokenizer:
     def save(self, path):
         """Write `path` (read by load) and its human-readable twin, `path` with the suffix .vocab."""
         s = self.state()
-        lines = [FORMAT, f"kind {s['kind']}", f"pattern {json.dumps(s['pattern'])}",
-                 f"special_tokens {len(s['special_tokens'])}"]
+        lines = [FORMAT, f"kind {s['kind']}", f"pattern {json.dumps(s['pattern'])}"]
+        if "normalizer" in s:
+            lines += [f"normalizer {s['normalizer']}"]
+        lines += [f"special_tokens {len(s['special_tokens'])}"]
         lines += [f"{json.dumps(name)} {i}" for name, i in s["special_tokens"].items()]
         lines += [f"merges {len(s['merges'] or [])}"]
         lines += [f"{a} {b}" for a, b in s["merges"] or []]
-        if "ranks" in s:  # hf: one token a line, spelled without whitespace
+        if "ranks" in s:  # hf: one token a line, spelled without whitespace; an empty line at a special id
             lines += [f"ranks {len(s['ranks'])}", *s["ranks"]]
         lines += ["end"]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -516,6 +546,8 @@ class Tokenizer:
         try:
             state = {"format": FORMAT, "kind": take("the kind", "kind ")}
             state["pattern"] = json.loads(take("the pattern", "pattern "))
+            if pos < len(lines) and lines[pos].startswith("normalizer "):
+                state["normalizer"] = take("the normalizer", "normalizer ")
             state["special_tokens"] = {}
             for _ in range(number(take("the special tokens", "special_tokens "), "a count")):
                 name, _, i = take("a special token").rpartition(" ")

@@ -1,6 +1,7 @@
 """
 Checkpoints in other projects' formats, in and out: nanoGPT's, and Hugging Face model folders
-(GPT2LMHeadModel, LlamaForCausalLM: config.json, model.safetensors, the tokenizer files).
+(GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM: config.json,
+model.safetensors, and a byte-level BPE's tokenizer files).
 
     from_nanogpt(state_dict, model_args)   a nanoGPT checkpoint -> (GPTConfig, our state dict)
     from_hf(folder)                        a model folder's weights -> (GPTConfig, our state dict)
@@ -59,8 +60,11 @@ def from_nanogpt(state_dict, model_args):
 # Two layouts of transformers' map onto this GPT, one for each family of switches:
 #     GPT2LMHeadModel    pos_emb=learned, norm=layernorm, mlp=gelu, biases, usually a tied head
 #     LlamaForCausalLM   pos_emb=rope, norm=rmsnorm, mlp=swiglu, grouped-query attention, either head
-# MistralForCausalLM has Llama's layout; without its sliding window it is the same model.
-HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# MistralForCausalLM has Llama's layout; without its sliding window it is the same model. So has
+# Qwen2ForCausalLM (Qwen2, Qwen2.5), with biases on q, k and v alone (qkv_bias) and full attention
+# unless use_sliding_window. SmolLM2 is a LlamaForCausalLM. GPT-NeoX (Pythia) is refused by name.
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM"}
 # tensors of some checkpoints that are not weights: GPT-2's causal-mask buffers, Llama's rope table
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
@@ -93,7 +97,8 @@ def hf_tensor_names(config, arch):
             rows += [(f"model.layers.{i}.input_layernorm.weight", [f"h.{i}.ln_1.weight"], False),
                      (f"model.layers.{i}.post_attention_layernorm.weight", [f"h.{i}.ln_2.weight"], False)]
             for theirs, ours in linears:
-                for w in ("weight", "bias") if config.bias else ("weight",):
+                biased = config.bias or (config.qkv_bias and ours in ("attn.c_q", "attn.c_k", "attn.c_v"))
+                for w in ("weight", "bias") if biased else ("weight",):
                     rows.append((f"model.layers.{i}.{theirs}.{w}", [f"h.{i}.{ours}.{w}"], False))
         rows.append(("model.norm.weight", ["ln_f.weight"], False))
     if not config.tie_weights:
@@ -117,6 +122,11 @@ def config_from_hf(hf, source="config.json"):
 
     archs = hf.get("architectures") or [HF_ARCHITECTURES.get(hf.get("model_type"), hf.get("model_type"))]
     arch = archs[0]
+    if arch == "GPTNeoXForCausalLM" or hf.get("model_type") == "gpt_neox":
+        rotary = hf.get("rotary_pct", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 0.25))
+        refuse("architectures", "GPT-NeoX (Pythia) is not supported: it adds attention and the MLP to the residual "
+               f"side by side (use_parallel_residual={hf.get('use_parallel_residual', True)}) and rotates only part "
+               f"of each head (rotary_pct={rotary}); neither is a switch of this GPT")
     if len(archs) != 1 or arch not in HF_ARCHITECTURES.values():
         refuse("architectures", f"only {', '.join(HF_ARCHITECTURES.values())} map onto this GPT")
     if arch == "GPT2LMHeadModel":
@@ -152,12 +162,16 @@ def config_from_hf(hf, source="config.json"):
                    "bias here is one switch for every linear layer: attention_bias and mlp_bias must agree")
         if arch == "MistralForCausalLM" and hf.get("sliding_window") is not None:
             refuse("sliding_window", "Mistral's window is not mapped onto ours (use a config with sliding_window null)")
+        qkv_bias = arch == "Qwen2ForCausalLM"  # Qwen2's q, k, v always have biases, its other layers never
+        if qkv_bias and (hf.get("use_sliding_window") or
+                         any(t != "full_attention" for t in hf.get("layer_types") or [])):
+            refuse("use_sliding_window", "Qwen2's sliding window on its upper layers is not mapped onto ours")
         args = dict(vocab_size=need("vocab_size"), block_size=need("max_position_embeddings"),
                     n_layer=need("num_hidden_layers"), n_head=n_head, n_embd=n_embd,
-                    n_kv_head=hf.get("num_key_value_heads") or n_head, bias=attention_bias, pos_emb="rope",
-                    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm="rmsnorm",
-                    norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", n_inner=need("intermediate_size"),
-                    tie_weights=hf.get("tie_word_embeddings", False))
+                    n_kv_head=hf.get("num_key_value_heads") or n_head, bias=attention_bias, qkv_bias=qkv_bias,
+                    pos_emb="rope", rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                    norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
+                    n_inner=need("intermediate_size"), tie_weights=hf.get("tie_word_embeddings", False))
     try:
         config = GPTConfig(**args)
         if config.n_inner is not None and GPTConfig(**dict(args, n_inner=None)).mlp_hidden == config.n_inner:
@@ -258,21 +272,23 @@ def hf_architecture(config):
             refuse(f"n_kv_head={config.n_kv_head} < n_head={config.n_head}: GPT-2 has no grouped-query attention")
         return "GPT2LMHeadModel"
     if layout == ("rope", "rmsnorm", "swiglu"):
-        return "LlamaForCausalLM"
+        return "Qwen2ForCausalLM" if config.qkv_bias and not config.bias else "LlamaForCausalLM"
     refuse(f"pos_emb={config.pos_emb}, norm={config.norm}, mlp={config.mlp}: GPT2LMHeadModel is learned / "
            "layernorm / gelu and LlamaForCausalLM rope / rmsnorm / swiglu; this mix is neither")
 
 
 def to_hf(model, bos_token_id=None, eos_token_id=None):
     """Our GPT -> (a transformers config.json as a dict, its tensors by their names), for
-    GPT2LMHeadModel or LlamaForCausalLM (hf_architecture refuses the rest). A LoRA model goes out
-    with its adapters merged into the weights; a bias=False GPT-2 with zero biases."""
+    GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM (hf_architecture refuses the rest). A
+    LoRA model goes out with its adapters merged into the weights; a bias=False GPT-2 with zero
+    biases."""
     cfg = model.config
     sd = model.merged_state_dict() if cfg.lora_rank or model.quantization else model.state_dict()
     cfg = replace(cfg, lora_rank=0)
     arch = hf_architecture(cfg)
     dtype = str(sd["wte.weight"].dtype).removeprefix("torch.")
-    hf = dict(architectures=[arch], model_type="gpt2" if arch == "GPT2LMHeadModel" else "llama",
+    model_type = {arch: model_type for model_type, arch in HF_ARCHITECTURES.items()}[arch]
+    hf = dict(architectures=[arch], model_type=model_type,
               vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_weights, bos_token_id=bos_token_id,
               eos_token_id=eos_token_id, torch_dtype=dtype)
     if arch == "GPT2LMHeadModel":
@@ -282,10 +298,13 @@ def to_hf(model, bos_token_id=None, eos_token_id=None):
                   attn_pdrop=cfg.dropout)
     else:
         hf.update(hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
-                  num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-                  hidden_act="silu", max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-                  rope_theta=cfg.rope_theta, rope_scaling=None, attention_bias=cfg.bias, mlp_bias=cfg.bias,
-                  attention_dropout=cfg.dropout)
+                  num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, hidden_act="silu",
+                  max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                  rope_scaling=None, attention_dropout=cfg.dropout)
+        if arch == "LlamaForCausalLM":
+            hf.update(head_dim=cfg.head_dim, attention_bias=cfg.bias, mlp_bias=cfg.bias)
+        else:  # Qwen2: its biases (q, k, v) are fixed by the class; every layer attends to the whole context
+            hf.update(use_sliding_window=False, sliding_window=None)
     tensors = {}
     for theirs, ours, transposed in hf_tensor_names(cfg, arch):
         parts = []
@@ -317,16 +336,58 @@ def save_hf(model, folder, bos_token_id=None, eos_token_id=None):
 # -----------------------------------------------------------------------------
 # Hugging Face tokenizer files: GPT-2's vocab.json + merges.txt, or tokenizer.json, in; tokenizer.json out
 
+# SmolLM2's and StarCoder2's pre-tokenizer, Digits(individual_digits) then ByteLevel with GPT-2's
+# regex, as one regex: every numeral alone, and GPT-2's alternatives on the stretches between them,
+# so none may run into a numeral (" ?\p{N}+" goes) and a whitespace run ends where a numeral starts
+# as it would at the end of its stretch ((?!\S) becomes (?![^\s\p{N}])).
+DIGITS_GPT2_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+
+def step_types(spec, part):
+    """The types of a tokenizer.json's normalizer, pre_tokenizer or decoder, a Sequence unrolled."""
+    node = spec.get(part) or {}
+    steps = node.get("normalizers") or node.get("pretokenizers") or node.get("decoders") or [node]
+    return [step.get("type") for step in steps if step]
+
+
+def split_pattern(pre):
+    """The regex of a byte-level pre_tokenizer (tokenizer.json's, as a dict), or None when it is
+    not one of the three that byte-level BPEs use: ByteLevel, which splits with GPT-2's regex
+    (GPT-2, Pythia, a ByteLevelBPETokenizer trained by the tokenizers library); a Split by a regex
+    then ByteLevel without one (Llama 3, Qwen2); Digits then ByteLevel (SmolLM2, StarCoder2)."""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if not steps or steps[-1].get("type") != "ByteLevel" or steps[-1].get("add_prefix_space"):
+        return None
+    byte_regex = steps[-1].get("use_regex", True)
+    if len(steps) == 1 and byte_regex:
+        return GPT2_PATTERN
+    if len(steps) != 2:
+        return None
+    first = steps[0]
+    if (first.get("type") == "Split" and "Regex" in (first.get("pattern") or {}) and first.get("behavior") == "Isolated"
+            and not first.get("invert") and not byte_regex):
+        return replace_dollar(first["pattern"]["Regex"], r"(?=\n|\z)")  # Oniguruma's end of a line
+    if first.get("type") == "Digits" and first.get("individual_digits") and byte_regex:
+        return DIGITS_GPT2_PATTERN
+    return None
+
+
 def tokenizer_from_hf(folder):
-    """The tokenizer of a Hugging Face model folder, if it is a byte-level BPE (GPT-2's, or a
-    tokenizer.json such as Llama 3's), as a Tokenizer of kind hf with the folder's ids: its
-    tokenizer.json, else GPT-2's vocab.json + merges.txt (with GPT-2's split pattern).
+    """The tokenizer of a Hugging Face model folder, if it is a byte-level BPE (GPT-2's, Llama 3's,
+    SmolLM2's, Qwen2's ...), as a Tokenizer of kind hf with the folder's ids: its tokenizer.json,
+    else GPT-2's vocab.json + merges.txt (with GPT-2's split pattern).
 
     tiktoken merges the adjacent pair whose joined bytes have the lowest rank, which is the id;
     the files list merges in priority order. The two agree when each merge makes a token of a
-    higher id than the merge before it, which is checked. A vocab token that no merge makes
-    (GPT-2's <|endoftext|>) can only be a special token, and is one. Raises ValueError naming the
-    file and what does not map (a normaliser, byte fallback, a word-piece prefix ...)."""
+    higher id than the merge before it, which is checked. Every added token (added_tokens) is a
+    special token at its own id, wherever that is (a tokenizer trained by the tokenizers library
+    puts them first): encode() keeps its text as text unless allowed_special names it. That is
+    transformers' rule for the tokens it calls special; an added token it does not call special
+    (Qwen2.5's <tool_call>) it would split out of any text, and here it too stays text unless asked
+    for. A vocab token that no merge makes (GPT-2's <|endoftext|>) can only be a special token, and
+    is one. Raises ValueError naming the file and what does not map: a SentencePiece-style BPE
+    (Llama 2, TinyLlama, Mistral: metaspace and byte fallback), a normaliser other than NFC, a
+    word-piece prefix ..."""
     path = os.path.join(folder, "tokenizer.json")
 
     def refuse(what):
@@ -339,28 +400,33 @@ def tokenizer_from_hf(folder):
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read {p}: {e}") from None
 
+    normalizer = None
     if os.path.isfile(path):
         spec = read_json(path)
         model = spec.get("model") or {}
+        found = [f"{part} {t}" for part in ("normalizer", "pre_tokenizer", "decoder") for t in step_types(spec, part)
+                 if t in ("Metaspace", "Prepend", "ByteFallback")]
+        found += ["model.byte_fallback"] if model.get("byte_fallback") else []
+        if found:
+            refuse(f"a SentencePiece-style BPE ({', '.join(found)}), as Llama 2, TinyLlama and Mistral use: it merges "
+                   "characters, writes a space as \u2581 and spells a character outside its vocab as <0xNN> byte "
+                   "tokens. Not supported: tiktoken runs byte-level BPE, whose tokens are bytes (GPT-2, Llama 3, "
+                   "SmolLM2, Qwen2)")
         if model.get("type") != "BPE":
             refuse(f"model.type={model.get('type')!r}: expected a byte-level BPE")
-        for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(key):
                 refuse(f"model.{key}={model[key]!r}: not part of a byte-level BPE")
         if spec.get("normalizer") is not None:
-            refuse(f"normalizer={spec['normalizer'].get('type')!r}: text is encoded here as it is, not normalised")
-        pre = spec.get("pre_tokenizer") or {}
-        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-        split, byte_level = (steps[0], steps[-1]) if len(steps) == 2 else (None, steps[-1] if steps else {})
-        if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space"):
-            refuse(f"pre_tokenizer={pre.get('type')!r}: expected ByteLevel without add_prefix_space")
-        if split is None and byte_level.get("use_regex", True):
-            pattern = GPT2_PATTERN  # ByteLevel splits with GPT-2's regex itself
-        elif (split is not None and split.get("type") == "Split" and "Regex" in (split.get("pattern") or {})
-              and split.get("behavior") == "Isolated" and not split.get("invert") and not byte_level.get("use_regex")):
-            pattern = replace_dollar(split["pattern"]["Regex"], r"(?=\n|\z)")  # Oniguruma's end of a line
-        else:
-            refuse("pre_tokenizer: expected ByteLevel, or a Split by a regex (Isolated) then ByteLevel without one")
+            if step_types(spec, "normalizer") != ["NFC"]:
+                refuse(f"normalizer={'+'.join(map(str, step_types(spec, 'normalizer')))}: the text is encoded as "
+                       "it is, or in NFC (Qwen2's), not otherwise normalised")
+            normalizer = "NFC"
+        pattern = split_pattern(spec.get("pre_tokenizer") or {})
+        if pattern is None:
+            refuse(f"pre_tokenizer={'+'.join(map(str, step_types(spec, 'pre_tokenizer')))}: expected ByteLevel "
+                   "(with GPT-2's regex, without add_prefix_space), or a Split by a regex (Isolated) or Digits "
+                   "(individual_digits) before it")
         vocab, merges, added = model["vocab"], model["merges"], spec.get("added_tokens") or []
     else:
         path = os.path.join(folder, "vocab.json")
@@ -372,21 +438,24 @@ def tokenizer_from_hf(folder):
         config_path = os.path.join(folder, "tokenizer_config.json")
         decoder = read_json(config_path).get("added_tokens_decoder", {}) if os.path.isfile(config_path) else {}
         added = [dict(t, id=int(i)) for i, t in decoder.items()]
+
+    spelled = {i: s for s, i in vocab.items()}
+
+    def ordinary(t):  # an added token that is not special and is the vocab's own token at its id
+        try:
+            return not t.get("special") and t["id"] in spelled and unspell(spelled[t["id"]]) == t["content"].encode()
+        except ValueError:
+            return False
+
+    specials = {t["content"]: t["id"] for t in added if not ordinary(t)}
+    special_ids = set(specials.values())
     try:
         pattern = resolve_pattern(pattern)
-        token = {i: unspell(s) for s, i in vocab.items()}
+        token = {i: unspell(s) for s, i in vocab.items() if i not in special_ids}
         merges = [tuple(unspell(p) for p in (m.split(" ") if isinstance(m, str) else m)) for m in merges]
     except ValueError as e:
         refuse(e)
     ids = {t: i for i, t in token.items()}
-
-    specials = {}
-    for t in added:
-        if t.get("special"):
-            specials[t["content"]] = t["id"]
-        elif token.get(t["id"]) != t["content"].encode("utf-8"):
-            refuse(f"added token {t['content']!r} (id {t['id']}) is not special: transformers splits the text on "
-                   "it before BPE, which tiktoken cannot do")
     made, last = set(), -1
     for n, pair in enumerate(merges):
         joined = b"".join(pair)
@@ -399,14 +468,13 @@ def tokenizer_from_hf(folder):
         last = ids[joined]
     if any(bytes([b]) not in ids for b in range(256)):
         refuse("not byte-level: some of the 256 single bytes are not in the vocab")
-    special_ids = set(specials.values())
     for i, t in token.items():
-        if len(t) > 1 and t not in made and i not in special_ids:
+        if len(t) > 1 and t not in made:
             specials[t.decode("utf-8", errors="replace")] = i  # no merge makes it: only a special token can be it
             special_ids.add(i)
     ranks = {t: i for i, t in token.items() if i not in special_ids}
     try:
-        return Tokenizer("hf", pattern=pattern, ranks=ranks, special_tokens=specials)
+        return Tokenizer("hf", pattern=pattern, ranks=ranks, special_tokens=specials, normalizer=normalizer)
     except ValueError as e:
         refuse(e)
 
@@ -417,10 +485,10 @@ def save_hf_tokenizer(tok, folder, model_max_length=None):
     chat tokens exist, with our chat template (apply_chat_template gives render_prompt's ids).
     The file lists merges: a gpt2 or hf tokenizer's are recovered from its ranks. Raises
     ValueError where there are none to recover, or two ids spell the same bytes (the file maps
-    each spelling to one id)."""
-    n_base = tok.n_vocab - len(tok.special_tokens)
-    ordinary = tok.vocab[:n_base]
-    if len(set(ordinary)) != n_base:
+    each spelling to one id). The special tokens keep their ids, wherever they are."""
+    special_ids = set(tok.special_tokens.values())
+    ordinary = {i: token for i, token in enumerate(tok.vocab) if i not in special_ids}  # id -> bytes
+    if len(set(ordinary.values())) != len(ordinary):
         raise ValueError(f"this {tok.kind} tokenizer has ids that spell the same bytes, which "
                          "tokenizer.json cannot express")
     merges = tok.merges if tok.merges is not None else merges_from_ranks(ordinary)
@@ -429,7 +497,7 @@ def save_hf_tokenizer(tok, folder, model_max_length=None):
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for name, i in specials],
-        "normalizer": None,
+        "normalizer": {"type": tok.normalizer} if tok.normalizer else None,
         # split by our regex, then spell each chunk's bytes as characters, as GPT-2's files do
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": replace_dollar(tok.pattern or GPT4_PATTERN, r"\z")},
@@ -440,7 +508,9 @@ def save_hf_tokenizer(tok, folder, model_max_length=None):
         # ignore_merges: a chunk that is one token is that token, as tiktoken encodes it
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {spell(token): i for i, token in enumerate(ordinary)},
+                  # the special tokens too, by name, as GPT-2's and SmolLM2's files have them: the
+                  # tokenizers library reads an added token's id from the vocab, else puts it after it
+                  "vocab": {**{spell(token): i for i, token in ordinary.items()}, **dict(specials)},
                   "merges": [[spell(ordinary[a]), spell(ordinary[b])] for a, b in merges]},
     }
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
@@ -479,11 +549,12 @@ def add_chat_tokens(tok, meta, verbose=True):
 def merges_from_ranks(vocab):
     """The merges that ranks imply: the token of rank r is made from the two pieces that BPE,
     allowed only tokens ranked below r, leaves of its bytes (how GPT-2's merges.txt and its
-    tiktoken ranks correspond). vocab: token bytes in rank order -> [(id, id)] in rank order.
-    Raises ValueError for a token that no two lower-ranked tokens make."""
-    rank = {token: r for r, token in enumerate(vocab)}
+    tiktoken ranks correspond). vocab: {rank: token bytes}, the ordinary tokens (a special token's
+    id is no rank) -> [(rank, rank)] in rank order. Raises ValueError for a token that no two
+    lower-ranked tokens make."""
+    rank = {token: r for r, token in vocab.items()}
     merges = []
-    for r, token in enumerate(vocab):
+    for r, token in sorted(vocab.items()):
         if len(token) == 1:
             continue
         parts = [token[i : i + 1] for i in range(len(token))]
@@ -531,9 +602,9 @@ CHAT_TEMPLATE = ("<|endoftext|>{% for message in messages %}{{ '<|' + message['r
 
 
 def hf_checkpoint(folder):
-    """A Hugging Face model folder (GPT-2 or Llama layout, with its byte-level BPE tokenizer) as a
-    checkpoint of ours: {"model", "model_args", "meta", "stage": "hf"}. meta carries the
-    tokenizer's state, so what a stage writes from it never needs the folder again."""
+    """A Hugging Face model folder (GPT-2, Llama, Mistral or Qwen2 layout, with its byte-level BPE
+    tokenizer) as a checkpoint of ours: {"model", "model_args", "meta", "stage": "hf"}. meta carries
+    the tokenizer's state, so what a stage writes from it never needs the folder again."""
     config, state_dict = from_hf(folder)
     tok = tokenizer_from_hf(folder)
     if tok.n_vocab > config.vocab_size:

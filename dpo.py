@@ -4,7 +4,8 @@ into the policy, with no reward model and no sampling during training. The polic
 to a frozen reference is an implicit reward, beta * (log pi(y|x) - log pi_ref(y|x)), and the
 pairs are fitted with it as a reward model is fitted with its scalar (Rafailov et al. 2023).
 
-Reads a checkpoint to start from (init_from: sft.py's, normally) and preference pairs: the
+Reads a checkpoint to start from (init_from: sft.py's, normally; a Hugging Face folder gets the chat
+tokens appended, as in sft.py, and is its own reference) and preference pairs: the
 train.jsonl and val.jsonl of each folder in preference_dataset, in TRL's format (reward.py's; see
 data/preferences/prepare.py: on-policy pairs, the starting policy's own best and worst sampled
 answers, are the normal case, rules pairs work too). build_pairs has prepare.py write a missing
@@ -76,7 +77,7 @@ from conversations import pair_batch, preference_splits
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out-dpo"
-init_from = "out-sft/ckpt.pt"  # a checkpoint to start from (sft.py's, normally) | resume (from out_dir/ckpt.pt)
+init_from = "out-sft/ckpt.pt"  # a checkpoint to start from (sft.py's, normally; a Hugging Face folder) | resume
 eval_interval = 50  # iterations between evaluations (and checkpoints)
 log_interval = 10  # iterations between log lines
 eval_only = False  # evaluate once and exit

@@ -3,7 +3,8 @@ GRPO, Group Relative Policy Optimization: reinforcement learning on rewards that
 For each prompt sample a group of G completions, score them, and push up the ones that beat their
 group, with PPO's clipped ratio and an explicit KL to a frozen reference, and no value function.
 
-Reads a checkpoint to start from (init_from: sft.py's, normally) and prompts with reference answers
+Reads a checkpoint to start from (init_from: sft.py's, normally; a Hugging Face folder gets the chat
+tokens appended, as in sft.py, and is its own reference) and prompts with reference answers
 (prompt_dataset: conversations with an "answer" field, data/tasks's format), of which rl_tasks picks
 the task/difficulty cells to train on. Each iteration:
 
@@ -62,7 +63,7 @@ from data.tasks.tasks import exact_match
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out-grpo"
-init_from = "out-sft/ckpt.pt"  # a checkpoint to start from (sft.py's, normally) | resume (from out_dir/ckpt.pt)
+init_from = "out-sft/ckpt.pt"  # a checkpoint to start from (sft.py's, normally; a Hugging Face folder) | resume
 eval_interval = 25  # iterations between evaluations (and checkpoints)
 log_interval = 1  # iterations between log lines
 eval_only = False  # evaluate once and exit

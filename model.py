@@ -5,6 +5,7 @@ The one GPT of this repository: a decoder-only transformer whose variants are sw
     normalisation         norm = layernorm | rmsnorm, with norm_eps
     feed-forward          mlp = gelu | swiglu, of n_inner hidden units (gelu_approximate = tanh: GPT-2's)
     attention             n_kv_head < n_head gives grouped-query attention (1: multi-query);
+                          qkv_bias adds biases to q, k and v alone (Qwen2);
                           sliding_window = W with n_sink attention sinks
     weight tying          tie_weights
     mixture-of-experts    n_expert > 0 routes each token to the top n_expert_active expert MLPs, in
@@ -77,6 +78,7 @@ class GPTConfig:
     n_kv_head: int = None  # None = n_head; fewer = grouped-query attention; 1 = multi-query
     dropout: float = 0.0
     bias: bool = False  # biases in linear layers and layernorms
+    qkv_bias: bool = False  # biases on the q, k and v projections even without bias (Qwen2's only biases)
     pos_emb: str = "rope"  # learned | sinusoidal | rope | none
     rope_theta: float = 10000.0
     norm: str = "rmsnorm"  # layernorm | rmsnorm
@@ -292,9 +294,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.c_q = Linear(config.n_embd, config.n_head * config.head_dim, bias=config.bias)
-        self.c_k = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
-        self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.bias)
+        qkv_bias = config.bias or config.qkv_bias
+        self.c_q = Linear(config.n_embd, config.n_head * config.head_dim, bias=qkv_bias)
+        self.c_k = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=qkv_bias)
+        self.c_v = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=qkv_bias)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = Dropout(config.dropout)
         self.dropout = config.dropout

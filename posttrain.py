@@ -16,13 +16,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 import common
 from bpe import check_same_tokenizer, tokenizer_from_meta
 from conversations import read_conversations
+from convert import add_chat_tokens
 from data.tasks.tasks import exact_match, follows_format, metrics, reply_form, score
 from model import adapters_off, last_index
 
@@ -48,15 +49,35 @@ def task_data(name, ddp):
 
 def post_training_start(init_from, out_dir, eval_only=False, verbose=True):
     """The start of a post-training stage (SFT, reward, GRPO, PPO, DPO): common.load_start, the
-    tokenizer the checkpoint's meta carries, and the path of the reference, the starting policy (a
-    resumed run, or a stage's checkpoint being measured, keeps the one its first run started
-    from). -> (checkpoint, its path, resumed, tokenizer, reference path). Exits with a one-line
-    message when the checkpoint carries no tokenizer."""
+    tokenizer the checkpoint's meta carries, with the chat template's tokens (with_chat_tokens),
+    and the path of the reference, the starting policy (a resumed run, or a stage's checkpoint
+    being measured, keeps the one its first run started from). -> (checkpoint, its path, resumed,
+    tokenizer, reference path). Exits with a one-line message when the checkpoint carries no
+    tokenizer."""
     ckpt, path, resumed = common.load_start(init_from, out_dir, verbose)
     if "meta" not in ckpt:
         sys.exit(f"{path} carries no tokenizer (meta): post-training needs a checkpoint of this repository")
+    try:
+        ckpt, tok = with_chat_tokens(ckpt, path, verbose)
+    except ValueError as e:
+        sys.exit(f"init_from={init_from}: {e}")
     reference_path = ckpt.get("reference", path) if resumed or eval_only else init_from
-    return ckpt, path, resumed, tokenizer_from_meta(ckpt["meta"]), reference_path
+    return ckpt, path, resumed, tok, reference_path
+
+
+def with_chat_tokens(ckpt, path, verbose=False):
+    """A checkpoint whose tokenizer has the chat template's tokens, and that tokenizer. Ours reserve
+    them; a model from elsewhere (a Hugging Face folder) gets them appended (convert.add_chat_tokens),
+    and its token embedding, and an untied head, grow to match (GPT.resize_vocab: the new rows start
+    at the mean row). Deterministic, so the policy and its reference, each loaded from the folder,
+    start as one model. -> (checkpoint, tokenizer)"""
+    tok, meta = add_chat_tokens(tokenizer_from_meta(ckpt["meta"]), ckpt["meta"], verbose)
+    ckpt = dict(ckpt, meta=meta)
+    if meta["vocab_size"] > ckpt["model_args"]["vocab_size"]:
+        model = common.model_from_checkpoint(ckpt, path)
+        model.resize_vocab(meta["vocab_size"])
+        ckpt.update(model=model.state_dict(), model_args=asdict(model.config))
+    return ckpt, tok
 
 
 def held_out_prompts(rows, n, tok):
@@ -283,7 +304,8 @@ class Reference:
     def __init__(self, policy, path, device):
         self.policy, self.path, self.model = policy, path, None
         if policy.config.lora_rank == 0:
-            self.model = common.model_from_checkpoint(common.load_checkpoint(path), path).to(device).eval()
+            ckpt, _ = with_chat_tokens(common.load_checkpoint(path), path)  # a folder grows as the policy did
+            self.model = common.model_from_checkpoint(ckpt, path).to(device).eval()
             self.model.requires_grad_(False)
 
     def __str__(self):

@@ -88,7 +88,7 @@ from data.tasks import tasks
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out-ppo"
-init_from = "out-sft/ckpt.pt"  # a checkpoint to start from (sft.py's, normally) | resume (from out_dir/ckpt.pt)
+init_from = "out-sft/ckpt.pt"  # a checkpoint to start from (sft.py's, normally; a Hugging Face folder) | resume
 eval_interval = 25  # iterations between evaluations (and checkpoints)
 log_interval = 1  # iterations between log lines
 eval_only = False  # evaluate once and exit

@@ -58,7 +58,7 @@ from data.tasks.tasks import score
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out-reward"
-init_from = "out-sft/ckpt.pt"  # a checkpoint to start from (sft.py's, normally) | resume (from out_dir/ckpt.pt)
+init_from = "out-sft/ckpt.pt"  # a checkpoint to start from (sft.py's, normally; a Hugging Face folder) | resume
 eval_interval = 250  # iterations between evaluations (and checkpoints)
 log_interval = 10  # iterations between log lines
 eval_only = False  # evaluate once and exit

@@ -3,7 +3,8 @@ Sampling: continue a prompt with a trained model, streaming the text as it is ge
 
 Reads out_dir/best.pt (or out_dir/ckpt.pt when no best was kept), or the file named by --ckpt,
 which may also be a checkpoint written by nanoGPT's train.py, or a Hugging Face model folder
-(GPT-2 or Llama layout: config.json, model.safetensors and the tokenizer files). The model is
+(GPT-2, Llama, SmolLM2, Mistral or Qwen2 layout: config.json, model.safetensors and a byte-level
+BPE's tokenizer files). The model is
 built from the checkpoint's stored config and the tokenizer from its stored meta: no data folder
 is needed.
 

@@ -52,14 +52,13 @@ import losses
 import posttrain
 from configurator import configure
 from conversations import read_conversations
-from convert import add_chat_tokens
 from data.tasks.tasks import metrics
 from model import cross_entropy, lora_state_dict
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out-sft"
-init_from = "out/ckpt.pt"  # a checkpoint to fine-tune (train.py's or an SFT one) | resume (from out_dir/ckpt.pt)
+init_from = "out/ckpt.pt"  # a checkpoint to fine-tune (train.py's, an SFT one, a Hugging Face folder) | resume
 eval_interval = 250  # iterations between evaluations (and checkpoints)
 log_interval = 10  # iterations between log lines
 eval_iters = 20  # batches per split for the train and val losses
@@ -140,8 +139,9 @@ if master:
 # -----------------------------------------------------------------------------
 # the checkpoint to start from, and its tokenizer
 
+# a model from elsewhere lacks the chat tokens: they are appended, and its embedding grows
 ckpt, ckpt_path, resumed, tok, _ = posttrain.post_training_start(init_from, out_dir, verbose=master)
-tok, meta = add_chat_tokens(tok, ckpt["meta"], verbose=master)  # a model from elsewhere lacks them: appended
+meta = ckpt["meta"]
 block_size = ckpt["model_args"]["block_size"]
 end_id, pad_id = tok.special_id("<|end|>"), tok.special_id("<|endoftext|>")
 base = ckpt.get("base", ckpt_path) if resumed else init_from  # the pretrained weights under it all
@@ -214,8 +214,6 @@ def get_batch(seqs):
 try:
     model = common.model_from_checkpoint(ckpt, ckpt_path, None if resumed else common.training_args(config),
                                          quantize=quantize, quant_group_size=quant_group_size, trains=not eval_only)
-    if model.config.vocab_size < tok.n_vocab:  # chat tokens appended above: rows for them
-        model.resize_vocab(meta["vocab_size"])
 except ValueError as e:
     sys.exit(f"init_from: {e}")
 unseen = meta.get("unseen_ids") or []
