@@ -307,6 +307,7 @@ def main():
     else:
         rel = os.path.relpath(folder, os.path.dirname(os.path.abspath(out)))
         lines += [f"![{m}]({os.path.join(rel, m)})" for m in made]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {out}" + ("" if isinstance(made, str) else f" and {', '.join(made)} in {folder}"))
