@@ -5,6 +5,7 @@ Benchmark: what the KV cache buys, and how fast the model trains, on a randomly 
     python bench.py                                  # CPU, fp32, 6 layers x 384, vocab 65
     python bench.py --device=cuda --dtype=bfloat16   # one GPU
     python bench.py --sections=decode --nocache=false --decode_lengths=128,512
+    python bench.py --sections=decode,train --n_expert=8 --n_expert_active=2   # decode a MoE model, train it and dense
     python bench.py --sections=decode --nocache=false --split_linear=true  # the split-weight matmul, and without
     python bench.py --sections=profile               # where one decode step spends its time
     python bench.py --sections=quant                 # fp32 / bf16 / int8 / int4 decode, 6x384 and GPT-2 124M
@@ -22,8 +23,9 @@ Sections:
            (skipped with a message where transformers is not installed)
   rolling  a sliding-window rope model generating 1x, 4x, 16x its window: tokens/s and KV bytes
   batch    decode tokens/s (all rows together) for several batch sizes, with the cache
-  train    one training step (forward, backward, AdamW): tokens/s and MFU, dense, MoE and LoRA, in
-           float32 and in bf16 autocast, and which one dtype=auto takes here
+  train    one training step (forward, backward, AdamW): tokens/s and MFU, dense, MoE (n_expert's
+           model, or 8 experts top-2) and LoRA, in float32 and in bf16 autocast, and which one
+           dtype=auto takes here
   prefill  prompt tokens/s for a prefill_len-token prompt
   grpo     one GRPO iteration of grpo.py on a random model: its time split into generation,
            scoring and update, rollout tokens/s, beside batched decode at the same batch size
@@ -79,6 +81,12 @@ pos_emb = "learned"  # learned | sinusoidal | rope | none
 norm = "layernorm"
 mlp = "gelu"
 bias = False
+# mixture-of-experts: n_expert > 0 makes every section's model a MoE one; train times it beside dense
+n_expert = 0  # routed experts per MoE layer (0 = dense; the train section then times 8 experts, top-2)
+n_expert_active = 2  # top-k
+moe_every = 1  # every k-th layer MoE
+n_shared_expert = 0
+expert_hidden = None  # None = the dense MLP's hidden size split over the experts a token uses
 # decode
 prompt_len = 16  # tokens in the prompt
 decode_lengths = (128, 256, 512, 1000)  # new tokens (capped at block_size - prompt_len)
@@ -282,12 +290,11 @@ def bench_batch(model):
 
 
 def bench_train():
-    variants = {"dense": {}}
-    names = {f.name for f in fields(GPTConfig)}
-    if "n_expert" in names:
-        variants["moe 8x top-2"] = dict(n_expert=8, n_expert_active=2)
-    if "lora_rank" in names:
-        variants["lora r8 q,v"] = dict(lora_rank=8, lora_alpha=16.0, lora_targets=("c_q", "c_v"))
+    E, k = (n_expert, n_expert_active) if n_expert else (8, 2)  # the MoE model asked for, or 8 experts top-2
+    moe = f"moe {E}x top-{k}" + (f" every {moe_every}" if moe_every > 1 else "") + \
+        (f" +{n_shared_expert} shared" if n_shared_expert else "")
+    variants = {"dense": dict(n_expert=0, n_shared_expert=0), moe: dict(n_expert=E, n_expert_active=k),
+                "lora r8 q,v": dict(lora_rank=8, lora_alpha=16.0, lora_targets=("c_q", "c_v"))}
     peak = common.peak_flops(device_type)
     # the training precisions to time: the one asked for, and where dtype is auto on a CPU with bf16
     # instructions both candidates, side by side, and the one auto takes (choose_cpu_dtype's rule)
@@ -316,7 +323,8 @@ def bench_train():
             tok_s = train_batch * train_block / t
             row = {"variant": name, "dtype": precision, "tok_s": tok_s,
                    "mfu": model.flops_per_token(train_block) * tok_s / peak,
-                   "params": model.num_params(non_embedding=False), "trainable": trainable,
+                   "params": model.num_params(non_embedding=False), "active": model.num_params(active=True),
+                   "trainable": trainable,
                    "auto_picks": auto == precision if chosen == "auto" else None}
             rows.append({k: v for k, v in row.items() if v is not None})
             print_row("train", rows[-1])
@@ -526,7 +534,7 @@ def print_row(section, row):
     for k, v in row.items():
         if isinstance(v, float):
             v = f"{v:.3f}" if k == "mfu" else f"{v:,.1f}"
-        elif isinstance(v, int) and k in ("kv_bytes", "params", "trainable"):
+        elif isinstance(v, int) and k in ("kv_bytes", "params", "active", "trainable"):
             v = f"{v:,}"
         cells.append(f"{k}={v}")
     print(f"{section:8s} " + "  ".join(cells), flush=True)
@@ -588,8 +596,9 @@ if __name__ == "__main__":
         sys.exit(0)
     info = machine()
     model = build()
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {n_layer} layers x {n_embd}, vocab {vocab_size}; "
-          f"device {dev}, dtype {dtype}; {info['cpu']}, torch {info['torch']}, threads {info['threads']}")
+    active = f" ({n_expert} experts, top-{n_expert_active}: {model.num_params(active=True) / 1e6:.2f}M active)"
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters{active if n_expert else ''}, {n_layer} layers x {n_embd}, "
+          f"vocab {vocab_size}; device {dev}, dtype {dtype}; {info['cpu']}, torch {info['torch']}, threads {info['threads']}")
     results = {"config": config, "device": dev, "machine": info}
     if "decode" in wanted:
         results["decode"] = bench_decode(model)

@@ -309,8 +309,9 @@ def restore_training_state(ckpt, ddp, optimizer, scaler):
         torch.cuda.set_rng_state(rng["cuda"][ddp.rank % len(rng["cuda"])])
 
 
-# the GPTConfig fields a stage may set on a checkpoint it starts from: what only training uses
-TRAINING_FIELDS = ("dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+# the GPTConfig fields a stage may set on a checkpoint it starts from: what only training uses (a
+# MoE model's balancing weights among them: they weigh a loss, they are not the architecture)
+TRAINING_FIELDS = ("dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "moe_aux_coef", "moe_z_coef")
 
 
 def training_args(config, **more):
@@ -323,8 +324,9 @@ def model_from_checkpoint(ckpt, path, train_args=None, quantize="none", quant_gr
                           resuming=False):
     """The GPT a checkpoint holds. The architecture is the checkpoint's; of train_args (a script's
     model settings) only what is training-only may change it: dropout, the lora_* fields (a plain
-    checkpoint fine-tuned with adapters) and scalar_head (an SFT model becoming a reward model,
-    with a fresh head). A resume passes none, or only scalar_head with resuming=True (ppo.py's
+    checkpoint fine-tuned with adapters), a MoE model's moe_aux_coef and moe_z_coef (the weights
+    of its balancing losses), and scalar_head (an SFT model becoming a reward model, with a fresh
+    head). A resume passes none, or only scalar_head with resuming=True (ppo.py's
     shared value head, stored beside the policy). A LoRA checkpoint starting a new stage (given
     train_args, not resuming) has its adapters merged first. A quantized checkpoint loads as it
     was stored (its "quantization" entry); quantize (none | int8 | int4, int4 in groups of
@@ -664,7 +666,8 @@ class Loop:
     def step_done(self, loss, tokens=0, flops=0.0, **metrics):
         """After the optimizer step: count the iteration, and at every log_interval print and log
         the mean loss since the last line (over the processes), timing and the stage's metrics
-        (floats or one-element tensors, logged as they are now). tokens and flops are this
+        (floats or one-element tensors, logged as they are now, or lists: a MoE model's load per
+        expert, which log.jsonl keeps and the printed line leaves out). tokens and flops are this
         process's for this iteration; tok_s and mfu add up every process's. Then the stops:
         a non-finite loss ends the run keeping the last good checkpoint; Ctrl-C (polled every
         iteration alone, every log_interval under DDP, where polling costs an all-reduce) saves
@@ -729,7 +732,9 @@ def step_rates(tokens, flops, seconds, world_size, peak):
 
 class Logger:
     """One line per step: printed as key=value, appended to out_dir/log.jsonl, sent to wandb.
-    Only the master process logs; the others get a Logger that does nothing."""
+    A list (a MoE model's load per layer and expert) is too long for the printed line: it goes to
+    log.jsonl as it is and to wandb one number per key (load/1/3: layer 1, expert 3). Only the
+    master process logs; the others get a Logger that does nothing."""
 
     def __init__(self, out_dir, enabled=True, wandb_log=False, wandb_project=None, wandb_run_name=None,
                  config=None, resume=False):
@@ -750,17 +755,25 @@ class Logger:
         # floats at full precision: rounding to a few decimals logged a KL of 3e-7 as 0, and to a few
         # digits made an int8 and an fp32 val loss equal; the printed line is the short one
         values = {k: v for k, v in values.items() if v is not None}
-        print((prefix + " " if prefix else "") + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()), flush=True)
+        print((prefix + " " if prefix else "") + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()
+                                                          if not isinstance(v, list)), flush=True)
         self.file.write(json.dumps(values) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log(values, step=step)
+            self.wandb.log(dict(kv for k, v in values.items() for kv in _spread(k, v)), step=step)
 
     def close(self):
         if self.enabled:
             self.file.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def _spread(key, value):
+    """(key, value) pairs, a list spread into one pair per item: load/1/3 for value[1][3]."""
+    if not isinstance(value, list):
+        return [(key, value)]
+    return [kv for i, v in enumerate(value) for kv in _spread(f"{key}/{i}", v)]
 
 
 def _fmt(v):

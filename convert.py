@@ -1,7 +1,7 @@
 """
 Checkpoints in other projects' formats, in and out: nanoGPT's, and Hugging Face model folders
-(GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM: config.json,
-model.safetensors, and a byte-level BPE's tokenizer files).
+(GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM for a
+mixture-of-experts model: config.json, model.safetensors, and a byte-level BPE's tokenizer files).
 
     from_nanogpt(state_dict, model_args)   a nanoGPT checkpoint -> (GPTConfig, our state dict)
     from_hf(folder)                        a model folder's weights -> (GPTConfig, our state dict)
@@ -63,8 +63,12 @@ def from_nanogpt(state_dict, model_args):
 # MistralForCausalLM has Llama's layout; without its sliding window it is the same model. So has
 # Qwen2ForCausalLM (Qwen2, Qwen2.5), with biases on q, k and v alone (qkv_bias) and full attention
 # unless use_sliding_window. SmolLM2 is a LlamaForCausalLM. GPT-NeoX (Pythia) is refused by name.
+# MixtralForCausalLM is Mistral with a MoE in every layer: a router (block_sparse_moe.gate) picks
+# num_experts_per_tok of num_local_experts swiglu experts by a softmax over all of them, and mixes
+# them by their probabilities renormalised over those picked; expert e's w1 is our c_gate, w3 c_fc,
+# w2 c_proj (transformers 5 fuses w1 and w3 into gate_up_proj when it loads, and writes them apart).
 HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM"}
+                    "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 # tensors of some checkpoints that are not weights: GPT-2's causal-mask buffers, Llama's rope table
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
@@ -91,8 +95,13 @@ def hf_tensor_names(config, arch):
     else:
         rows.append(("model.embed_tokens.weight", ["wte.weight"], False))
         linears = (("self_attn.q_proj", "attn.c_q"), ("self_attn.k_proj", "attn.c_k"), ("self_attn.v_proj", "attn.c_v"),
-                   ("self_attn.o_proj", "attn.c_proj"), ("mlp.gate_proj", "mlp.c_gate"), ("mlp.up_proj", "mlp.c_fc"),
-                   ("mlp.down_proj", "mlp.c_proj"))
+                   ("self_attn.o_proj", "attn.c_proj"))
+        if arch == "MixtralForCausalLM":
+            linears += (("block_sparse_moe.gate", "mlp.router"),)
+            linears += tuple((f"block_sparse_moe.experts.{e}.{w}", f"mlp.experts.{e}.{ours}") for e in range(config.n_expert)
+                             for w, ours in (("w1", "c_gate"), ("w3", "c_fc"), ("w2", "c_proj")))
+        else:
+            linears += (("mlp.gate_proj", "mlp.c_gate"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj"))
         for i in range(config.n_layer):
             rows += [(f"model.layers.{i}.input_layernorm.weight", [f"h.{i}.ln_1.weight"], False),
                      (f"model.layers.{i}.post_attention_layernorm.weight", [f"h.{i}.ln_2.weight"], False)]
@@ -160,18 +169,27 @@ def config_from_hf(hf, source="config.json"):
         if attention_bias != mlp_bias:
             refuse("attention_bias" if attention_bias else "mlp_bias",
                    "bias here is one switch for every linear layer: attention_bias and mlp_bias must agree")
-        if arch == "MistralForCausalLM" and hf.get("sliding_window") is not None:
+        if arch in ("MistralForCausalLM", "MixtralForCausalLM") and hf.get("sliding_window") is not None:
             refuse("sliding_window", "Mistral's window is not mapped onto ours (use a config with sliding_window null)")
         qkv_bias = arch == "Qwen2ForCausalLM"  # Qwen2's q, k, v always have biases, its other layers never
         if qkv_bias and (hf.get("use_sliding_window") or
                          any(t != "full_attention" for t in hf.get("layer_types") or [])):
             refuse("use_sliding_window", "Qwen2's sliding window on its upper layers is not mapped onto ours")
+        mixtral = arch == "MixtralForCausalLM"
         args = dict(vocab_size=need("vocab_size"), block_size=need("max_position_embeddings"),
                     n_layer=need("num_hidden_layers"), n_head=n_head, n_embd=n_embd,
                     n_kv_head=hf.get("num_key_value_heads") or n_head, bias=attention_bias, qkv_bias=qkv_bias,
-                    pos_emb="rope", rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                    norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
-                    n_inner=need("intermediate_size"), tie_weights=hf.get("tie_word_embeddings", False))
+                    pos_emb="rope",
+                    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e6 if mixtral else 10000.0))),
+                    norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-5 if mixtral else 1e-6), mlp="swiglu",
+                    n_inner=None if mixtral else need("intermediate_size"),  # Mixtral's: one expert's, below
+                    tie_weights=hf.get("tie_word_embeddings", False))
+        if mixtral:
+            if hf.get("num_experts_per_tok", 2) == 1:
+                refuse("num_experts_per_tok", "Mixtral renormalises the gates of the experts it picks, so a top-1 "
+                       "gate is always 1; ours keeps the router's probability there (Switch Transformer)")
+            args.update(n_expert=need("num_local_experts"), n_expert_active=hf.get("num_experts_per_tok", 2),
+                        expert_hidden=need("intermediate_size"))
     try:
         config = GPTConfig(**args)
         if config.n_inner is not None and GPTConfig(**dict(args, n_inner=None)).mlp_hidden == config.n_inner:
@@ -215,9 +233,9 @@ def read_hf_folder(folder):
 
 
 def from_hf(folder):
-    """A Hugging Face model folder (GPT2LMHeadModel, LlamaForCausalLM) -> (GPTConfig, our state
-    dict), the weights in the dtype they were saved in. Refuses (ValueError, naming the field or
-    the tensor) what this GPT cannot compute exactly. GPT-2 always has biases; if every one of
+    """A Hugging Face model folder (GPT2LMHeadModel, LlamaForCausalLM, MixtralForCausalLM) ->
+    (GPTConfig, our state dict), the weights in the dtype they were saved in. Refuses (ValueError,
+    naming the field or the tensor) what this GPT cannot compute exactly. GPT-2 always has biases; if every one of
     them is zero (a fresh init, or our export of a bias=False model) the model is bias=False."""
     hf, tensors = read_hf_folder(folder)
     config, arch = config_from_hf(hf, source=os.path.join(folder, "config.json"))
@@ -259,14 +277,27 @@ def hf_architecture(config):
     def refuse(why):
         raise ValueError(f"cannot export to transformers: {why}")
 
-    if config.n_expert > 0:
-        refuse(f"n_expert={config.n_expert}: mixture-of-experts layers have no transformers class with our layout")
     if config.sliding_window is not None:
         refuse(f"sliding_window={config.sliding_window}" + (f", n_sink={config.n_sink}" if config.n_sink else "") +
                ": GPT2LMHeadModel and LlamaForCausalLM attend to the whole context, without attention sinks")
     if config.pos_emb == "sinusoidal":
         refuse("pos_emb=sinusoidal: neither GPT2LMHeadModel (learned) nor LlamaForCausalLM (rope) has fixed sinusoids")
     layout = (config.pos_emb, config.norm, config.mlp)
+    if config.n_expert > 0:  # MixtralForCausalLM or nothing: what its MoE cannot express, by name
+        moe = f"n_expert={config.n_expert}: a mixture-of-experts model exports as MixtralForCausalLM, "
+        if layout != ("rope", "rmsnorm", "swiglu"):
+            refuse(moe + f"which is rope / rmsnorm / swiglu, not pos_emb={config.pos_emb}, norm={config.norm}, "
+                   f"mlp={config.mlp}")
+        if config.moe_every > 1:
+            refuse(moe + f"whose every layer is MoE; moe_every={config.moe_every} makes a hybrid dense/MoE stack")
+        if config.n_shared_expert:
+            refuse(moe + f"which has no shared experts (n_shared_expert={config.n_shared_expert})")
+        if config.n_expert_active == 1:
+            refuse(moe + "which renormalises the picked gates, so its top-1 gate is always 1; n_expert_active=1 "
+                   "here keeps the router's probability as the gate (Switch Transformer)")
+        if config.bias or config.qkv_bias:
+            refuse(moe + f"which has no biases ({'bias' if config.bias else 'qkv_bias'}=True)")
+        return "MixtralForCausalLM"
     if layout == ("learned", "layernorm", "gelu"):
         if config.n_kv_head != config.n_head:
             refuse(f"n_kv_head={config.n_kv_head} < n_head={config.n_head}: GPT-2 has no grouped-query attention")
@@ -279,9 +310,9 @@ def hf_architecture(config):
 
 def to_hf(model, bos_token_id=None, eos_token_id=None):
     """Our GPT -> (a transformers config.json as a dict, its tensors by their names), for
-    GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM (hf_architecture refuses the rest). A
-    LoRA model goes out with its adapters merged into the weights; a bias=False GPT-2 with zero
-    biases."""
+    GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM or MixtralForCausalLM (hf_architecture
+    refuses the rest). A LoRA model goes out with its adapters merged into the weights; a bias=False
+    GPT-2 with zero biases."""
     cfg = model.config
     sd = model.merged_state_dict() if cfg.lora_rank or model.quantization else model.state_dict()
     cfg = replace(cfg, lora_rank=0)
@@ -301,10 +332,13 @@ def to_hf(model, bos_token_id=None, eos_token_id=None):
                   num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, hidden_act="silu",
                   max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
                   rope_scaling=None, attention_dropout=cfg.dropout)
-        if arch == "LlamaForCausalLM":
-            hf.update(head_dim=cfg.head_dim, attention_bias=cfg.bias, mlp_bias=cfg.bias)
-        else:  # Qwen2: its biases (q, k, v) are fixed by the class; every layer attends to the whole context
+        if arch == "Qwen2ForCausalLM":  # its q, k, v biases are fixed by the class; every layer attends fully
             hf.update(use_sliding_window=False, sliding_window=None)
+        else:
+            hf.update(head_dim=cfg.head_dim, attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    if arch == "MixtralForCausalLM":  # its intermediate_size is one expert's; no sliding window, no jitter
+        hf.update(intermediate_size=cfg.expert_hidden, num_local_experts=cfg.n_expert,
+                  num_experts_per_tok=cfg.n_expert_active, sliding_window=None, router_jitter_noise=0.0)
     tensors = {}
     for theirs, ours, transposed in hf_tensor_names(cfg, arch):
         parts = []

@@ -98,7 +98,9 @@ dropout = 0.0  # keep 0: the reference is scored without dropout, and at the sta
 lora_rank = 0  # > 0: train low-rank adapters only; the reference is then the base, adapters off
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
-lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj router lm_head, or attn / mlp
+moe_aux_coef = 0.01  # a MoE model: weight of its load-balancing loss in this stage's loss (a dense one has none)
+moe_z_coef = 0.001  # a MoE model: weight of its router z-loss
 quantize = "none"  # none | int8 | int4 frozen base weights: with lora_rank > 0, QLoRA
 quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # dpo
@@ -354,7 +356,8 @@ while True:
     values = ddp.all_reduce_mean(torch.stack([metrics[k] for k in names])).tolist()
     # FLOPs: the forward and backward, plus a live reference's forward (a third of that)
     flops = raw_model.flops_per_token(inputs.size(1)) * n_tokens * (1 if precompute_ref else 4 / 3)
-    if loop.step_done(total, tokens=n_tokens, flops=flops, **dict(zip(names, values)), grad_norm=grad_norm, lr=lr):
+    if loop.step_done(total, tokens=n_tokens, flops=flops, **dict(zip(names, values)), grad_norm=grad_norm, lr=lr,
+                      **(raw_model.moe_stats() or {})):  # MoE: the routing of the last micro-step
         break
 
 posttrain.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], evals)

@@ -80,7 +80,9 @@ dropout = 0.0  # keep 0: the ratio compares forwards of the same weights
 lora_rank = 0  # > 0: train low-rank adapters only; the reference is then the base, adapters off
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
-lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj router lm_head, or attn / mlp
+moe_aux_coef = 0.01  # a MoE model: weight of its load-balancing loss in this stage's loss (a dense one has none)
+moe_z_coef = 0.001  # a MoE model: weight of its router z-loss
 quantize = "none"  # none | int8 | int4 weights (frozen): train LoRA on them (QLoRA) or evaluate (eval_only)
 quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # rollout
@@ -279,7 +281,8 @@ while True:
                       kl=kl_sum / tokens_seen if ref_logp is not None else None, clip=clipped_n / tokens_seen,
                       entropy=ent_sum / tokens_seen, len=n_gen / N, zero_std=zero_std.float().mean(),
                       truncated=out.truncated.float().mean(), grad_norm=grad_norm, gen_s=t_gen, score_s=t_score,
-                      update_s=t_update, rollout_tok_s=n_gen / max(t_gen, 1e-9)):
+                      update_s=t_update, rollout_tok_s=n_gen / max(t_gen, 1e-9),
+                      **(raw_model.moe_stats() or {})):  # MoE: the routing of the last minibatch
         break
 
 posttrain.evaluate_test(loop, raw_model, prompts["test"], prompts["pass_test"], evals)

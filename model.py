@@ -975,10 +975,11 @@ class GPT(nn.Module):
         return (cfg.moe_aux_coef * sum(m.aux_loss for m in moe) + cfg.moe_z_coef * sum(m.z_loss for m in moe)) / len(moe)
 
     def moe_stats(self):
-        """Routing statistics of the last forward, for logging; None for a dense model (or before
-        any forward). aux_loss and z_loss are means over the MoE layers; load (n_moe_layer,
-        n_expert) is the fraction of routed (token, expert) pairs each expert got, per layer;
-        load_cv is the mean over layers of its coefficient of variation std / mean (0 = even)."""
+        """Routing statistics of the last forward, as plain numbers for the log; None for a dense
+        model (or before any forward). aux_loss and z_loss are means over the MoE layers; load, a
+        list per MoE layer of n_expert numbers, is the fraction of routed (token, expert) pairs
+        each expert got; load_cv is the mean over layers of its coefficient of variation std /
+        mean (0 = even)."""
         moe = self.moe_layers()
         if not moe or moe[0].load is None:
             return None
@@ -986,7 +987,7 @@ class GPT(nn.Module):
         cv = load.std(dim=-1, correction=0) / load.mean(dim=-1)
         return dict(aux_loss=sum(m.aux_loss.item() for m in moe) / len(moe),
                     z_loss=sum(m.z_loss.item() for m in moe) / len(moe),
-                    load=load, load_cv=cv.mean().item())
+                    load=load.tolist(), load_cv=cv.mean().item())
 
     @torch.no_grad()
     def reset_token_rows(self, ids, match_norm=False, generator=None):

@@ -105,7 +105,9 @@ dropout = 0.0  # keep 0: the ratio compares forwards of the same weights
 lora_rank = 0  # > 0: train low-rank adapters (and the value head) only; the reference is the base, adapters off
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
-lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj router lm_head, or attn / mlp
+moe_aux_coef = 0.01  # a MoE model: weight of its load-balancing loss in this stage's loss (a dense one has none)
+moe_z_coef = 0.001  # a MoE model: weight of its router z-loss
 quantize = "none"  # none | int8 | int4 frozen base weights: with lora_rank > 0, QLoRA
 quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # rollout
@@ -229,7 +231,8 @@ try:
             if start.get("stage") != "reward":
                 raise ValueError(f"value_init=reward: {reward_model} is not a reward model (stage {start.get('stage')!r})")
             bpe.check_same_tokenizer(start["meta"], f"reward model {reward_model}", meta, "the policy")
-        value = common.model_from_checkpoint(start, start_path, {"scalar_head": True, "dropout": dropout})
+        value = common.model_from_checkpoint(start, start_path, {"scalar_head": True, "dropout": dropout,
+                                                                 "moe_aux_coef": moe_aux_coef, "moe_z_coef": moe_z_coef})
     if value is not None and not value.config.tie_weights:
         value.lm_head.requires_grad_(False)  # the value network reads only its scalar head
     reference = posttrain.Reference(model, reference_path, ddp.device) if kl_coef > 0 else None
@@ -395,7 +398,8 @@ while True:
                       clip=clipped_n / tokens_seen, approx_kl=approx_sum / max(steps, 1), vf_loss=vf_sum / tokens_seen,
                       vf_clip=value_clipped_n / tokens_seen, explained_var=explained_var, steps=steps, len=n_gen / N,
                       truncated=out.truncated.float().mean(), grad_norm=grad_norm, value_grad_norm=value_grad_norm,
-                      gen_s=t_gen, score_s=t_score, update_s=t_update, rollout_tok_s=n_gen / max(t_gen, 1e-9)):
+                      gen_s=t_gen, score_s=t_score, update_s=t_update, rollout_tok_s=n_gen / max(t_gen, 1e-9),
+                      **(raw_model.moe_stats() or {})):  # MoE: the policy's routing in the last minibatch
         break
 
 if value is not None:

@@ -7,12 +7,20 @@ stage (GRPO, PPO, DPO, and the worked-solution ones when they ran), their mean o
 stages train on, the reward model's held-out accuracy, the KL to the reference of each RL stage,
 wall-clock time per stage and in all, the git commit and the machine. With matplotlib installed it
 also draws, next to the report: the training losses, reward and exact match over the RL iterations
-(GRPO and PPO on one plot), and the KL.
+(GRPO and PPO on one plot), the KL, and for a mixture-of-experts pretraining run the load of each
+expert over the iterations, one panel per MoE layer.
 
     python report.py                         # after bash pipeline.sh
     python report.py --out=docs/report.md --figures=docs
 
 A stage whose out_dir holds no log is left out of the table, and said so.
+
+It also compares pretraining runs (train.py's logs), a MoE model against the dense one, say: their
+parameters (all, and active per token), val loss at equal iterations and at equal wall-clock
+(interpolated between evals), tokens/s, and the routing (load_cv, the load pictures). --stages=
+leaves the pipeline's part out:
+
+    python report.py --stages= --compare=dense=out-moe-dense,moe=out-shakespeare-moe --out=moe.md
 """
 
 import json
@@ -20,8 +28,11 @@ import os
 import platform
 import sys
 
+import torch
+
 import common
 from configurator import configure
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 out = "report.md"  # the report to write
@@ -37,6 +48,7 @@ pretrain_dir = "out-shakespeare"
 sft_dirs = ("sft=out-sft", "sft_cot=out-sft-cot")  # the fine-tuning runs whose training loss is drawn
 reward_dir = "out-reward"
 rl_tasks = ("add/3", "sub/2", "sub/3", "sort/2", "sort/3")  # the cells the RL stages train on
+compare = ()  # pretraining runs to compare, name=out_dir: dense=out-moe-dense,moe=out-shakespeare-moe (empty: none)
 # -----------------------------------------------------------------------------
 
 
@@ -85,8 +97,10 @@ def rl_mean(col):
     return sum(vals) / len(vals) if vals else None
 
 
-def draw(logs, folder):
-    """The PNG curves; -> their file names, or a sentence saying why there are none."""
+def draw(logs, runs, folder):
+    """The PNG curves: the pipeline's when its stages are asked for (logs), the load per expert of
+    every MoE pretraining run (the pipeline's and those compared, runs {name: log rows}); -> their
+    file names, or a sentence saying why there are none."""
     try:
         import matplotlib
 
@@ -95,6 +109,36 @@ def draw(logs, folder):
     except ImportError:
         return "(no pictures: pip install matplotlib, then run python report.py again)"
     os.makedirs(folder, exist_ok=True)
+    made = draw_pipeline(plt, logs, folder) if stages else []
+    for name, rows in runs.items():
+        if draw_load(plt, rows, os.path.join(folder, f"load_{name}.png"), name):
+            made.append(f"load_{name}.png")
+    return made
+
+
+def draw_load(plt, rows, path, title):
+    """The load of each expert over the iterations (the share of the routed token-expert pairs it
+    got in the batch of each log line), one panel per MoE layer, the even share dashed. -> whether
+    the log had any (a dense run has none)."""
+    steps = [r for r in rows or [] if "load" in r]
+    if not steps:
+        return False
+    load = torch.tensor([r["load"] for r in steps])  # (log lines, MoE layers, experts)
+    iters = [r["iter"] for r in steps]
+    n_layer, n_expert = load.shape[1:]
+    fig, axes = plt.subplots(1, n_layer, figsize=(3.2 * n_layer, 3), sharey=True, squeeze=False)
+    for layer, ax in enumerate(axes[0]):
+        for e in range(n_expert):
+            ax.plot(iters, load[:, layer, e].tolist(), lw=1, label=f"expert {e}")
+        ax.axhline(1 / n_expert, color="k", ls="--", lw=0.8)
+        ax.set_title(f"{title}: MoE layer {layer}", fontsize=9), ax.set_xlabel("iteration")
+    axes[0][0].set_ylabel("load (share of routed tokens)")
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
+    return True
+
+
+def draw_pipeline(plt, logs, folder):
     made = []
     fig, ax = plt.subplots(figsize=(6, 3.5))
     trained = {"pretrain": logs.get("pretrain")}
@@ -123,7 +167,82 @@ def draw(logs, folder):
     return made
 
 
-def main():
+# -----------------------------------------------------------------------------
+# pretraining runs compared: a MoE model against the dense one
+
+
+def timeline(rows):
+    """A train.py log -> (step rows, eval rows), each with t: the seconds since the start at its
+    iteration. A step line's ms is the mean over the iterations since the line before, the evals
+    among them included, so both runs pay for their own evals."""
+    steps, t, last = [], 0.0, 0
+    for r in rows:
+        if "loss" in r and "ms" in r:
+            t += r["ms"] / 1000 * (r["iter"] - last)
+            last = r["iter"]
+            steps.append(dict(r, t=t))
+    clock = {0: 0.0, **{r["iter"]: r["t"] for r in steps}}
+    evals = [dict(r, t=clock[r["iter"]]) for r in rows if "val_loss" in r and r["iter"] in clock]
+    return steps, evals
+
+
+def at_time(evals, t):
+    """(val loss, iteration) at t seconds, linear between the two evals around t; None outside them."""
+    for a, b in zip(evals, evals[1:] or evals):
+        if a["t"] <= t <= b["t"]:
+            w = (t - a["t"]) / (b["t"] - a["t"]) if b["t"] > a["t"] else 0.0
+            return a["val_loss"] + w * (b["val_loss"] - a["val_loss"]), a["iter"] + w * (b["iter"] - a["iter"])
+    return None
+
+
+def parameters(folder):
+    """(all parameters, those one token uses) of the model in folder/ckpt.pt, or None without one.
+    Counted on the meta device: nothing is allocated."""
+    path = os.path.join(folder, "ckpt.pt")
+    if not os.path.isfile(path):
+        return None
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**common.load_checkpoint(path)["model_args"]))
+    return model.num_params(), model.num_params(active=True)
+
+
+def compare_runs(runs):
+    """Markdown comparing pretraining runs {name: out_dir}: size, speed, val loss at equal
+    iterations and at equal wall-clock, and the routing of the MoE ones."""
+    logs = {name: read_log(d) for name, d in runs.items()}
+    data = {name: timeline(rows) for name, rows in logs.items() if rows}
+    lines = ["## Pretraining runs compared", ""]
+    missing = [f"{name} ({d})" for name, d in runs.items() if name not in data]
+    if missing:
+        lines += [f"No log: {', '.join(missing)}.", ""]
+    data = {name: (steps, evals) for name, (steps, evals) in data.items() if steps and evals}
+    if not data:
+        return lines
+    lines += ["| run | parameters | active per token | iterations | seconds | ms per iteration | tokens/s | "
+              "val loss at the end | load_cv first / last |", "| --- |" + " --- |" * 8]
+    for name, (steps, evals) in data.items():
+        n = parameters(runs[name])
+        tok_s = sorted(r["tok_s"] for r in steps)[len(steps) // 2]  # the median line
+        cv = [r["load_cv"] for r in steps if "load_cv" in r]
+        lines.append(f"| {name} | {f'{n[0] / 1e6:.2f}M' if n else '?'} | {f'{n[1] / 1e6:.2f}M' if n else '?'} | "
+                     f"{steps[-1]['iter']} | {steps[-1]['t']:.0f} | {1000 * steps[-1]['t'] / steps[-1]['iter']:.0f} | "
+                     f"{tok_s:,} | {evals[-1]['val_loss']:.4f} | {f'{cv[0]:.3f} / {cv[-1]:.3f}' if cv else '-'} |")
+    names = list(data)
+    shared = sorted(set.intersection(*({e["iter"] for e in evals} for _, evals in data.values())))
+    lines += ["", "Val loss at equal iterations (equal active parameters per token where the column above agrees):",
+              "", "| iteration | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for it in shared:
+        lines.append(f"| {it} | " + " | ".join(f"{next(e['val_loss'] for e in data[n][1] if e['iter'] == it):.4f}"
+                                               for n in names) + " |")
+    t = min(evals[-1]["t"] for _, evals in data.values())  # when the fastest run ended
+    lines += ["", f"Val loss at equal wall-clock, {t:.0f} s (when the first run ended; linear between evals): " +
+              ", ".join(f"{n} {at[0]:.4f} at iteration {at[1]:.0f}" if at else f"{n} -"
+                        for n in names for at in [at_time(data[n][1], t)]) + "."]
+    return lines
+
+
+def pipeline_report():
+    """The pipeline's part: -> (the logs by stage name, pretrain among them, the markdown lines)."""
     specs = dict(s.split("=", 1) for s in stages)
     stage_dirs = {name: d.removesuffix("@first") for name, d in specs.items()}
     firsts = {name for name, d in specs.items() if d.endswith("@first")}  # columns from the first eval
@@ -142,12 +261,10 @@ def main():
     if os.path.isfile(times):
         with open(times) as f:
             stage_times = json.load(f)
-    lines = ["# Pipeline report", "",
-             f"commit {common.git_commit()}, {platform.platform()}, {machine_cpu()}, python {platform.python_version()}", ""]
-    lines += ["## Held-out greedy exact match per task and difficulty", "",
-              "Greedy answers to held-out prompts, exact match after stripping whitespace; * marks the cells the RL "
-              "stages train on; base is the pretrained model before SFT.", "", table(columns) if columns else "(no evals)",
-              ""]
+    lines = ["## Held-out greedy exact match per task and difficulty", "",
+             "Greedy answers to held-out prompts, exact match after stripping whitespace; * marks the cells the RL "
+             "stages train on; base is the pretrained model before SFT.", "", table(columns) if columns else "(no evals)",
+             ""]
     started = [f"{name} is the first eval in {stage_dirs[name]}" for name in stage_dirs
                if name in firsts and name in columns]
     if started:
@@ -171,14 +288,26 @@ def main():
     lines += [f"| {k} | {v:.0f} |" for k, v in stage_times.items()]
     if stage_times:
         lines.append(f"| **total** | **{sum(stage_times.values()):.0f}** ({sum(stage_times.values()) / 60:.1f} min) |")
+    return logs, lines + [""]
+
+
+def main():
+    lines = ["# Pipeline report" if stages else "# Report", "",
+             f"commit {common.git_commit()}, {platform.platform()}, {machine_cpu()}, python {platform.python_version()}", ""]
+    logs, section = pipeline_report() if stages else ({}, [])
+    runs = {name: d for name, d in (s.split("=", 1) for s in compare)}
+    if compare:
+        section += compare_runs(runs) + [""]
     folder = figures or os.path.dirname(os.path.abspath(out))
-    made = draw(logs, folder)
-    lines += ["", "## Curves", ""]
+    pretraining = {"pretrain": logs.get("pretrain"), **{name: read_log(d) for name, d in runs.items()}}
+    made = draw(logs, pretraining, folder)
+    lines += section + ["## Curves", ""]
     if isinstance(made, str):
         lines.append(made)
     else:
         rel = os.path.relpath(folder, os.path.dirname(os.path.abspath(out)))
         lines += [f"![{m}]({os.path.join(rel, m)})" for m in made]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {out}" + ("" if isinstance(made, str) else f" and {', '.join(made)} in {folder}"))

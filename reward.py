@@ -75,7 +75,9 @@ dropout = 0.0
 lora_rank = 0  # > 0: train low-rank adapters (and the scalar head) only
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
-lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj router lm_head, or attn / mlp
+moe_aux_coef = 0.01  # a MoE model: weight of its load-balancing loss in this stage's loss (a dense one has none)
+moe_z_coef = 0.001  # a MoE model: weight of its router z-loss
 quantize = "none"  # none | int8 | int4 weights (frozen): train LoRA on them (QLoRA) or evaluate (eval_only)
 quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # reward
@@ -294,7 +296,8 @@ while True:
 
     flops = raw_model.flops_per_token(idx.size(1)) * n_tokens
     acc, gap = ddp.all_reduce_mean(acc_gap).tolist()
-    if loop.step_done(total, tokens=n_tokens, flops=flops, acc=acc, gap=gap, lr=lr, grad_norm=grad_norm):
+    if loop.step_done(total, tokens=n_tokens, flops=flops, acc=acc, gap=gap, lr=lr, grad_norm=grad_norm,
+                      **(raw_model.moe_stats() or {})):  # MoE: the routing of the last micro-step
         break
 
 loop.close(raw_model)

@@ -3,10 +3,9 @@ Sampling: continue a prompt with a trained model, streaming the text as it is ge
 
 Reads out_dir/best.pt (or out_dir/ckpt.pt when no best was kept), or the file named by --ckpt,
 which may also be a checkpoint written by nanoGPT's train.py, or a Hugging Face model folder
-(GPT-2, Llama, SmolLM2, Mistral or Qwen2 layout: config.json, model.safetensors and a byte-level
-BPE's tokenizer files). The model is
-built from the checkpoint's stored config and the tokenizer from its stored meta: no data folder
-is needed.
+(GPT-2, Llama, SmolLM2, Mistral, Qwen2 or Mixtral layout: config.json, model.safetensors and a
+byte-level BPE's tokenizer files). The model is built from the checkpoint's stored config and the
+tokenizer from its stored meta: no data folder is needed.
 
     python sample.py --out_dir=out-shakespeare
     python sample.py --out_dir=out-shakespeare --start="ROMEO:" --num_samples=1 --max_new_tokens=2000
@@ -15,8 +14,10 @@ is needed.
         --nanogpt_meta=../nanoGPT/data/shakespeare_char/meta.pkl
     python sample.py --init_from=gpt2 --start="The meaning of life is" --temperature=0  # a folder
 
-Export a checkpoint for transformers (AutoModelForCausalLM, AutoTokenizer), then exit:
+Export a checkpoint for transformers (AutoModelForCausalLM, AutoTokenizer), then exit; a
+mixture-of-experts model goes out as MixtralForCausalLM, or is refused with what Mixtral lacks:
     python sample.py --out_dir=out-sft --export_hf=out-sft-hf
+    python sample.py --out_dir=out-shakespeare-moe --export_hf=out-shakespeare-moe-hf
 
 Quantize the weights at load (weight-only, quantize.py), or write a quantized checkpoint that
 loads anywhere a checkpoint is taken. With bf16 activations (--dtype=bfloat16) the CPU's int8 and

@@ -76,7 +76,9 @@ dropout = 0.0
 lora_rank = 0  # > 0: train low-rank adapters only, save the merged model and the adapters at the end
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
-lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj router lm_head, or attn / mlp
+moe_aux_coef = 0.01  # a MoE model: weight of its load-balancing loss in this stage's loss (a dense one has none)
+moe_z_coef = 0.001  # a MoE model: weight of its router z-loss
 quantize = "none"  # none | int8 | int4 weights (frozen): train LoRA on them (QLoRA) or evaluate (eval_only)
 quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # sft
@@ -341,7 +343,8 @@ while True:
 
     if loop.step_done(ce, tokens=real, flops=flops, kd=kd if teacher_model is not None else None, lr=lr,
                       grad_norm=grad_norm, pad=1 - real / padded,
-                      level=level_sum / (grad_accum * batch_size) if curriculum != "none" else None):
+                      level=level_sum / (grad_accum * batch_size) if curriculum != "none" else None,
+                      **(raw_model.moe_stats() or {})):  # MoE: the routing of the last micro-step
         break
 
 if raw_model.config.lora_rank > 0 and not eval_only and not loop.nonfinite and master:

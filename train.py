@@ -21,9 +21,21 @@ Resume, or fine-tune from a checkpoint (with LoRA, say, or LoRA on an int4 base:
     python train.py config/tiny_shakespeare.py --init_from=out-shakespeare/best.pt --eval_only=True --quantize=int8 \
         --out_dir=out-eval-int8
 
-A healthy run prints the resolved config, then lines such as (loss is the cross-entropy; a MoE
-model adds its aux_loss, z_loss and load_cv beside it)
+A mixture-of-experts model (8 experts, top-2, as many active parameters per token as the dense
+config), a hybrid dense/MoE stack, and the dense config beside the MoE one, one thread each, then
+the two compared (README, Mixture-of-experts):
+    python train.py config/tiny_shakespeare_moe.py
+    python train.py config/tiny_shakespeare.py --n_expert=4 --moe_every=2 --out_dir=out-hybrid
+    OMP_NUM_THREADS=1 python train.py config/tiny_shakespeare.py --dtype=float32 --out_dir=out-moe-dense &
+    OMP_NUM_THREADS=1 python train.py config/tiny_shakespeare_moe.py --dtype=float32 & wait
+    python report.py --stages= --compare=dense=out-moe-dense,moe=out-shakespeare-moe --out=moe.md
+
+A healthy run prints the resolved config, then lines such as (loss is the cross-entropy)
     iter=100 loss=2.4012 lr=0.0010 grad_norm=0.5123 ms=105.2 tok_s=18700 mfu=0.21 eta=4.1m
+a MoE model with the routing of its last micro-step beside it: the load-balancing loss (1 when the
+load is even), the router z-loss, and the coefficient of variation of the load over the experts (0
+when even); the load per expert goes to log.jsonl only (config/tiny_shakespeare_moe.py, float32):
+    iter=20 loss=4.3423 lr=0.0004 grad_norm=2.2444 aux_loss=1.0576 z_loss=4.7515 load_cv=0.9697 ms=...
 and at every eval_interval
     eval iter=250 train_loss=1.9803 val_loss=2.0712 val_ppl=7.9363
 """
@@ -75,10 +87,18 @@ mlp = "swiglu"  # gelu | swiglu
 tie_weights = True
 sliding_window = None  # None = full causal attention
 n_sink = 0
+# mixture-of-experts: n_expert > 0 replaces the MLP of every moe_every-th layer by routed experts
+n_expert = 0  # routed experts per MoE layer; 0 = a dense MLP in every layer
+n_expert_active = 2  # top-k: the routed experts each token goes through
+moe_every = 1  # 1 = every layer MoE; k = layers k-1, 2k-1, ... (a hybrid dense/MoE stack)
+n_shared_expert = 0  # experts every token goes through besides its routed ones (DeepSeekMoE)
+expert_hidden = None  # None = the dense MLP's hidden size split over the experts a token uses (equal active parameters)
+moe_aux_coef = 0.01  # weight of the Switch Transformer load-balancing loss
+moe_z_coef = 0.001  # weight of the router z-loss
 lora_rank = 0  # > 0: train low-rank adapters only (on a checkpoint, via init_from)
 lora_alpha = 16.0  # adapter scale = lora_alpha / lora_rank
 lora_dropout = 0.0
-lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj lm_head, or attn / mlp
+lora_targets = ("c_q", "c_v")  # c_q c_k c_v attn.c_proj c_fc c_gate mlp.c_proj router lm_head, or attn / mlp
 # distillation: learn from a teacher's distribution too (empty teacher: off)
 teacher = ""  # a checkpoint of this repository with the same tokenizer (train.py's or sft.py's)
 distill_alpha = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * D(teacher_T || student_T)
@@ -257,10 +277,9 @@ while True:
     grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
     # --------------------------------------------------------------------------------------
 
-    moe = raw_model.moe_stats()
+    # MoE: the routing of the last micro-step (aux_loss, z_loss, load_cv; the load per expert in log.jsonl)
     if loop.step_done(ce, tokens=tokens_per_step, flops=flops_per_step, kd=kd if teacher_model is not None else None,
-                      lr=lr, grad_norm=grad_norm,
-                      aux_loss=moe and moe["aux_loss"], z_loss=moe and moe["z_loss"], load_cv=moe and moe["load_cv"]):
+                      lr=lr, grad_norm=grad_norm, **(raw_model.moe_stats() or {})):
         break
 
 loop.close(raw_model)

@@ -95,3 +95,27 @@ def test_every_stage_has_the_settings_its_loop_and_its_model_read_by_name(script
     settings = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
     needed = {f.name for f in fields(common.LoopSettings)} | set(common.TRAINING_FIELDS)
     assert needed <= settings, sorted(needed - settings)
+
+
+def test_train_py_takes_every_moe_field_and_the_moe_config_is_the_dense_one_plus_experts(monkeypatch):
+    # every MoE field of GPTConfig is a train.py setting of the same name (the command line used to
+    # stop at --n_expert with "unknown config key"); the MoE config compares with the dense one
+    # because everything else is the same
+    import ast
+    import os
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "train.py")) as f:
+        tree = ast.parse(f.read())
+    settings = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    moe = {"n_expert", "n_expert_active", "moe_every", "n_shared_expert", "expert_hidden", "moe_aux_coef", "moe_z_coef"}
+    assert moe <= settings, sorted(moe - settings)
+    monkeypatch.chdir(root)  # a config file reads the one it extends from the repository root, as the scripts run
+    dense = runpy.run_path(os.path.join(root, "config", "tiny_shakespeare.py"))
+    experts = runpy.run_path(os.path.join(root, "config", "tiny_shakespeare_moe.py"))
+    plain = lambda ns: {k: v for k, v in ns.items() if not k.startswith("__")}  # noqa: E731
+    assert {k: v for k, v in plain(experts).items() if plain(dense).get(k, object()) != v} == {
+        "out_dir": "out-shakespeare-moe", "n_expert": 8, "n_expert_active": 2, "moe_every": 1, "n_shared_expert": 0,
+        "moe_aux_coef": 0.01, "moe_z_coef": 0.001}
+    assert set(plain(dense)) <= set(plain(experts))

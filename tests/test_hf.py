@@ -65,6 +65,18 @@ def hf_llama(folder, std=0.3, mistral=False, **kw):
     return model
 
 
+def hf_mixtral(folder, std=0.3, **kw):
+    """A random MixtralForCausalLM (4 experts, top-2, grouped-query attention, an untied head)
+    saved to folder."""
+    args = dict(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=32, num_local_experts=4, num_experts_per_tok=2,
+                rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None,
+                eos_token_id=None, **kw)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**args))
+    randomize(model.eval(), std).save_pretrained(folder)
+    return model
+
+
 def ours_from(folder):
     config, sd = from_hf(folder)
     model = GPT(config).eval()
@@ -170,6 +182,21 @@ def test_llama_folder_gives_the_same_logits_and_greedy_tokens(tmp_path, mistral)
     assert torch.equal(ours.generate(prompt, 20, temperature=0), expected)
 
 
+def test_mixtral_folder_gives_the_same_logits_and_greedy_tokens(tmp_path):
+    theirs = hf_mixtral(tmp_path)
+    ours = ours_from(tmp_path)
+    cfg = ours.config
+    assert (cfg.n_expert, cfg.n_expert_active, cfg.expert_hidden, cfg.moe_every, cfg.n_shared_expert) == (4, 2, 24, 1, 0)
+    assert (cfg.n_kv_head, cfg.rope_theta, cfg.norm_eps, cfg.tie_weights) == (2, 500000.0, 1e-6, False)
+    idx = torch.randint(0, 64, (3, 32), generator=torch.Generator().manual_seed(0))
+    assert max_diff(ours, theirs, idx) < TOL
+    ours(idx)
+    assert min(min(layer) for layer in ours.moe_stats()["load"]) > 0  # every expert took tokens: all are checked
+    prompt = idx[:1, :5]
+    expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
+    assert torch.equal(ours.generate(prompt, 20, temperature=0), expected)
+
+
 def test_our_rope_is_llamas_rotate_half():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -216,6 +243,9 @@ EXPORTS = {
     "llama_gqa_untied": dict(n_kv_head=2, tie_weights=False, rope_theta=5e5, norm_eps=1e-6),
     "llama_bias_tied": dict(bias=True, n_inner=80),
     "qwen2_qkv_bias_gqa": dict(qkv_bias=True, n_kv_head=2, rope_theta=1e6, norm_eps=1e-6),
+    # the router's softmax, its top-k and the renormalised gates must be Mixtral's to agree at 1e-5
+    "mixtral_gqa_untied": dict(n_expert=4, n_expert_active=2, n_kv_head=2, tie_weights=False, rope_theta=5e5),
+    "mixtral_top3_tied": dict(n_expert=5, n_expert_active=3, expert_hidden=40, norm_eps=1e-6),
 }
 
 
@@ -225,7 +255,8 @@ def test_export_loads_in_transformers_and_round_trips_bit_identical(tmp_path, na
     ours = randomize(GPT(config).eval(), 0.3)
     hf = save_hf(ours, tmp_path, eos_token_id=3)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name.split("_")[0]]
+    arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mixtral": "MixtralForCausalLM"}[name.split("_")[0]]
     assert type(theirs).__name__ == hf["architectures"][0] == arch
     idx = torch.randint(0, 64, (3, 32), generator=torch.Generator().manual_seed(0))
     assert max_diff(ours, theirs, idx) < TOL
@@ -252,6 +283,8 @@ def test_lora_model_exports_its_merged_weights(tmp_path):
 LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=32,
              intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=32, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu")
+MIXTRAL = dict(LLAMA, architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4,
+               num_experts_per_tok=2)
 GPT2 = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=64, n_positions=32, n_embd=32,
             n_layer=2, n_head=4, activation_function="gelu_new")
 
@@ -265,6 +298,9 @@ GPT2 = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=64,
     (LLAMA, dict(head_dim=16), "head_dim"),
     (LLAMA, dict(hidden_act="gelu"), "hidden_act"),
     (dict(LLAMA, architectures=["MistralForCausalLM"]), dict(sliding_window=4096), "sliding_window"),
+    (MIXTRAL, dict(sliding_window=4096), "sliding_window"),
+    (MIXTRAL, dict(num_experts_per_tok=1), "num_experts_per_tok=1: Mixtral renormalises"),
+    (MIXTRAL, dict(num_local_experts=2, num_experts_per_tok=3), "n_expert_active must be in 1..n_expert=2"),
     (GPT2, dict(activation_function="relu"), "activation_function"),
     (GPT2, dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
     (GPT2, dict(add_cross_attention=True), "add_cross_attention"),
@@ -286,8 +322,14 @@ def test_rope_parameters_of_transformers_5_are_read():
     (dict(norm="layernorm", mlp="gelu"), "pos_emb=rope, norm=layernorm, mlp=gelu"),
     (dict(pos_emb="none"), "pos_emb=none"),
     (dict(sliding_window=8, n_sink=2), "sliding_window=8, n_sink=2"),
-    (dict(n_expert=4), "n_expert=4"),
     (dict(pos_emb="learned", norm="layernorm", mlp="gelu", n_kv_head=2), "no grouped-query attention"),
+    # what Mixtral's MoE cannot express, each by name
+    (dict(n_expert=4, pos_emb="learned", norm="layernorm", mlp="gelu"), "n_expert=4: .* MixtralForCausalLM, which is "
+                                                                         "rope / rmsnorm / swiglu"),
+    (dict(n_expert=4, moe_every=2), "moe_every=2 makes a hybrid dense/MoE stack"),
+    (dict(n_expert=4, n_shared_expert=1), r"no shared experts \(n_shared_expert=1\)"),
+    (dict(n_expert=4, n_expert_active=1), "n_expert_active=1 here keeps the router's probability"),
+    (dict(n_expert=4, bias=True), r"no biases \(bias=True\)"),
 ])
 def test_what_transformers_cannot_compute_is_not_exported(change, message):
     config = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, **change)

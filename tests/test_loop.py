@@ -231,3 +231,16 @@ def test_a_stage_without_a_setting_its_loop_needs_is_refused_at_the_start(tmp_pa
     config = {k: v for k, v in loop_config(tmp_path).items() if k not in ("decay_lr", "wandb_log")}
     with pytest.raises(ValueError, match="no setting decay_lr, wandb_log"):
         common.Loop(config, FakeDDP(), None, None, None)
+
+
+def test_a_list_goes_to_the_log_file_and_wandb_not_to_the_printed_line(tmp_path, capsys):
+    # a MoE model's load per layer and expert: 32 numbers for 4 layers of 8 experts, too many for a line
+    loop, _ = make_loop(tmp_path, FakeDDP(), log_interval=1)
+    loop.step_done(torch.tensor(2.0), load_cv=torch.tensor(0.25), load=[[0.75, 0.25], [0.5, 0.5]])
+    row = log_rows(tmp_path)[-1]
+    assert row["load_cv"] == 0.25 and row["load"] == [[0.75, 0.25], [0.5, 0.5]]
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("iter=1 loss=2.0000 load_cv=0.2500 ms=") and "load=" not in line.replace("load_cv=", "")
+    assert common._spread("load", row["load"]) == [("load/0/0", 0.75), ("load/0/1", 0.25), ("load/1/0", 0.5),
+                                                   ("load/1/1", 0.5)]
+    assert common._spread("loss", 2.0) == [("loss", 2.0)]

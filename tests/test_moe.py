@@ -1,15 +1,22 @@
-"""model.py, Mixture-of-Experts: the batched dispatch against naive per-token loops, one expert
-against the dense MLP, the aux losses against a hand-computed routing, cached decoding, counts."""
+"""Mixture-of-Experts. model.py: the batched dispatch against naive per-token loops, one expert
+against the dense MLP, the aux losses against a hand-computed routing, cached decoding, counts.
+End to end: every stage trains from a MoE checkpoint (a smoke run each, its routing logged, its
+experts and router trained, or under LoRA the router left alone), and sample.py decodes one with
+its KV cache. train.py's MoE settings, exact resume and DDP are in test_train.py, the Mixtral
+export in test_hf.py."""
 
 import math
+import os
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 from conftest import build as build_model
-from conftest import tiny
-from model import GPT, MoE
+from conftest import read_log, run_script, save_byte_checkpoint, tiny, write_jsonl
+from model import GPT, GPTConfig, MoE
 
 
 def build(config, **kw):
@@ -130,9 +137,10 @@ def test_loss_is_the_cross_entropy_and_aux_loss_holds_the_rest():
     torch.testing.assert_close(model.aux_loss().item(), 0.3 * stats["aux_loss"] + 0.05 * stats["z_loss"])
     assert model.aux_loss().requires_grad and build(tiny()).aux_loss() == 0.0
     torch.testing.assert_close(-model.logprobs(model(idx), targets)[0].mean(), ce)
-    assert stats["load"].shape == (2, 4)
-    torch.testing.assert_close(stats["load"].sum(-1), torch.ones(2, dtype=stats["load"].dtype))
-    cv = stats["load"].std(-1, correction=0) / stats["load"].mean(-1)
+    load = torch.tensor(stats["load"])  # a list per MoE layer, ready for log.jsonl
+    assert load.shape == (2, 4)
+    torch.testing.assert_close(load.sum(-1), torch.ones(2))
+    cv = load.std(-1, correction=0) / load.mean(-1)
     assert stats["load_cv"] == pytest.approx(cv.mean().item())
 
 
@@ -141,7 +149,7 @@ def test_moe_every_picks_the_layers():
     assert [isinstance(b.mlp, MoE) for b in model.h] == [False, True, False, True]
     assert model.moe_stats() is None  # no forward yet
     model(torch.zeros(1, 3, dtype=torch.long))
-    assert model.moe_stats()["load"].shape == (2, 4)
+    assert torch.tensor(model.moe_stats()["load"]).shape == (2, 4)
     assert GPT(tiny()).moe_stats() is None
 
 
@@ -256,3 +264,88 @@ def test_aux_loss_evens_out_the_load():
 def test_invalid_moe_configs_raise(kw, msg):
     with pytest.raises(ValueError, match=msg):
         tiny(**kw)
+
+
+# -----------------------------------------------------------------------------
+# every stage from a MoE checkpoint: a smoke run each, and what MoE changes in it
+
+
+@pytest.fixture(scope="module")
+def moe_setup(tmp_path_factory):
+    """A tiny MoE checkpoint (2 layers of 4 experts, top-2, byte tokenizer), task prompts with
+    answers, and preference pairs (the answer against a near miss). -> (checkpoint, tasks, pairs)"""
+    from data.tasks.tasks import generate
+
+    tmp = tmp_path_factory.mktemp("moe")
+    ckpt = str(tmp / "moe.pt")
+    save_byte_checkpoint(ckpt, GPTConfig(vocab_size=320, block_size=48, n_layer=2, n_head=2, n_embd=32, n_expert=4,
+                                         n_expert_active=2))
+    rng = random.Random(0)
+    tasks, pairs = tmp / "tasks", tmp / "pairs"
+    tasks.mkdir(), pairs.mkdir()
+    for split, n in (("train", 6), ("val", 2)):
+        examples = [generate(t, d, rng) for t in ("add", "copy") for d in (1, 2) for _ in range(n)]
+        write_jsonl(tasks / f"{split}.jsonl", examples)
+        write_jsonl(pairs / f"{split}.jsonl", [{"prompt": ex["messages"][:1], "chosen": ex["answer"],
+                                                "rejected": ex["answer"][::-1] + "x", "task": ex["task"],
+                                                "difficulty": ex["difficulty"], "answer": ex["answer"]}
+                                               for ex in examples])
+    return ckpt, str(tasks), str(pairs)
+
+
+SMOKE = ["--max_iters=2", "--eval_interval=2", "--log_interval=1", "--warmup_iters=1", "--learning_rate=1e-2",
+         "--device=cpu", "--compile=false", "--dtype=float32"]
+EVALS = ["--eval_prompts=2", "--eval_max_new_tokens=4", "--test_prompts=0"]
+RL = ["--prompt_dataset={tasks}", "--rl_tasks=", "--max_new_tokens=4", "--pass_k_prompts=0", *EVALS]
+STAGES = {
+    "sft": ["sft.py", "--sft_dataset={tasks}", "--batch_size=4", "--eval_iters=1", *EVALS],
+    "reward": ["reward.py", "--preference_dataset={pairs}", "--batch_size=4", "--eval_pairs=4"],
+    # LoRA on every expert (and dense MLP): the router keeps its weights, as lora_targets=mlp says
+    "grpo-lora": ["grpo.py", *RL, "--prompts_per_iter=2", "--group_size=2", "--mask_truncated=false", "--lora_rank=4",
+                  "--lora_targets=mlp"],
+    "ppo": ["ppo.py", *RL, "--prompts_per_iter=4"],
+    "dpo": ["dpo.py", "--prompt_dataset={tasks}", "--preference_dataset={pairs}", "--rl_tasks=", "--batch_size=4",
+            "--eval_pairs=4", "--pass_k_prompts=0", *EVALS],
+}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_trains_a_moe_checkpoint(moe_setup, tmp_path, stage):
+    ckpt, tasks, pairs = moe_setup
+    out = str(tmp_path / "out")
+    script, *args = STAGES[stage]
+    run_script(script, *SMOKE, f"--init_from={ckpt}", f"--out_dir={out}", "--moe_aux_coef=0.02",
+               *(a.format(tasks=tasks, pairs=pairs) for a in args))
+    steps = [r for r in read_log(out) if "loss" in r and "ms" in r]
+    assert [r["iter"] for r in steps] == [1, 2]
+    for r in steps:  # the routing of each step, per layer and expert
+        assert r["aux_loss"] > 0 and r["z_loss"] > 0 and r["load_cv"] >= 0
+        assert torch.tensor(r["load"]).shape == (2, 4) and torch.tensor(r["load"]).sum(-1).tolist() == pytest.approx([1, 1])
+    base = common.load_checkpoint(ckpt)["model"]
+    after = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert after["model_args"]["n_expert"] == 4 and after["model_args"]["moe_aux_coef"] == 0.02
+    state = after["model"]
+    router, expert = "h.0.mlp.router.weight", "h.1.mlp.experts.3.c_fc.weight"
+    if stage.endswith("lora"):  # the base frozen, the router too; the experts' adapters trained
+        assert torch.equal(state[router], base[router]) and torch.equal(state[expert], base[expert])
+        assert "h.0.mlp.router.lora_A" not in state and state["h.1.mlp.experts.3.c_fc.lora_B"].any()
+    else:  # full fine-tuning: experts and routers both learn
+        assert not torch.equal(state[router], base[router]) and not torch.equal(state[expert], base[expert])
+
+
+def test_sample_py_decodes_a_moe_checkpoint_with_its_kv_cache(tmp_path):
+    cfg = GPTConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32, n_expert=4, n_expert_active=2,
+                    n_shared_expert=1)
+    model, tok = save_byte_checkpoint(str(tmp_path / "ckpt.pt"), cfg)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.router.weight.mul_(10.0)  # routing that differs from token to token
+    common.save_checkpoint(dict(common.load_checkpoint(str(tmp_path / "ckpt.pt")), model=model.state_dict()),
+                           str(tmp_path / "ckpt.pt"))
+    res = run_script("sample.py", f"--out_dir={tmp_path}", "--start=ROMEO:", "--num_samples=1",
+                     "--max_new_tokens=40", "--temperature=0", "--device=cpu")
+    # the reference recomputes the whole context at every token: the cached decode must match it
+    ids = model.generate(torch.tensor([tok.encode("ROMEO:")]), 40, temperature=0, use_cache=False)[0].tolist()
+    assert res.stdout.startswith(tok.decode_bytes(ids).decode("utf-8", errors="replace"))
+    model(torch.tensor([ids]))
+    assert (torch.tensor(model.moe_stats()["load"]) > 0).sum() >= 6  # the 40 tokens went to most of the 8 experts

@@ -1,5 +1,6 @@
 """report.py on hand-made logs: the table it writes, the stages it leaves out, the pictures."""
 
+import importlib.util
 import json
 import os
 
@@ -54,11 +55,15 @@ def test_the_table_and_the_times(logs):
 
 def test_pictures_when_matplotlib_is_there(logs):
     pytest.importorskip("matplotlib")
+    write_log(logs / "pre", [{"iter": 10, "loss": 2.0, "load": [[0.6, 0.4], [0.5, 0.5]]},
+                             {"iter": 20, "loss": 1.5, "load": [[0.55, 0.45], [0.5, 0.5]]}])
     out = logs / "report.md"
     run_script("report.py", f"--out={out}", f"--figures={logs / 'fig'}", f"--pretrain_dir={logs / 'pre'}",
                f"--sft_dirs=sft={logs / 'sft'}", f"--stages=sft={logs / 'sft'},grpo={logs / 'grpo'}")
     assert (logs / "fig" / "loss.png").stat().st_size > 1000 and (logs / "fig" / "rl.png").stat().st_size > 1000
     assert "![loss.png](fig/loss.png)" in out.read_text()
+    # a MoE pretraining run: the load of each expert over the iterations
+    assert (logs / "fig" / "load_pretrain.png").stat().st_size > 1000 and "![load_pretrain.png]" in out.read_text()
 
 
 def test_without_matplotlib_it_says_how_to_get_the_pictures(logs):
@@ -68,3 +73,40 @@ def test_without_matplotlib_it_says_how_to_get_the_pictures(logs):
     out = logs / "report.md"
     run_script("report.py", f"--out={out}", f"--stages=sft={logs / 'sft'}", env={"PYTHONPATH": str(fake)})
     assert "pip install matplotlib" in out.read_text()
+
+
+def test_pretraining_runs_compared_at_equal_iterations_and_equal_wall_clock(tmp_path):
+    # dense: 100 ms an iteration, so iterations 10 and 20 end at 1 s and 2 s; moe: 150 ms, at 1.5 s
+    # and 3 s. At 2 s, when dense ended, moe is a third of the way from its eval at 10 (1.8) to the
+    # one at 20 (1.2): 1.6, at iteration 13.3
+    from dataclasses import asdict
+
+    import common
+    from model import GPT, GPTConfig
+
+    load = [[0.5, 0.25, 0.25, 0.0]]
+    write_log(tmp_path / "dense", [{"iter": 0, "val_loss": 3.0}, {"iter": 10, "loss": 2.5, "ms": 100.0, "tok_s": 900},
+                                   {"iter": 10, "val_loss": 2.0}, {"iter": 20, "loss": 2.0, "ms": 100.0, "tok_s": 1000},
+                                   {"iter": 20, "val_loss": 1.5}])
+    write_log(tmp_path / "moe", [{"iter": 0, "val_loss": 3.0},
+                                 {"iter": 10, "loss": 2.4, "ms": 150.0, "tok_s": 600, "load_cv": 0.5, "load": load},
+                                 {"iter": 10, "val_loss": 1.8},
+                                 {"iter": 20, "loss": 1.9, "ms": 150.0, "tok_s": 700, "load_cv": 0.1, "load": load},
+                                 {"iter": 20, "val_loss": 1.2}])
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, n_expert=4, moe_every=2)
+    common.save_checkpoint({"model": {}, "model_args": asdict(cfg)}, str(tmp_path / "moe" / "ckpt.pt"))
+    model = GPT(cfg)
+    out = tmp_path / "moe.md"
+    run_script("report.py", "--stages=", f"--compare=dense={tmp_path / 'dense'},moe={tmp_path / 'moe'}", f"--out={out}",
+               f"--figures={tmp_path / 'fig'}")
+    text = out.read_text()
+    assert "# Report" in text and "Held-out" not in text  # no pipeline part
+    assert "| dense | ? | ? | 20 | 2 | 100 | 1,000 | 1.5000 | - |" in text  # no checkpoint: sizes unknown
+    assert (f"| moe | {model.num_params() / 1e6:.2f}M | {model.num_params(active=True) / 1e6:.2f}M | 20 | 3 | 150 | "
+            "700 | 1.2000 | 0.500 / 0.100 |") in text
+    assert "| 10 | 2.0000 | 1.8000 |" in text and "| 20 | 1.5000 | 1.2000 |" in text
+    assert "equal wall-clock, 2 s (when the first run ended; linear between evals): dense 1.5000 at iteration 20, " \
+           "moe 1.6000 at iteration 13." in text
+    if importlib.util.find_spec("matplotlib"):  # the load per expert; a dense run has none to draw
+        assert (tmp_path / "fig" / "load_moe.png").stat().st_size > 1000 and "![load_moe.png]" in text
+        assert not os.path.isfile(tmp_path / "fig" / "load_dense.png")

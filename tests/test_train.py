@@ -74,16 +74,27 @@ def test_lr_schedule_key_steps():
 
 
 def test_resume_is_bit_identical(byte_dataset, tmp_path):
-    common_args = ["train.py", *TINY, f"--dataset={byte_dataset}", "--dropout=0.1", "--eval_interval=3", "--lr_decay_iters=6"]
+    # a hybrid MoE stack by train.py's own settings (layer 0 dense, layer 1 four experts, top-2, one
+    # shared), so that both kinds of MLP resume: routing is a function of the weights and the batch,
+    # and the resumed run routes every token as the straight one did (the dense model resumes in
+    # the Ctrl-C tests below)
+    common_args = ["train.py", *TINY, f"--dataset={byte_dataset}", "--dropout=0.1", "--eval_interval=3",
+                   "--lr_decay_iters=6", "--n_expert=4", "--n_expert_active=2", "--n_shared_expert=1", "--moe_every=2",
+                   "--moe_aux_coef=0.1", "--moe_z_coef=0.01"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    run_script(*common_args, "--max_iters=6", f"--out_dir={straight}")
+    res = run_script(*common_args, "--max_iters=6", f"--out_dir={straight}")
+    line = next(line for line in res.stdout.splitlines() if line.startswith("iter=1 "))
+    assert "aux_loss=" in line and "z_loss=" in line and "load_cv=" in line and " load=" not in line  # load: log.jsonl
     run_script(*common_args, "--max_iters=3", f"--out_dir={split}")
     run_script(*common_args, "--max_iters=6", f"--out_dir={split}", "--init_from=resume")
-    losses = lambda d: [(r["iter"], r["loss"]) for r in read_log(d) if "loss" in r]
-    assert losses(straight) == losses(split) and len(losses(straight)) == 6
+    rows = lambda d: [(r["iter"], r["loss"], r["aux_loss"], r["z_loss"], r["load_cv"], r["load"])  # noqa: E731
+                      for r in read_log(d) if "loss" in r]
+    assert rows(straight) == rows(split) and len(rows(straight)) == 6
+    assert all(len(r[-1]) == 1 and len(r[-1][0]) == 4 for r in rows(straight))  # one MoE layer, 4 experts
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)
     assert a["iter_num"] == b["iter_num"] == 6
+    assert (a["model_args"]["n_expert"], a["model_args"]["moe_every"], a["model_args"]["moe_aux_coef"]) == (4, 2, 0.1)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
@@ -114,11 +125,16 @@ def test_script_end_to_end(byte_dataset, tmp_path):
 
 
 def test_two_process_ddp_keeps_ranks_identical(byte_dataset, tmp_path):
+    # a hybrid stack, layer 0 dense and layer 1 MoE: both kinds of MLP under gloo. Each process
+    # routes its own batch; an expert no token of a process chose still gets a (zero) gradient
+    # from it, so DDP's all-reduce finds every parameter on every process
     res = run_script("torchrun", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
-                     f"--dataset={byte_dataset}", "--max_iters=4", "--eval_interval=4",
+                     f"--dataset={byte_dataset}", "--max_iters=4", "--eval_interval=4", "--n_expert=4", "--moe_every=2",
                      "--gradient_accumulation_steps=2", f"--out_dir={tmp_path / 'ddp'}")
     assert "parameters identical on all 2 processes" in res.stdout
-    assert common.load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))["iter_num"] == 4
+    ckpt = common.load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))
+    assert ckpt["iter_num"] == 4 and {"h.0.mlp.c_fc.weight", "h.1.mlp.experts.3.c_fc.weight"} <= set(ckpt["model"])
+    assert all(len(r["load"]) == 1 and len(r["load"][0]) == 4 for r in read_log(str(tmp_path / "ddp")) if "loss" in r)
 
 
 def test_bad_config_fails_with_a_message(byte_dataset):
