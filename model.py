@@ -238,20 +238,26 @@ def sinusoidal_embedding(pos, n_embd, dtype):
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).to(dtype)
 
 
-def attention_mask(pos, T, window, n_sink, device):
+def attention_mask(pos, T, window, n_sink, device, key_pos=None):
     """The mask of T fresh tokens attending to each other, by the rule at the top of this file: True
     (plain causal, the fast kernel) when there is no window and no padding (pos None), else a
-    boolean (B, 1, T, T) from the positions pos (B, T)."""
-    if window is None and pos is None:
-        return True
-    if pos is None:
-        pos = torch.arange(T, device=device)[None]
-    q, k = pos[:, :, None], pos[:, None, :]  # (B, T, 1), (B, 1, T)
+    boolean (B, 1, T, T) from the positions pos (B, T). key_pos (B, S + T): the positions of S
+    columns before these (a Prefix's) and then of these, which the queries see: (B, 1, T, S + T)."""
+    if key_pos is None:
+        if window is None and pos is None:
+            return True
+        if pos is None:
+            pos = torch.arange(T, device=device)[None]
+        key_pos = pos
+    q, k = pos[:, :, None], key_pos[:, None, :]  # (B, T, 1), (B, 1, S + T)
     mask = (k >= 0) & (k <= q)
     if window is not None:
         mask &= (q - k < window) | (k < n_sink)
-    # a padding query sees nothing; let it see itself so its (unused) output stays finite
-    mask |= torch.eye(T, dtype=torch.bool, device=device) & (q < 0)
+    # a padding query sees nothing; let it see itself (its own column, among the last T) so its
+    # (unused) output stays finite
+    S = key_pos.size(1) - T
+    own = torch.arange(S + T, device=device) == torch.arange(S, S + T, device=device)[:, None]  # (T, S + T)
+    mask |= own & (q < 0)
     return mask[:, None]
 
 
@@ -516,6 +522,38 @@ class KVCache:
         return 0 if self.k is None else sum(2 * t.numel() * t.element_size() for t in self.k)
 
 
+@dataclass
+class Prefix:
+    """The first columns of a batch's rows where groups of rows have the same ones (the prompt that
+    the G samples of an RL group continue), given once per group. forward(idx, pos, prefix=...)
+    runs them once per group and the rest of each row (idx, pos) attends to its group's, as if
+    every row were run whole: the hidden states of idx's columns, at a fraction of the work.
+
+        idx, pos (P, S)   the shared columns, once per group (left-padded: negative positions)
+        rows (B,)         the group of each row of the batch, an index into P
+    """
+
+    idx: torch.Tensor
+    pos: torch.Tensor
+    rows: torch.Tensor
+
+
+class PrefixKV:
+    """A Prefix's keys and values in every layer, for one forward, kept in the autograd graph (a
+    KVCache is written in place, for inference). The prefix's pass records each layer's; the rows'
+    pass puts its group's in front of each row's own."""
+
+    def __init__(self, rows):
+        self.rows, self.k, self.v, self.recording = rows, [], [], True
+
+    def update(self, layer, k, v):
+        if self.recording:
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        return torch.cat((self.k[layer][self.rows], k), dim=2), torch.cat((self.v[layer][self.rows], v), dim=2)
+
+
 # -----------------------------------------------------------------------------
 # sampling
 
@@ -561,6 +599,7 @@ class Completions:
     mask: torch.Tensor
     truncated: torch.Tensor
     prompt_len: int
+    num_samples: int = 1
 
     def targets(self):
         """The next-token targets of idx[:, :-1]: the completion tokens, -1 everywhere else."""
@@ -571,6 +610,17 @@ class Completions:
         with drop_truncated none of a completion that ran out of tokens (DAPO's overlong filter)."""
         mask = self.mask[:, 1:]
         return mask & ~self.truncated[:, None] if drop_truncated else mask
+
+    def prefix(self, rows=None):
+        """The columns that the rows (an index tensor; None = all) have in common with the other
+        samples of their prompt: the prompt up to its last token, once per prompt, as a Prefix. A
+        forward of the rest of each row, idx[:, prompt_len - 1 : -1] at pos[:, prompt_len - 1 : -1],
+        then gives the hidden states whose targets are targets()[:, prompt_len - 1:], every
+        completion token, at the cost of one prompt per group of num_samples rows."""
+        if rows is None:
+            rows = torch.arange(self.idx.size(0), device=self.idx.device)
+        S, G = self.prompt_len - 1, self.num_samples
+        return Prefix(self.idx[::G, :S], self.pos[::G, :S], rows // G)
 
 
 def last_index(mask):
@@ -850,11 +900,16 @@ class GPT(nn.Module):
 
     # --- forward: the hidden states ---------------------------------------------
 
-    def forward(self, idx, pos=None, cache=None):
+    def forward(self, idx, pos=None, cache=None, prefix=None):
         """idx (B, T) token ids -> the final hidden states (B, T, n_embd), after the last norm.
 
         pos (B, T): each token's position; None means 0..T-1 in every row. Negative = padding.
         cache: a KVCache to fill (prefill, the whole prompt) or to extend (one token per row).
+        prefix: a Prefix, columns before idx's that groups of rows share (the prompt of a group of
+            samples, see Completions.prefix), run once per group; idx's columns attend to their
+            group's and get the hidden states a forward of the whole rows gives them (to rounding),
+            in one call (one DDP forward). Needs pos; without activation checkpointing; a MoE's
+            balancing terms (aux_loss) then cover idx's tokens only.
         """
         cfg = self.config
         B, T = idx.shape
@@ -863,15 +918,18 @@ class GPT(nn.Module):
         if T > cfg.block_size and not cfg.unbounded_positions and (pos is None or int(pos.max()) >= cfg.block_size):
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         p = pos if pos is not None else torch.arange(T, device=idx.device)[None]
-        x = self.wte(idx)  # (B, T, C)
-        if cfg.pos_emb == "learned":
-            x = x + self.wpe(p.clamp(min=0))
-        elif cfg.pos_emb == "sinusoidal":
-            x = x + sinusoidal_embedding(p, cfg.n_embd, x.dtype)
-        rope = rope_cos_sin(p, cfg.head_dim, cfg.rope_theta, x.dtype) if cfg.pos_emb == "rope" else None
-        x = self.drop(x)
-
-        if cache is not None and cache.k is not None:  # decode: one new token per row
+        if prefix is not None and prefix.idx.size(1) > 0:
+            if cache is not None or pos is None:
+                raise ValueError("a forward with a prefix takes the positions of its columns (pos) and no KV cache")
+            # the shared columns once per group, keeping every layer's keys and values with their graph
+            cache = PrefixKV(prefix.rows)
+            S = prefix.idx.size(1)
+            self.body(prefix.idx, prefix.pos, attention_mask(prefix.pos, S, cfg.sliding_window, cfg.n_sink,
+                                                             idx.device), cache)
+            cache.recording = False
+            key_pos = torch.cat((prefix.pos[prefix.rows], pos), dim=1)  # (B, S + T)
+            mask = attention_mask(pos, T, cfg.sliding_window, cfg.n_sink, idx.device, key_pos)
+        elif cache is not None and cache.k is not None:  # decode: one new token per row
             if T != 1:
                 raise ValueError("a KV cache that already holds a prompt takes one token per step")
             mask = cache.begin(p.expand(B, T))
@@ -879,12 +937,25 @@ class GPT(nn.Module):
             mask = attention_mask(pos, T, cfg.sliding_window, cfg.n_sink, idx.device)
             if cache is not None:  # prefill: the prompt fills the cache
                 cache.begin(p.expand(B, T))
+        return self.ln_f(self.body(idx, p, mask, cache))
+
+    def body(self, idx, pos, mask, cache):
+        """The embeddings and every block, before the last norm: forward's trunk, for tokens idx
+        (B, T) at positions pos (B, T) under the attention mask, reading and writing cache."""
+        cfg = self.config
+        x = self.wte(idx)  # (B, T, C)
+        if cfg.pos_emb == "learned":
+            x = x + self.wpe(pos.clamp(min=0))
+        elif cfg.pos_emb == "sinusoidal":
+            x = x + sinusoidal_embedding(pos, cfg.n_embd, x.dtype)
+        rope = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype) if cfg.pos_emb == "rope" else None
+        x = self.drop(x)
         for block in self.h:
             if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache)
-        return self.ln_f(x)
+        return x
 
     # --- the heads, on the hidden states x of forward -----------------------------
 
@@ -913,38 +984,43 @@ class GPT(nn.Module):
         vocab_limit they sampled with: the ratio and the KL are then those of the distribution the
         tokens were drawn from (top_k / top_p truncate it further; see sample_next). entropy:
         False, True (with its graph, for an entropy bonus) or "log" (detached: for the log only).
-        The head runs on chunks of rows, so the float32 logits of only one chunk exist at a time;
-        with gradients each chunk is recomputed in the backward pass instead of being kept. At
-        this repo's vocab sizes one chunk is the whole batch."""
+        Only the positions with a target go through the head (an RL batch's padding, and whatever
+        follows a completion's stop, cost nothing there), in chunks of rows, so the float32 logits
+        of only one chunk exist at a time; with gradients each chunk is recomputed in the backward
+        pass instead of being kept. At this repo's vocab sizes one chunk is the whole batch."""
         if temperature <= 0:
             raise ValueError(f"log-probs need the sampling temperature > 0, got {temperature} "
                              "(greedy decoding has no distribution to score)")
         B, T, C = x.shape
         V = self.config.vocab_size if vocab_limit is None else min(vocab_limit, self.config.vocab_size)
-        x, targets = x.reshape(B * T, C), targets.reshape(B * T)
+        keep = targets.reshape(B * T) >= 0
+        x, targets = x.reshape(B * T, C)[keep], targets.reshape(B * T)[keep]  # (K, C), (K,)
 
         def chunk(xc, tc):
             logits = upcast(self.lm_head(xc))[:, :V] / temperature
             lse = torch.logsumexp(logits, dim=-1)
-            logp = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1) - lse
+            logp = logits.gather(1, tc[:, None]).squeeze(1) - lse
             if not entropy:
-                return logp, torch.zeros_like(lse)
+                return logp, None
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy is True):
-                lg = logits if entropy is True else logits.detach()
-                ent = torch.logsumexp(lg, dim=-1) - (F.softmax(lg, dim=-1) * lg).sum(-1)
+                lg, lz = (logits, lse) if entropy is True else (logits.detach(), lse.detach())
+                ent = lz - (torch.exp(lg - lz[:, None]) * lg).sum(-1)  # -sum p log p, log p = lg - lz
             return logp, ent
 
         rows = max(1, LOGPROB_CHUNK // V)
         outs = []
-        for i in range(0, B * T, rows):
+        for i in range(0, max(len(x), 1), rows):
             xc, tc = x[i : i + rows], targets[i : i + rows]
-            if torch.is_grad_enabled() and B * T > rows:
+            if torch.is_grad_enabled() and len(x) > rows:
                 outs.append(torch.utils.checkpoint.checkpoint(chunk, xc, tc, use_reentrant=False))
             else:
                 outs.append(chunk(xc, tc))
-        keep = targets >= 0
-        logp = torch.cat([o[0] for o in outs]).masked_fill(~keep, 0.0).view(B, T)
-        ent = torch.cat([o[1] for o in outs]).masked_fill(~keep, 0.0).view(B, T) if entropy else None
+        logp = torch.cat([o[0] for o in outs])
+        logp = logp.new_zeros(B * T).masked_scatter(keep, logp).view(B, T)
+        ent = None
+        if entropy:
+            ent = torch.cat([o[1] for o in outs])
+            ent = ent.new_zeros(B * T).masked_scatter(keep, ent).view(B, T)
         return logp, ent
 
     def scores(self, x, last=None):
@@ -1170,7 +1246,7 @@ class GPT(nn.Module):
         gen_pos = (pos[:, -1:] + 1 + torch.arange(T, device=device)).masked_fill(~gen_mask, -1)  # filler: padding
         pos = torch.cat((pos, gen_pos), dim=1)
         mask = torch.cat((torch.zeros(N, L, dtype=torch.bool, device=device), gen_mask), dim=1)
-        return Completions(idx=idx, pos=pos, mask=mask, truncated=~stopped, prompt_len=L)
+        return Completions(idx=idx, pos=pos, mask=mask, truncated=~stopped, prompt_len=L, num_samples=num_samples)
 
     # --- weights ----------------------------------------------------------------
 

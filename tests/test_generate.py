@@ -122,6 +122,40 @@ def test_shared_prefill_runs_the_prompts_once():
     assert seen == [(2, 3)]
 
 
+@pytest.mark.parametrize("variant", [dict(pos_emb="rope", n_kv_head=2), dict(pos_emb="learned", tie_weights=False),
+                                     dict(pos_emb="rope", sliding_window=4, n_sink=1)])
+def test_a_shared_prompt_run_once_gives_the_update_what_whole_rows_do(variant):
+    # the update's forward runs each group's prompt once (Completions.prefix) and the rest of the
+    # rows against it: the same log-probs and the same gradients as a forward of the whole rows,
+    # for every row and for a shuffled minibatch of them (prompts of different lengths: padding)
+    model = build(tiny(**variant), sharpen=2.0)
+    prompts = [torch.tensor([3, 4, 5, 6, 7]), torch.tensor([6, 7]), torch.tensor([1, 2, 9])]
+    out = model.complete(prompts, 8, num_samples=4, temperature=1.0, stop_tokens=5,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.num_samples == 4 and not out.mask.all()  # some rows stop early: filler after them
+    S = out.prompt_len - 1
+    for rows in (torch.arange(12), torch.tensor([7, 0, 11, 5, 6])):
+        whole, grads = [], []
+        for shared in (False, True):
+            model.zero_grad()
+            if shared:
+                x = model(out.idx[rows, S:-1], out.pos[rows, S:-1], prefix=out.prefix(rows))
+                logp, ent = model.logprobs(x, out.targets()[rows, S:], 0.9, entropy=True)
+            else:
+                x = model(out.idx[rows, :-1], out.pos[rows, :-1])
+                logp, ent = model.logprobs(x, out.targets()[rows], 0.9, entropy=True)
+                assert not logp[:, :S].any()  # nothing of the prompt is a target
+                logp, ent = logp[:, S:], ent[:, S:]
+            (logp.sum() + ent.sum()).backward()
+            whole.append((logp, ent))
+            grads.append([p.grad.clone() for p in model.parameters()])
+        torch.testing.assert_close(whole[0], whole[1])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="positions"):
+        model(out.idx[:, S:-1], prefix=out.prefix())
+
+
 def test_generate_takes_several_stop_tokens_and_num_samples():
     model = build(tiny())
     idx = torch.tensor([[1, 2, 3]])
