@@ -257,8 +257,9 @@ while True:
         if n_tokens == 0:
             continue  # nothing to learn from: every completion left out
         m = mask[mb]
+        prefix = out.prefix(mb if num_minibatches > 1 else None)  # one minibatch: every row, in order
         with ctx:
-            x = model(inputs[mb], pos[mb], prefix=out.prefix(mb))
+            x = model(inputs[mb], pos[mb], prefix=prefix)
             # the entropy is only logged here, so it is computed without a graph
             logp, entropy = raw_model.logprobs(x, targets[mb], temperature, tok.n_vocab, entropy="log")
             old = logp.detach() if reuse_old else old_logp[mb]

@@ -530,12 +530,19 @@ class Prefix:
     every row were run whole: the hidden states of idx's columns, at a fraction of the work.
 
         idx, pos (P, S)   the shared columns, once per group (left-padded: negative positions)
-        rows (B,)         the group of each row of the batch, an index into P
+        rows              (B,) the group of each row of the batch, an index into P; or an int G:
+                          every group in order, G rows each (rows b G .. b G + G - 1 are group b's)
     """
 
     idx: torch.Tensor
     pos: torch.Tensor
-    rows: torch.Tensor
+    rows: object
+
+    def per_row(self, t):
+        """t (P, ...), one per group -> (B, ...), each row's group's."""
+        if isinstance(self.rows, int):  # a copy whose gradient is a sum over each group, not a scatter
+            return t[:, None].expand(-1, self.rows, *t.shape[1:]).flatten(0, 1)
+        return t[self.rows]
 
 
 class PrefixKV:
@@ -543,15 +550,16 @@ class PrefixKV:
     KVCache is written in place, for inference). The prefix's pass records each layer's; the rows'
     pass puts its group's in front of each row's own."""
 
-    def __init__(self, rows):
-        self.rows, self.k, self.v, self.recording = rows, [], [], True
+    def __init__(self, prefix):
+        self.prefix, self.k, self.v, self.recording = prefix, [], [], True
 
     def update(self, layer, k, v):
         if self.recording:
             self.k.append(k)
             self.v.append(v)
             return k, v
-        return torch.cat((self.k[layer][self.rows], k), dim=2), torch.cat((self.v[layer][self.rows], v), dim=2)
+        return (torch.cat((self.prefix.per_row(self.k[layer]), k), dim=2),
+                torch.cat((self.prefix.per_row(self.v[layer]), v), dim=2))
 
 
 # -----------------------------------------------------------------------------
@@ -617,10 +625,8 @@ class Completions:
         forward of the rest of each row, idx[:, prompt_len - 1 : -1] at pos[:, prompt_len - 1 : -1],
         then gives the hidden states whose targets are targets()[:, prompt_len - 1:], every
         completion token, at the cost of one prompt per group of num_samples rows."""
-        if rows is None:
-            rows = torch.arange(self.idx.size(0), device=self.idx.device)
         S, G = self.prompt_len - 1, self.num_samples
-        return Prefix(self.idx[::G, :S], self.pos[::G, :S], rows // G)
+        return Prefix(self.idx[::G, :S], self.pos[::G, :S], G if rows is None else rows // G)
 
 
 def last_index(mask):
@@ -922,12 +928,12 @@ class GPT(nn.Module):
             if cache is not None or pos is None:
                 raise ValueError("a forward with a prefix takes the positions of its columns (pos) and no KV cache")
             # the shared columns once per group, keeping every layer's keys and values with their graph
-            cache = PrefixKV(prefix.rows)
+            cache = PrefixKV(prefix)
             S = prefix.idx.size(1)
             self.body(prefix.idx, prefix.pos, attention_mask(prefix.pos, S, cfg.sliding_window, cfg.n_sink,
                                                              idx.device), cache)
             cache.recording = False
-            key_pos = torch.cat((prefix.pos[prefix.rows], pos), dim=1)  # (B, S + T)
+            key_pos = torch.cat((prefix.per_row(prefix.pos), pos), dim=1)  # (B, S + T)
             mask = attention_mask(pos, T, cfg.sliding_window, cfg.n_sink, idx.device, key_pos)
         elif cache is not None and cache.k is not None:  # decode: one new token per row
             if T != 1:

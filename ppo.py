@@ -347,13 +347,13 @@ while True:
         if n_tokens == 0:
             continue  # nothing to learn from: every completion left out
         m = mask[mb]
+        prefix = out.prefix(mb if num_minibatches > 1 else None)  # one minibatch: every row, in order
         with ctx:
-            x = model(inputs[mb], pos[mb], prefix=out.prefix(mb))
+            x = model(inputs[mb], pos[mb], prefix=prefix)
             # the entropy bonus needs its graph; without one (ent_coef 0) it is only logged
             logp, entropy = raw_model.logprobs(x, targets[mb], temperature, tok.n_vocab,
                                                entropy=True if ent_coef > 0 else "log")
-            values = raw_model.scores(x) if shared else raw_value.scores(value(inputs[mb], pos[mb],
-                                                                              prefix=out.prefix(mb)))
+            values = raw_model.scores(x) if shared else raw_value.scores(value(inputs[mb], pos[mb], prefix=prefix))
             pg, clipped = losses.clipped_surrogate(logp, old_logp[mb], advantages[mb], clip_eps)
             vf, value_clipped = losses.clipped_value_loss(values, old_values[mb], returns[mb], clip_value)
             pg_loss = (pg * m).sum() / n_tokens  # token means over the minibatch of every process

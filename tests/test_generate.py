@@ -134,16 +134,17 @@ def test_a_shared_prompt_run_once_gives_the_update_what_whole_rows_do(variant):
                          generator=torch.Generator().manual_seed(0))
     assert out.num_samples == 4 and not out.mask.all()  # some rows stop early: filler after them
     S = out.prompt_len - 1
-    for rows in (torch.arange(12), torch.tensor([7, 0, 11, 5, 6])):
+    for rows in (None, torch.tensor([7, 0, 11, 5, 6])):  # all rows in order (groups by copies), or some, by index
+        rows_of = torch.arange(12) if rows is None else rows
         whole, grads = [], []
         for shared in (False, True):
             model.zero_grad()
             if shared:
-                x = model(out.idx[rows, S:-1], out.pos[rows, S:-1], prefix=out.prefix(rows))
-                logp, ent = model.logprobs(x, out.targets()[rows, S:], 0.9, entropy=True)
+                x = model(out.idx[rows_of, S:-1], out.pos[rows_of, S:-1], prefix=out.prefix(rows))
+                logp, ent = model.logprobs(x, out.targets()[rows_of, S:], 0.9, entropy=True)
             else:
-                x = model(out.idx[rows, :-1], out.pos[rows, :-1])
-                logp, ent = model.logprobs(x, out.targets()[rows], 0.9, entropy=True)
+                x = model(out.idx[rows_of, :-1], out.pos[rows_of, :-1])
+                logp, ent = model.logprobs(x, out.targets()[rows_of], 0.9, entropy=True)
                 assert not logp[:, :S].any()  # nothing of the prompt is a target
                 logp, ent = logp[:, S:], ent[:, S:]
             (logp.sum() + ent.sum()).backward()
