@@ -261,6 +261,28 @@ def attention_mask(pos, T, window, n_sink, device, key_pos=None):
     return mask[:, None]
 
 
+def shared_prompt_attention(q, prompt_k, prompt_v, prompt_visible, k, v):
+    """A decode step's attention when the rows continue prompts in groups (KVCache.share): rows
+    b G .. b G + G - 1 read prompt b's keys and values, held once, then each its own tokens'.
+
+    q (N, n_head, 1, hd), N = P G; prompt_k, prompt_v (P, n_kv_head, L, hd); prompt_visible (P, L),
+    False on padding; k, v (N, n_kv_head, t, hd), the row's own tokens so far, all visible. One
+    softmax over the prompt's keys and the row's own: attention over their concatenation, without
+    the G copies of the prompt (a group's G queries meet its prompt in one matmul)."""
+    N, H, _, D = q.shape
+    P, Hkv, L, _ = prompt_k.shape
+    G, r = N // P, H // Hkv  # rows per prompt, query heads per kv head
+    q = q.view(N, Hkv, r, D)
+    qg = q.view(P, G, Hkv, r, D).transpose(1, 2).reshape(P, Hkv, G * r, D)  # a group's queries together
+    s_prompt = (qg @ prompt_k.transpose(-1, -2)).masked_fill(~prompt_visible[:, None, None], float("-inf"))
+    s_prompt = s_prompt.view(P, Hkv, G, r, L).transpose(1, 2).reshape(N, Hkv, r, L)
+    scores = torch.cat((s_prompt, q @ k.transpose(-1, -2)), dim=-1) * D**-0.5  # (N, Hkv, r, L + t)
+    p_prompt, p_own = upcast(scores).softmax(dim=-1).to(v.dtype).split((L, k.size(2)), dim=-1)
+    y = p_prompt.view(P, G, Hkv, r, L).transpose(1, 2).reshape(P, Hkv, G * r, L) @ prompt_v
+    y = y.view(P, Hkv, G, r, D).transpose(1, 2).reshape(N, Hkv, r, D) + p_own @ v
+    return y.view(N, H, 1, D)
+
+
 def linear(x, weight, bias=None):
     """x W^T + b. W is a tensor, or a module that stands for one (quantize.QuantizedWeight, its
     numbers in 8 or 4 bits): such a weight computes the product itself, as weight(x, bias)."""
@@ -315,6 +337,10 @@ class Attention(nn.Module):
         if cache is not None:
             # prefill attends to its own fresh keys; a decode step to everything cached so far
             k, v = cache.update(self.layer_idx, k, v)
+            if cache.group:  # a decode step over prompts that groups of rows share
+                y = shared_prompt_attention(q, cache.prompt_k[self.layer_idx], cache.prompt_v[self.layer_idx],
+                                            cache.prompt_visible, k, v)
+                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
         gqa = self.n_kv_head != self.n_head
         if gqa and q.is_cuda and not isinstance(mask, bool):
             # On CUDA the kernel that takes a mask (memory-efficient attention) has no GQA, so
@@ -441,6 +467,10 @@ class KVCache:
     static=False (eager decoding) attends to the slots written so far, a few more each step.
     static=True attends to all S slots at every step, masking those not written yet: one shape
     for every step, which is what a compiled decode step needs.
+
+    share(n) after prefill lets n rows continue each row: without a window and not static, the
+    prompt's keys and values stay once per prompt, read by its n rows together, and each row's new
+    tokens go to columns of its own, one per step (group = n); otherwise the rows are n copies.
     """
 
     def __init__(self, config, batch_size, max_len, static=False):
@@ -452,6 +482,7 @@ class KVCache:
         self.k = self.v = None  # per layer (B, n_kv_head, n_slots + 1, head_dim), once allocated
         self.length = 0  # columns seen so far: the prompt's, then one per decode step
         self.padded = False  # does any row start with padding? (decided at prefill)
+        self.group = 0  # after share(n): n rows per prompt, the prompt held once (prompt_k, prompt_v)
 
     def slot_of(self, pos):
         """The slot of position pos (a tensor, or an int)."""
@@ -465,6 +496,10 @@ class KVCache:
     def begin(self, pos):
         """Called once per forward, before the layers, with the positions (B, T) of the new
         columns. Returns the attention mask of a decode step (None where nothing is masked)."""
+        if self.group:  # after share(): every row writes its own next column, and sees all it wrote
+            self.column = self.length - self.prompt_k[0].size(2)
+            self.length += 1
+            return None
         keep = pos >= 0
         if self.window is not None:  # of a long prompt keep only the sinks and the last W
             keep = keep & ((pos < self.n_sink) | (pos > pos[:, -1:] - self.window))
@@ -492,6 +527,10 @@ class KVCache:
         """Write this forward's keys and values (B, n_kv_head, T, head_dim) for one layer and
         return what the queries attend to: the fresh ones in prefill, the cache when decoding."""
         B, H, T, D = k.shape
+        if self.group:
+            self.k[layer][:, :, self.column] = k[:, :, 0]
+            self.v[layer][:, :, self.column] = v[:, :, 0]
+            return self.k[layer][:, :, : self.column + 1], self.v[layer][:, :, : self.column + 1]
         if self.k is None:
             shape = (B, H, self.n_slots + 1, D)
             self.k = [torch.zeros(shape, device=k.device, dtype=k.dtype) for _ in range(self.config.n_layer)]
@@ -511,6 +550,24 @@ class KVCache:
             return k, v
         return self.k[layer][:, :, : self.visible], self.v[layer][:, :, : self.visible]
 
+    def share(self, n, new_tokens):
+        """After prefill: n rows continue each row, row b becoming rows b*n .. b*n + n-1, so that n
+        samples continue each prompt from one prefill. The prompt's keys and values stay once per
+        prompt (shared_prompt_attention reads them for its n rows), each row's next new_tokens
+        tokens go to columns of its own: n times less to copy now, and to read at every step. A
+        rolling or static cache is copied n times instead (repeat_interleave)."""
+        if self.window is not None or self.static:
+            return self.repeat_interleave(n)
+        L = self.length
+        self.prompt_k = [t[:, :, :L].contiguous() for t in self.k]
+        self.prompt_v = [t[:, :, :L].contiguous() for t in self.v]
+        # position p is in slot p: a row's prompt fills the slots up to its last position
+        self.prompt_visible = torch.arange(L, device=self.slots.device) <= self.slots[:, -1:]  # (P, L)
+        P, H, _, D = self.k[0].shape
+        self.k = [t.new_zeros(P * n, H, new_tokens, D) for t in self.k]
+        self.v = [t.new_zeros(P * n, H, new_tokens, D) for t in self.v]
+        self.group, self.batch_size = n, P * n
+
     def repeat_interleave(self, n):
         """After prefill: n copies of every row, row b becoming rows b*n .. b*n + n-1, so that n
         samples continue each prompt from one prefill (the cache is copied, not recomputed)."""
@@ -519,7 +576,8 @@ class KVCache:
         self.batch_size *= n
 
     def nbytes(self):
-        return 0 if self.k is None else sum(2 * t.numel() * t.element_size() for t in self.k)
+        held = [] if self.k is None else self.k + (self.prompt_k if self.group else [])
+        return sum(2 * t.numel() * t.element_size() for t in held)
 
 
 @dataclass
@@ -549,6 +607,8 @@ class PrefixKV:
     """A Prefix's keys and values in every layer, for one forward, kept in the autograd graph (a
     KVCache is written in place, for inference). The prefix's pass records each layer's; the rows'
     pass puts its group's in front of each row's own."""
+
+    group = 0  # (a KVCache's shared decode, KVCache.share; not this)
 
     def __init__(self, prefix):
         self.prefix, self.k, self.v, self.recording = prefix, [], [], True
@@ -1106,8 +1166,9 @@ class GPT(nn.Module):
         N = B * num_samples: sample g of prompt b is row b * num_samples + g.
 
         With use_cache, the prompt is run once (prefill) and each step then runs one token per
-        row against the KV cache; num_samples copies of each prompt's cache then continue it, so
-        a group of samples pays for one prefill. Without the cache, every step recomputes the
+        row against the KV cache; num_samples rows then continue each prompt, reading its keys and
+        values held once (KVCache.share), so a group of samples pays for one prefill and reads one
+        copy of its prompt at every step. Without the cache, every step recomputes the
         whole context: the reference the cached path must match. Past block_size, without a
         rolling cache, both crop the context to the last block_size tokens, as nanoGPT does,
         which means a full recompute per step.
@@ -1141,7 +1202,7 @@ class GPT(nn.Module):
                         cache = KVCache(cfg, B, max_len, static=compiled is not None)
                         logits = self.prefill(tokens, pos, cache)
                         if num_samples > 1:
-                            cache.repeat_interleave(num_samples)
+                            cache.share(num_samples, max_new_tokens)
                             logits = logits.repeat_interleave(num_samples, 0)
                             tokens, pos = tokens.repeat_interleave(num_samples, 0), pos.repeat_interleave(num_samples, 0)
                     else:

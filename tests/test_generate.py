@@ -113,6 +113,29 @@ def test_group_samples_share_one_prefill_and_equal_repeated_prompts(use_cache):
     assert len({tuple(r) for r in a.idx[:G].tolist()}) > 1  # the samples of a group differ
 
 
+@pytest.mark.parametrize("variant", [dict(pos_emb="rope", n_kv_head=2), dict(pos_emb="learned", block_size=12)])
+def test_a_prompt_held_once_for_its_group_decodes_as_copies_of_it_do(variant, monkeypatch):
+    # KVCache.share keeps each prompt's keys and values once for its rows; copying them per row
+    # (repeat_interleave, what a rolling or static cache does) must give the same logits, step by
+    # step, with padding, GQA, and rows whose budget in block_size runs out before others'
+    model = build(tiny(**variant), sharpen=2.0)
+    prompts = [torch.tensor([3, 4, 5, 6, 7, 8]), torch.tensor([6, 7]), torch.tensor([1, 2, 9])]
+
+    idx, pos = model_module.left_pad(prompts)
+
+    def run():
+        steps = model.generate_tokens(idx, 7, 1.0, pos=pos, num_samples=3, generator=torch.Generator().manual_seed(0),
+                                      last_pos=torch.tensor([11] * 3 + [8] * 6) if "block_size" in variant else None)
+        return [(token, logits) for token, logits in steps]
+
+    shared = run()
+    monkeypatch.setattr(model_module.KVCache, "share", lambda cache, n, new_tokens: cache.repeat_interleave(n))
+    copied = run()
+    for (t1, l1), (t2, l2) in zip(shared, copied, strict=True):
+        assert torch.equal(t1, t2)
+        torch.testing.assert_close(l1, l2)
+
+
 def test_shared_prefill_runs_the_prompts_once():
     model = build(tiny())
     seen = []
