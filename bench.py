@@ -603,7 +603,8 @@ def bench_rl_vs_trl():
         out.append(row)
         print_row("rl_vs_trl", row)
     has_ppo = hasattr(trl, "PPOTrainer") or importlib.util.find_spec("trl.experimental.ppo") is not None
-    print(f"rl_vs_trl {len(ours.rows)} iterations of ours, {len(theirs.rows)} of TRL's, in {rl_rounds} rounds; "
+    print(f"rl_vs_trl {len(ours.rows)} iterations of ours, {len(theirs.rows)} of TRL's, in {rl_rounds} "
+          f"round{'s' * (rl_rounds != 1)}; "
           f"completions of {statistics.mean(ours_lengths):.1f} tokens (ours: a row may stop early, the batch runs "
           f"on), {statistics.mean(trl_lengths):.1f} (TRL); PPO not compared: "
           f"{'this section times GRPO only' if has_ppo else f'trl {trl.__version__} has no PPOTrainer'}")

@@ -18,7 +18,8 @@ the task/difficulty cells to train on. Each iteration:
                     ratio = exp(logp - old_logp)
                     loss_t = -min(ratio A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) A)
                              + kl_coef KL_t,   KL_t = exp(ref - logp) - (ref - logp) - 1   (k3)
-                aggregated by loss_type (grpo | dapo | dr_grpo, see losses.aggregate)
+                aggregated by loss_type (grpo | dapo | dr_grpo, see losses.aggregate); every forward
+                (reference, old, policy) runs a group's prompt once, in front of its G rows
 
 The log-probs are those of the distribution the tokens were sampled from: softmax(logits /
 temperature) over the tokenizer's ids. top_k and top_p truncate that distribution further and are

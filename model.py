@@ -337,25 +337,25 @@ class Attention(nn.Module):
         if cache is not None:
             # prefill attends to its own fresh keys; a decode step to everything cached so far
             k, v = cache.update(self.layer_idx, k, v)
-            if cache.group:  # a decode step over prompts that groups of rows share
-                y = shared_prompt_attention(q, cache.prompt_k[self.layer_idx], cache.prompt_v[self.layer_idx],
-                                            cache.prompt_visible, k, v)
-                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
-        gqa = self.n_kv_head != self.n_head
-        if gqa and q.is_cuda and not isinstance(mask, bool):
-            # On CUDA the kernel that takes a mask (memory-efficient attention) has no GQA, so
-            # enable_gqa with a mask would fall back to the math kernel and its O(T^2) memory;
-            # repeating each kv head for its group of query heads keeps the efficient kernel
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            gqa = False
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=None if isinstance(mask, bool) else mask,
-            is_causal=mask is True,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=gqa,
-        )
+        if cache is not None and cache.group:  # a decode step of rows that share their prompt, held once
+            y = shared_prompt_attention(q, cache.prompt_k[self.layer_idx], cache.prompt_v[self.layer_idx],
+                                        cache.prompt_visible, k, v)
+        else:
+            gqa = self.n_kv_head != self.n_head
+            if gqa and q.is_cuda and not isinstance(mask, bool):
+                # On CUDA the kernel that takes a mask (memory-efficient attention) has no GQA, so
+                # enable_gqa with a mask would fall back to the math kernel and its O(T^2) memory;
+                # repeating each kv head for its group of query heads keeps the efficient kernel
+                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+                gqa = False
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=None if isinstance(mask, bool) else mask,
+                is_causal=mask is True,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=gqa,
+            )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -608,7 +608,7 @@ class PrefixKV:
     KVCache is written in place, for inference). The prefix's pass records each layer's; the rows'
     pass puts its group's in front of each row's own."""
 
-    group = 0  # (a KVCache's shared decode, KVCache.share; not this)
+    group = 0  # rows reading a prompt held once in decoding (KVCache.share): not here
 
     def __init__(self, prefix):
         self.prefix, self.k, self.v, self.recording = prefix, [], [], True
@@ -1202,7 +1202,7 @@ class GPT(nn.Module):
                         cache = KVCache(cfg, B, max_len, static=compiled is not None)
                         logits = self.prefill(tokens, pos, cache)
                         if num_samples > 1:
-                            cache.share(num_samples, max_new_tokens)
+                            cache.share(num_samples, min(max_new_tokens, cfg.block_size))
                             logits = logits.repeat_interleave(num_samples, 0)
                             tokens, pos = tokens.repeat_interleave(num_samples, 0), pos.repeat_interleave(num_samples, 0)
                     else:
