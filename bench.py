@@ -474,6 +474,7 @@ def bench_rl_vs_trl():
     if precision not in ("float32", "bfloat16"):
         print("rl_vs_trl skipped: both sides take one precision, --dtype=float32 or --dtype=bfloat16")
         return []
+
     class TRLPhases(transformers.TrainerCallback):
         """The optimizer's step and the end of each of TRL's steps, into a PhaseClock."""
 
@@ -495,10 +496,13 @@ def bench_rl_vs_trl():
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp:
         base, tasks, tok = rl_start(tmp, train_per_cell=20, val_per_cell=2)
-        # the same grpo_prompts prompts every iteration on both sides: a train split of just those
-        rows = [r for r in map(jsonlib.loads, open(os.path.join(tasks, "train.jsonl")))
-                if f"{r['task']}/{r['difficulty']}" in ("add/3", "sub/2", "sub/3", "sort/2", "sort/3")]
-        rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:grpo_prompts]]
+        # the same grpo_prompts prompts every iteration on both sides: a train split of just those,
+        # from grpo.py's default cells
+        with open(os.path.join(tasks, "train.jsonl")) as f:
+            rows = [r for r in map(jsonlib.loads, f)
+                    if f"{r['task']}/{r['difficulty']}" in ("add/3", "sub/2", "sub/3", "sort/2", "sort/3")]
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+        rows = [rows[i] for i in order[:grpo_prompts]]
         with open(os.path.join(tasks, "train.jsonl"), "w") as f:
             f.writelines(jsonlib.dumps(r) + "\n" for r in rows)
         questions = [r["messages"][:-1] for r in rows]
@@ -558,7 +562,8 @@ def bench_rl_vs_trl():
                 return step_done(loop, *args, **kwargs)
 
             with contextlib.ExitStack() as stack:
-                for obj, name, phase in ((posttrain, "rollout", "generation"), (posttrain.TaskReward, "__call__", "reward"),
+                for obj, name, phase in ((posttrain, "rollout", "generation"),
+                                         (posttrain.TaskReward, "__call__", "reward"),
                                          (posttrain.Reference, "logprobs", "reference"),
                                          (common, "optimizer_step", "optimizer")):
                     stack.enter_context(mock.patch.object(obj, name, ours.timed(getattr(obj, name), phase)))
