@@ -10,6 +10,8 @@ Benchmark: what the KV cache buys, and how fast the model trains, on a randomly 
     python bench.py --sections=profile               # where one decode step spends its time
     python bench.py --sections=quant                 # fp32 / bf16 / int8 / int4 decode, 6x384 and GPT-2 124M
     python bench.py --sections=qlora_memory          # peak RSS of full, LoRA, QLoRA int8 / int4 training steps
+    python bench.py --sections=rl_vs_trl --n_layer=4 --n_head=4 --n_embd=192 --pos_emb=rope --norm=rmsnorm \
+        --mlp=swiglu --grpo_iters=7                  # grpo.py against TRL's GRPOTrainer, phase by phase
 
 Sections:
   decode   batch 1, a prompt_len-token prompt, N new greedy tokens: tokens/s with the cache and
@@ -30,6 +32,12 @@ Sections:
   grpo     one GRPO iteration of grpo.py on a random model: its time split into generation,
            scoring and update, rollout tokens/s, beside batched decode at the same batch size
   ppo      the same for one PPO iteration of ppo.py (as many completions, one per prompt)
+  rl_vs_trl  grpo.py against TRL's GRPOTrainer on the same work (a LlamaForCausalLM of this shape,
+           the same grpo_prompts prompts as the same tokens, grpo_group samples of 16 tokens, beta
+           0.04), alternating rl_rounds rounds of grpo_iters iterations in one process: median
+           seconds per phase (generation, reward, reference, optimizer, the rest: the policy's
+           forward and backward) on each side and the median over rounds of ours / TRL's (skipped
+           with a message where trl is not installed; rope, rmsnorm and swiglu only)
   profile  a torch.profiler table of one decode step at position ~500
   quant    decode tokens/s, batch 1, N = quant_new_tokens, for each of quant_shapes in fp32, bf16
            (model.to(bfloat16)), int8 and int4 (quantize.quantize over a quant_base model), and int8 /
@@ -45,23 +53,32 @@ other processes keep a core busy (measured over a second at the start).
 """
 
 import collections
+import contextlib
 import copy
+import functools
 import gc
+import importlib.util
+import io
 import json as jsonlib
 import os
 import platform
+import random
+import runpy
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, fields
+from unittest import mock
 
 import torch
 
 import autotune
 import bpe
 import common
+import posttrain
 import quantize
 from configurator import configure
 from model import GPT, GPTConfig, KVCache
@@ -69,7 +86,7 @@ from model import GPT, GPTConfig, KVCache
 # -----------------------------------------------------------------------------
 # I/O
 json = ""  # write the figures to this path as JSON as well
-sections = "decode,hf,rolling,batch,train,prefill"  # any of decode,hf,rolling,batch,train,prefill,grpo,ppo,quant,qlora_memory,profile
+sections = "decode,hf,rolling,batch,train,prefill"  # any of decode,hf,rolling,batch,train,prefill,grpo,ppo,rl_vs_trl,quant,qlora_memory,profile
 # model (GPT-2's architecture by default, to compare with other GPT-2 implementations)
 vocab_size = 65
 block_size = 1024
@@ -107,7 +124,8 @@ hf_lengths = (512,)  # new tokens
 # grpo: one iteration of grpo.py
 grpo_prompts = 16  # prompts per iteration
 grpo_group = 8  # samples per prompt
-grpo_iters = 3  # iterations timed (the first, with its warm-up, is dropped)
+grpo_iters = 3  # iterations timed (the first, with its warm-up, is dropped); rl_vs_trl: per round and side
+rl_rounds = 3  # rl_vs_trl: rounds, each grpo_iters iterations of ours then grpo_iters steps of TRL's
 # prefill
 prefill_len = 512
 # quantized decode; a shape is n_layer x n_head x n_embd : vocab_size (GPT-2 124M is 12x12x768:50304)
@@ -344,6 +362,24 @@ def bench_prefill(model):
     return [row]
 
 
+def rl_start(tmp, **tasks_args):
+    """What the RL stages start from in tmp: base.pt, this shape's random weights with the byte tokenizer
+    (vocab 320), and data/tasks's prompts (train_per_cell 50, val_per_cell 5, or tasks_args) in
+    tmp/tasks. -> (the checkpoint's path, the tasks folder, the tokenizer)"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
+    cfg = GPTConfig(**{**model_args(), "vocab_size": 320, "block_size": 256})
+    torch.manual_seed(seed)
+    meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
+    common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "meta": meta},
+                           os.path.join(tmp, "base.pt"))
+    tasks = os.path.join(tmp, "tasks")
+    args = {"train_per_cell": 50, "val_per_cell": 5, **tasks_args}
+    subprocess.run([sys.executable, os.path.join(here, "data", "tasks", "prepare.py"), f"--out_dir={tasks}",
+                    *(f"--{k}={v}" for k, v in args.items())], check=True, capture_output=True)
+    return os.path.join(tmp, "base.pt"), tasks, tok
+
+
 def bench_rl(script):
     """grpo.py or ppo.py itself, a few iterations on this shape's random weights (byte tokenizer) and
     the task prompts, timed by its own log: generation, scoring and update seconds per iteration,
@@ -351,18 +387,10 @@ def bench_rl(script):
     completion per prompt: it gets grpo_prompts x grpo_group prompts, the same number of rows."""
     here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as tmp:
-        tok = bpe.byte_tokenizer(bpe.SPECIAL_TOKENS)
-        cfg = GPTConfig(**{**model_args(), "vocab_size": 320, "block_size": 256})
-        torch.manual_seed(seed)
-        meta = {"tokenizer": "byte", "vocab_size": 320, "n_vocab": tok.n_vocab, "tokenizer_state": tok.state()}
-        common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "meta": meta},
-                               os.path.join(tmp, "base.pt"))
-        tasks = os.path.join(tmp, "tasks")
-        subprocess.run([sys.executable, os.path.join(here, "data", "tasks", "prepare.py"), f"--out_dir={tasks}",
-                        "--train_per_cell=50", "--val_per_cell=5"], check=True, capture_output=True)
+        base, tasks, _ = rl_start(tmp)
         batch_args = [f"--prompts_per_iter={grpo_prompts}", f"--group_size={grpo_group}"] if script == "grpo" else \
             [f"--prompts_per_iter={grpo_prompts * grpo_group}"]
-        args = [sys.executable, os.path.join(here, f"{script}.py"), f"--init_from={os.path.join(tmp, 'base.pt')}",
+        args = [sys.executable, os.path.join(here, f"{script}.py"), f"--init_from={base}",
                 f"--prompt_dataset={tasks}", f"--out_dir={os.path.join(tmp, 'out')}", f"--max_iters={grpo_iters}",
                 *batch_args, "--eval_interval=1000", "--eval_prompts=0", "--pass_k_prompts=0", f"--device={dev}",
                 f"--dtype={dtype}", f"--compile={compile}"]
@@ -383,6 +411,217 @@ def bench_rl(script):
            "batched_decode_tok_s": rows_n * 16 / t}
     print_row(script, row)
     return [row]
+
+
+class PhaseClock:
+    """Seconds per phase of each iteration of a training loop, from the outside: timed(fn, phase)
+    is fn adding the seconds of each call to that phase, end() closes an iteration (the time since
+    the last end() is its "iteration"; the first of a run, with its warm-up, has no start and is
+    dropped). rows: one dict per iteration, "rest" = iteration minus the phases timed."""
+
+    def __init__(self):
+        self.rows, self.current, self.t_end = [], {}, None
+
+    def timed(self, fn, phase, when=lambda: True):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if when():
+                    sync()
+                    self.current[phase] = self.current.get(phase, 0.0) + time.perf_counter() - t0
+        return run
+
+    def add(self, phase, seconds):
+        self.current[phase] = self.current.get(phase, 0.0) + seconds
+
+    def end(self, *_, **__):
+        sync()
+        now = time.perf_counter()
+        if self.t_end is not None:
+            row = {"iteration": now - self.t_end, **self.current}
+            row["rest"] = row["iteration"] - sum(self.current.values())
+            self.rows.append(row)
+        self.current, self.t_end = {}, now
+
+    def new_run(self):
+        self.current, self.t_end = {}, None
+
+
+RL_PHASES = ("generation", "reward", "reference", "optimizer", "rest", "iteration")
+
+
+def bench_rl_vs_trl():
+    """grpo.py against TRL's GRPOTrainer at this shape, alternating in this process: rl_rounds
+    rounds, each grpo_iters iterations of grpo.py (run in-process) then grpo_iters steps of TRL,
+    the first of each run dropped. The same work on both sides: a LlamaForCausalLM of this shape
+    (rope, rmsnorm, swiglu, tied embeddings, random weights), the same 16 prompts every iteration
+    (grpo_prompts of data/tasks's RL cells), grpo_group samples of 16 tokens each, the KL to a frozen
+    reference at beta 0.04, one optimizer step per iteration. TRL gets a byte-level BPE with no
+    merges and our chat template in Jinja, so its prompts are the same tokens as ours; min_new_tokens
+    makes it generate all 16 (random weights rarely stop ours early, and a batch runs until its last
+    row stops). Each side's phases are timed by wrapping its own functions: generation (ours
+    posttrain.rollout, TRL _generate), reward, reference (the frozen model's log-probs), optimizer
+    (clip and step), rest (the iteration minus those: the policy's forward, loss and backward, and
+    the bookkeeping). -> rows of median seconds per phase, ours and TRL's, and the median over the
+    rounds of each round's ratio ours / TRL (below 1: ours is faster)."""
+    try:
+        import datasets
+        import tokenizers
+        import transformers
+        import trl
+    except ImportError:
+        print("rl_vs_trl skipped: trl is not installed (pip install trl)")
+        return []
+    if (pos_emb, norm, mlp, bias) != ("rope", "rmsnorm", "swiglu", False):
+        print("rl_vs_trl skipped: TRL's side is a LlamaForCausalLM: --pos_emb=rope --norm=rmsnorm --mlp=swiglu")
+        return []
+    precision = common.pick_dtype(dtype, device_type)
+    if precision not in ("float32", "bfloat16"):
+        print("rl_vs_trl skipped: both sides take one precision, --dtype=float32 or --dtype=bfloat16")
+        return []
+
+    class TRLPhases(transformers.TrainerCallback):
+        """The optimizer's step and the end of each of TRL's steps, into a PhaseClock."""
+
+        def __init__(self, clock):
+            self.clock, self.t0 = clock, 0.0
+
+        def on_pre_optimizer_step(self, *args, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_optimizer_step(self, *args, **kwargs):
+            self.clock.add("optimizer", time.perf_counter() - self.t0)
+
+        def on_step_end(self, *args, **kwargs):
+            self.clock.end()
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory() as tmp:
+        base, tasks, tok = rl_start(tmp, train_per_cell=20, val_per_cell=2)
+        # the same grpo_prompts prompts every iteration on both sides: a train split of just those,
+        # from grpo.py's default cells
+        with open(os.path.join(tasks, "train.jsonl")) as f:
+            rows = [r for r in map(jsonlib.loads, f)
+                    if f"{r['task']}/{r['difficulty']}" in ("add/3", "sub/2", "sub/3", "sort/2", "sort/3")]
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+        rows = [rows[i] for i in order[:grpo_prompts]]
+        with open(os.path.join(tasks, "train.jsonl"), "w") as f:
+            f.writelines(jsonlib.dumps(r) + "\n" for r in rows)
+        questions = [r["messages"][:-1] for r in rows]
+        ours_len = [len(tok.render_prompt(q)) for q in questions]
+
+        # TRL's side: a Llama of the same shape and a byte-level tokenizer that makes the same tokens
+        alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        byte_level = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={c: i for i, c in enumerate(alphabet)},
+                                                                merges=[]))
+        byte_level.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        byte_level.decoder = tokenizers.decoders.ByteLevel()
+        byte_level.add_special_tokens(list(bpe.SPECIAL_TOKENS))
+        hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level, eos_token="<|end|>",
+                                                      pad_token="<|endoftext|>")
+        hf_tok.chat_template = ("<|endoftext|>{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+                                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+        trl_len = [len(hf_tok.apply_chat_template(q, add_generation_prompt=True, tokenize=True)["input_ids"])
+                   for q in questions]
+        cfg = GPTConfig(**{**model_args(), "vocab_size": 320})
+        llama = transformers.LlamaConfig(
+            vocab_size=320, hidden_size=n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, num_key_value_heads=cfg.n_kv_head or n_head, max_position_embeddings=256,
+            rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_weights,
+            pad_token_id=hf_tok.pad_token_id, eos_token_id=hf_tok.eos_token_id, bos_token_id=None)
+        torch.manual_seed(seed)
+        theirs_path = os.path.join(tmp, "llama")
+        transformers.LlamaForCausalLM(llama).save_pretrained(theirs_path)
+        hf_tok.save_pretrained(theirs_path)
+        dataset = datasets.Dataset.from_dict({"prompt": questions})
+        print(f"rl_vs_trl prompts: {len(questions)}, {min(ours_len)}-{max(ours_len)} tokens (mean "
+              f"{statistics.mean(ours_len):.1f}) with our byte tokenizer and chat template, "
+              f"{min(trl_len)}-{max(trl_len)} (mean {statistics.mean(trl_len):.1f}) with TRL's tokenizer: "
+              f"{'the same' if ours_len == trl_len else 'NOT the same'}; trl {trl.__version__}, "
+              f"transformers {transformers.__version__}")
+
+        rewards = random.Random(seed)
+
+        def reward(completions, **kwargs):  # random rewards, so that the groups' advantages vary
+            return [rewards.random() for _ in completions]
+
+        ours, theirs = PhaseClock(), PhaseClock()
+        rounds, ours_lengths, trl_lengths = [], [], []
+        for r in range(rl_rounds):
+            # ours: grpo.py itself, in this process, its functions timed from the outside
+            ours.new_run()
+            start = len(ours.rows)
+            argv = ["grpo.py", f"--init_from={base}", f"--prompt_dataset={tasks}", "--rl_tasks=",
+                    "--rl_cell_weights=rows", f"--out_dir={os.path.join(tmp, f'ours{r}')}",
+                    f"--max_iters={grpo_iters}", f"--prompts_per_iter={grpo_prompts}", f"--group_size={grpo_group}",
+                    "--max_new_tokens=16", "--kl_coef=0.04", "--mask_truncated=false", "--eval_interval=100000",
+                    "--eval_prompts=0", "--pass_k_prompts=0", "--test_prompts=0", f"--device={dev}",
+                    f"--dtype={precision}", f"--compile={compile}", f"--seed={seed}"]
+            step_done = common.Loop.step_done
+
+            def ended(loop, *args, **kwargs):  # grpo.py calls it once per iteration, after the update
+                ours.end()
+                return step_done(loop, *args, **kwargs)
+
+            with contextlib.ExitStack() as stack:
+                for obj, name, phase in ((posttrain, "rollout", "generation"),
+                                         (posttrain.TaskReward, "__call__", "reward"),
+                                         (posttrain.Reference, "logprobs", "reference"),
+                                         (common, "optimizer_step", "optimizer")):
+                    stack.enter_context(mock.patch.object(obj, name, ours.timed(getattr(obj, name), phase)))
+                stack.enter_context(mock.patch.object(common.Loop, "step_done", ended))
+                stack.enter_context(mock.patch.object(sys, "argv", argv))
+                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                runpy.run_path(os.path.join(here, "grpo.py"), run_name="__main__")
+            with open(os.path.join(tmp, f"ours{r}", "log.jsonl")) as f:
+                ours_lengths += [row["len"] for row in map(jsonlib.loads, f) if "len" in row]
+            # TRL: a fresh trainer, its methods timed the same way
+            theirs.new_run()
+            tstart = len(theirs.rows)
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                args = trl.GRPOConfig(
+                    output_dir=os.path.join(tmp, f"theirs{r}"), per_device_train_batch_size=grpo_prompts * grpo_group,
+                    num_generations=grpo_group, max_completion_length=16, generation_kwargs={"min_new_tokens": 16},
+                    beta=0.04, loss_type="grpo", learning_rate=3e-5, max_steps=grpo_iters,
+                    gradient_checkpointing=False, bf16=precision == "bfloat16", use_cpu=device_type == "cpu",
+                    report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=seed)
+                trainer = trl.GRPOTrainer(model=theirs_path, reward_funcs=reward, args=args, train_dataset=dataset,
+                                          processing_class=hf_tok, callbacks=[TRLPhases(theirs)])
+                trainer._generate = theirs.timed(trainer._generate, "generation")
+                trainer._calculate_rewards = theirs.timed(trainer._calculate_rewards, "reward")
+                trainer._get_per_token_logps_and_entropies = theirs.timed(
+                    trainer._get_per_token_logps_and_entropies, "reference", when=lambda: not torch.is_grad_enabled())
+                trainer._clip_grad_norm = theirs.timed(trainer._clip_grad_norm, "optimizer")
+                trainer.train()
+            trl_lengths += [row["completions/mean_length"] for row in trainer.state.log_history
+                            if "completions/mean_length" in row]
+            rounds.append((ours.rows[start:], theirs.rows[tstart:]))
+            del trainer
+            gc.collect()
+
+    def median(rs, k):
+        return statistics.median(row.get(k, 0.0) for row in rs)
+
+    out = []
+    for phase in RL_PHASES:
+        row = {"phase": phase, "ours_s": median(ours.rows, phase), "trl_s": median(theirs.rows, phase),
+               "ratio": statistics.median(median(a, phase) / max(median(b, phase), 1e-9) for a, b in rounds)}
+        out.append(row)
+        print_row("rl_vs_trl", row)
+    has_ppo = hasattr(trl, "PPOTrainer") or importlib.util.find_spec("trl.experimental.ppo") is not None
+    print(f"rl_vs_trl {len(ours.rows)} iterations of ours, {len(theirs.rows)} of TRL's, in {rl_rounds} "
+          f"round{'s' * (rl_rounds != 1)}; "
+          f"completions of {statistics.mean(ours_lengths):.1f} tokens (ours: a row may stop early, the batch runs "
+          f"on), {statistics.mean(trl_lengths):.1f} (TRL); PPO not compared: "
+          f"{'this section times GRPO only' if has_ppo else f'trl {trl.__version__} has no PPOTrainer'}")
+    return out
 
 
 def profile_decode(model):
@@ -532,8 +771,8 @@ def bench_qlora_memory():
 def print_row(section, row):
     cells = []
     for k, v in row.items():
-        if isinstance(v, float):
-            v = f"{v:.3f}" if k == "mfu" else f"{v:,.1f}"
+        if isinstance(v, float):  # mfu, seconds and ratios to three decimals, rates to one
+            v = f"{v:.3f}" if k in ("mfu", "ratio") or k.endswith("_s") and not k.endswith("tok_s") else f"{v:,.1f}"
         elif isinstance(v, int) and k in ("kv_bytes", "params", "active", "trainable"):
             v = f"{v:,}"
         cells.append(f"{k}={v}")
@@ -585,8 +824,8 @@ if __name__ == "__main__":
     device_type = "cuda" if dev.startswith("cuda") else dev
     amp = common.autocast(device_type, common.pick_dtype(dtype, device_type))
     wanted = [s for s in sections.split(",") if s]
-    unknown = set(wanted) - {"decode", "hf", "rolling", "batch", "train", "prefill", "grpo", "ppo", "profile", "quant",
-                             "qlora_memory", "memory_one"}
+    unknown = set(wanted) - {"decode", "hf", "rolling", "batch", "train", "prefill", "grpo", "ppo", "rl_vs_trl",
+                             "profile", "quant", "qlora_memory", "memory_one"}
     if unknown:
         sys.exit(f"config error: unknown sections {sorted(unknown)}")
     if wanted == ["memory_one"]:  # a child of qlora_memory: nothing else in this process
@@ -615,6 +854,8 @@ if __name__ == "__main__":
     for script in ("grpo", "ppo"):
         if script in wanted:
             results[script] = bench_rl(script)
+    if "rl_vs_trl" in wanted:
+        results["rl_vs_trl"] = bench_rl_vs_trl()
     if "profile" in wanted:
         profile_decode(model)
     del model

@@ -19,7 +19,8 @@ the task/difficulty cells to train on. Each iteration:
                     ratio = exp(logp - old_logp)
                     loss_t = -min(ratio A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) A)
                              + kl_coef KL_t,   KL_t = exp(ref - logp) - (ref - logp) - 1   (k3)
-                aggregated by loss_type (grpo | dapo | dr_grpo, see losses.aggregate)
+                aggregated by loss_type (grpo | dapo | dr_grpo, see losses.aggregate); every forward
+                (reference, old, policy) runs a group's prompt once, in front of its G rows
 
 The log-probs are those of the distribution the tokens were sampled from: softmax(logits /
 temperature) over the tokenizer's ids. top_k and top_p truncate that distribution further and are
@@ -221,10 +222,14 @@ while True:
     if scale_rewards == "batch" and ddp.enabled:
         batch_std = torch.cat(ddp.gather_objects(rewards.cpu())).std().item()
     advantages, zero_std = losses.group_advantages(rewards, group_size, scale_rewards, batch_std=batch_std)
-    inputs, targets, pos = out.idx[:, :-1], out.targets(), out.pos[:, :-1]
+    # the update reads each row from its prompt's last token on: that token's target is the first
+    # completion token, and the prompt before it, the same in the G samples of a group, is run once
+    # per group by every forward below (out.prefix, a model.Prefix), in front of the rows
+    S = out.prompt_len - 1
+    inputs, pos, targets = out.idx[:, S:-1], out.pos[:, S:-1], out.targets()[:, S:]
     # the completion tokens, each a target of the position before it; a completion cut off by
     # max_new_tokens says little about its answer, and mask_truncated leaves it out
-    mask = out.loss_mask(drop_truncated=mask_truncated)
+    mask = out.loss_mask(drop_truncated=mask_truncated)[:, S:]
     if skip_zero_std:
         mask = mask & ~zero_std.repeat_interleave(group_size)[:, None]
 
@@ -234,42 +239,47 @@ while True:
     old_logp = None
     if not reuse_old:
         with torch.no_grad(), ctx:
-            old_logp = raw_model.logprobs(raw_model(inputs, pos), targets, temperature, tok.n_vocab)[0]
-    with ctx:
-        ref_logp = reference.logprobs(inputs, targets, pos, temperature, tok.n_vocab) if reference else None
+            x = raw_model(inputs, pos, prefix=out.prefix())
+            old_logp = raw_model.logprobs(x, targets, temperature, tok.n_vocab)[0]
+    ref_logp = None
+    if reference:
+        with ctx:
+            ref_logp = reference.logprobs(inputs, targets, pos, temperature, tok.n_vocab, out.prefix())
+    # every minibatch of every pass (each pass cuts the batch into other minibatches), and the totals
+    # of each over every process, read once: DDP averages the gradients, hence the means. Dr. GRPO
+    # divides by every sampled row, left-out truncated ones too: a constant
+    steps_planned = [mb for epoch in range(grpo_iterations) for mb in
+                     posttrain.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device)]
+    totals = ddp.all_reduce_mean(torch.stack([
+        torch.stack((mask[mb].sum(), torch.tensor(len(mb), device=ddp.device) if loss_type == "dr_grpo"
+                     else mask[mb].any(dim=1).sum())) for mb in steps_planned]).float()).tolist()
 
     # ---- the update: grpo_iterations passes over the batch, num_minibatches steps each -------
-    clipped_n = kl_sum = ent_sum = tokens_seen = 0.0
+    sums = torch.zeros(4, device=ddp.device)  # clipped tokens, KL, entropy, tokens: read after the update
     loss_sum, steps, grad_norm = torch.zeros((), device=ddp.device), 0, torch.zeros(())
-    for epoch in range(grpo_iterations):  # each pass cuts the batch into other minibatches
-        for mb in posttrain.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device):
-            m = mask[mb]
-            # the totals of this step over every process: DDP averages the gradients, hence the means.
-            # Dr. GRPO divides by every sampled row, left-out truncated ones too: a constant
-            n_tokens = ddp.all_reduce_mean(m.sum().float()).item()
-            n_samples = ddp.all_reduce_mean((torch.tensor(float(len(mb))) if loss_type == "dr_grpo"
-                                             else m.any(dim=1).sum()).float().to(ddp.device)).item()
-            if n_tokens == 0:
-                continue  # nothing to learn from: every completion left out
-            with ctx:
-                x = model(inputs[mb], pos[mb])
-                # the entropy is only logged here, so it is computed without a graph
-                logp, entropy = raw_model.logprobs(x, targets[mb], temperature, tok.n_vocab, entropy="log")
-                old = logp.detach() if reuse_old else old_logp[mb]
-                per_token, clipped = losses.clipped_surrogate(logp, old, advantages[mb], clip_eps, clip_eps_high)
-                if ref_logp is not None:
-                    kl = losses.kl_k3(logp, ref_logp[mb])
-                    per_token = per_token + kl_coef * kl  # <- GRPO: the KL is in the loss, not the reward
-                    kl_sum += (kl.detach() * m).sum().item()
-                loss = losses.aggregate(per_token, m, loss_type, n_samples, n_tokens, max_new_tokens)
-                loss = loss + raw_model.aux_loss()  # MoE: plus its load-balancing terms
-            scaler.scale(loss).backward()
-            grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
-            loss_sum += loss.detach()
-            steps += 1
-            clipped_n += (clipped & m).sum().item()
-            ent_sum += (entropy.detach() * m).sum().item()
-            tokens_seen += m.sum().item()
+    for mb, (n_tokens, n_samples) in zip(steps_planned, totals):
+        if n_tokens == 0:
+            continue  # nothing to learn from: every completion left out
+        m = mask[mb]
+        prefix = out.prefix(mb if num_minibatches > 1 else None)  # one minibatch: every row, in order
+        with ctx:
+            x = model(inputs[mb], pos[mb], prefix=prefix)
+            # the entropy is only logged here, so it is computed without a graph
+            logp, entropy = raw_model.logprobs(x, targets[mb], temperature, tok.n_vocab, entropy="log")
+            old = logp.detach() if reuse_old else old_logp[mb]
+            per_token, clipped = losses.clipped_surrogate(logp, old, advantages[mb], clip_eps, clip_eps_high)
+            kl = torch.zeros_like(logp)
+            if ref_logp is not None:
+                kl = losses.kl_k3(logp, ref_logp[mb])
+                per_token = per_token + kl_coef * kl  # <- GRPO: the KL is in the loss, not the reward
+            loss = losses.aggregate(per_token, m, loss_type, n_samples, n_tokens, max_new_tokens)
+            loss = loss + raw_model.aux_loss()  # MoE: plus its load-balancing terms
+        scaler.scale(loss).backward()
+        grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
+        loss_sum += loss.detach()
+        steps += 1
+        sums += torch.stack([(clipped & m).sum(), (kl.detach() * m).sum(), (entropy * m).sum(), m.sum()]).float()
+    clipped_n, kl_sum, ent_sum, tokens_seen = sums.tolist()
     t_update = time.time() - t0
     # -------------------------------------------------------------------------------------------
 

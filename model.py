@@ -240,21 +240,49 @@ def sinusoidal_embedding(pos, n_embd, dtype):
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).to(dtype)
 
 
-def attention_mask(pos, T, window, n_sink, device):
+def attention_mask(pos, T, window, n_sink, device, key_pos=None):
     """The mask of T fresh tokens attending to each other, by the rule at the top of this file: True
     (plain causal, the fast kernel) when there is no window and no padding (pos None), else a
-    boolean (B, 1, T, T) from the positions pos (B, T)."""
-    if window is None and pos is None:
-        return True
-    if pos is None:
-        pos = torch.arange(T, device=device)[None]
-    q, k = pos[:, :, None], pos[:, None, :]  # (B, T, 1), (B, 1, T)
+    boolean (B, 1, T, T) from the positions pos (B, T). key_pos (B, S + T): the positions of S
+    columns before these (a Prefix's) and then of these, which the queries see: (B, 1, T, S + T)."""
+    if key_pos is None:
+        if window is None and pos is None:
+            return True
+        if pos is None:
+            pos = torch.arange(T, device=device)[None]
+        key_pos = pos
+    q, k = pos[:, :, None], key_pos[:, None, :]  # (B, T, 1), (B, 1, S + T)
     mask = (k >= 0) & (k <= q)
     if window is not None:
         mask &= (q - k < window) | (k < n_sink)
-    # a padding query sees nothing; let it see itself so its (unused) output stays finite
-    mask |= torch.eye(T, dtype=torch.bool, device=device) & (q < 0)
+    # a padding query sees nothing; let it see itself (its own column, among the last T) so its
+    # (unused) output stays finite
+    S = key_pos.size(1) - T
+    own = torch.arange(S + T, device=device) == torch.arange(S, S + T, device=device)[:, None]  # (T, S + T)
+    mask |= own & (q < 0)
     return mask[:, None]
+
+
+def shared_prompt_attention(q, prompt_k, prompt_v, prompt_visible, k, v):
+    """A decode step's attention when the rows continue prompts in groups (KVCache.share): rows
+    b G .. b G + G - 1 read prompt b's keys and values, held once, then each its own tokens'.
+
+    q (N, n_head, 1, hd), N = P G; prompt_k, prompt_v (P, n_kv_head, L, hd); prompt_visible (P, L),
+    False on padding; k, v (N, n_kv_head, t, hd), the row's own tokens so far, all visible. One
+    softmax over the prompt's keys and the row's own: attention over their concatenation, without
+    the G copies of the prompt (a group's G queries meet its prompt in one matmul)."""
+    N, H, _, D = q.shape
+    P, Hkv, L, _ = prompt_k.shape
+    G, r = N // P, H // Hkv  # rows per prompt, query heads per kv head
+    q = q.view(N, Hkv, r, D)
+    qg = q.view(P, G, Hkv, r, D).transpose(1, 2).reshape(P, Hkv, G * r, D)  # a group's queries together
+    s_prompt = (qg @ prompt_k.transpose(-1, -2)).masked_fill(~prompt_visible[:, None, None], float("-inf"))
+    s_prompt = s_prompt.view(P, Hkv, G, r, L).transpose(1, 2).reshape(N, Hkv, r, L)
+    scores = torch.cat((s_prompt, q @ k.transpose(-1, -2)), dim=-1) * D**-0.5  # (N, Hkv, r, L + t)
+    p_prompt, p_own = upcast(scores).softmax(dim=-1).to(v.dtype).split((L, k.size(2)), dim=-1)
+    y = p_prompt.view(P, G, Hkv, r, L).transpose(1, 2).reshape(P, Hkv, G * r, L) @ prompt_v
+    y = y.view(P, Hkv, G, r, D).transpose(1, 2).reshape(N, Hkv, r, D) + p_own @ v
+    return y.view(N, H, 1, D)
 
 
 def linear(x, weight, bias=None):
@@ -312,21 +340,25 @@ class Attention(nn.Module):
         if cache is not None:
             # prefill attends to its own fresh keys; a decode step to everything cached so far
             k, v = cache.update(self.layer_idx, k, v)
-        gqa = self.n_kv_head != self.n_head
-        if gqa and q.is_cuda and not isinstance(mask, bool):
-            # On CUDA the kernel that takes a mask (memory-efficient attention) has no GQA, so
-            # enable_gqa with a mask would fall back to the math kernel and its O(T^2) memory;
-            # repeating each kv head for its group of query heads keeps the efficient kernel
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            gqa = False
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=None if isinstance(mask, bool) else mask,
-            is_causal=mask is True,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=gqa,
-        )
+        if cache is not None and cache.group:  # a decode step of rows that share their prompt, held once
+            y = shared_prompt_attention(q, cache.prompt_k[self.layer_idx], cache.prompt_v[self.layer_idx],
+                                        cache.prompt_visible, k, v)
+        else:
+            gqa = self.n_kv_head != self.n_head
+            if gqa and q.is_cuda and not isinstance(mask, bool):
+                # On CUDA the kernel that takes a mask (memory-efficient attention) has no GQA, so
+                # enable_gqa with a mask would fall back to the math kernel and its O(T^2) memory;
+                # repeating each kv head for its group of query heads keeps the efficient kernel
+                k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+                v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+                gqa = False
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=None if isinstance(mask, bool) else mask,
+                is_causal=mask is True,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=gqa,
+            )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -438,6 +470,10 @@ class KVCache:
     static=False (eager decoding) attends to the slots written so far, a few more each step.
     static=True attends to all S slots at every step, masking those not written yet: one shape
     for every step, which is what a compiled decode step needs.
+
+    share(n) after prefill lets n rows continue each row: without a window and not static, the
+    prompt's keys and values stay once per prompt, read by its n rows together, and each row's new
+    tokens go to columns of its own, one per step (group = n); otherwise the rows are n copies.
     """
 
     def __init__(self, config, batch_size, max_len, static=False):
@@ -449,6 +485,7 @@ class KVCache:
         self.k = self.v = None  # per layer (B, n_kv_head, n_slots + 1, head_dim), once allocated
         self.length = 0  # columns seen so far: the prompt's, then one per decode step
         self.padded = False  # does any row start with padding? (decided at prefill)
+        self.group = 0  # after share(n): n rows per prompt, the prompt held once (prompt_k, prompt_v)
 
     def slot_of(self, pos):
         """The slot of position pos (a tensor, or an int)."""
@@ -462,6 +499,10 @@ class KVCache:
     def begin(self, pos):
         """Called once per forward, before the layers, with the positions (B, T) of the new
         columns. Returns the attention mask of a decode step (None where nothing is masked)."""
+        if self.group:  # after share(): every row writes its own next column, and sees all it wrote
+            self.column = self.length - self.prompt_k[0].size(2)
+            self.length += 1
+            return None
         keep = pos >= 0
         if self.window is not None:  # of a long prompt keep only the sinks and the last W
             keep = keep & ((pos < self.n_sink) | (pos > pos[:, -1:] - self.window))
@@ -489,6 +530,10 @@ class KVCache:
         """Write this forward's keys and values (B, n_kv_head, T, head_dim) for one layer and
         return what the queries attend to: the fresh ones in prefill, the cache when decoding."""
         B, H, T, D = k.shape
+        if self.group:
+            self.k[layer][:, :, self.column] = k[:, :, 0]
+            self.v[layer][:, :, self.column] = v[:, :, 0]
+            return self.k[layer][:, :, : self.column + 1], self.v[layer][:, :, : self.column + 1]
         if self.k is None:
             shape = (B, H, self.n_slots + 1, D)
             self.k = [torch.zeros(shape, device=k.device, dtype=k.dtype) for _ in range(self.config.n_layer)]
@@ -508,6 +553,24 @@ class KVCache:
             return k, v
         return self.k[layer][:, :, : self.visible], self.v[layer][:, :, : self.visible]
 
+    def share(self, n, new_tokens):
+        """After prefill: n rows continue each row, row b becoming rows b*n .. b*n + n-1, so that n
+        samples continue each prompt from one prefill. The prompt's keys and values stay once per
+        prompt (shared_prompt_attention reads them for its n rows), each row's next new_tokens
+        tokens go to columns of its own: n times less to copy now, and to read at every step. A
+        rolling or static cache is copied n times instead (repeat_interleave)."""
+        if self.window is not None or self.static:
+            return self.repeat_interleave(n)
+        L = self.length
+        self.prompt_k = [t[:, :, :L].contiguous() for t in self.k]
+        self.prompt_v = [t[:, :, :L].contiguous() for t in self.v]
+        # position p is in slot p: a row's prompt fills the slots up to its last position
+        self.prompt_visible = torch.arange(L, device=self.slots.device) <= self.slots[:, -1:]  # (P, L)
+        P, H, _, D = self.k[0].shape
+        self.k = [t.new_zeros(P * n, H, new_tokens, D) for t in self.k]
+        self.v = [t.new_zeros(P * n, H, new_tokens, D) for t in self.v]
+        self.group, self.batch_size = n, P * n
+
     def repeat_interleave(self, n):
         """After prefill: n copies of every row, row b becoming rows b*n .. b*n + n-1, so that n
         samples continue each prompt from one prefill (the cache is copied, not recomputed)."""
@@ -516,7 +579,50 @@ class KVCache:
         self.batch_size *= n
 
     def nbytes(self):
-        return 0 if self.k is None else sum(2 * t.numel() * t.element_size() for t in self.k)
+        held = [] if self.k is None else self.k + (self.prompt_k if self.group else [])
+        return sum(2 * t.numel() * t.element_size() for t in held)
+
+
+@dataclass
+class Prefix:
+    """The first columns of a batch's rows where groups of rows have the same ones (the prompt that
+    the G samples of an RL group continue), given once per group. forward(idx, pos, prefix=...)
+    runs them once per group and the rest of each row (idx, pos) attends to its group's, as if
+    every row were run whole: the hidden states of idx's columns, at a fraction of the work.
+
+        idx, pos (P, S)   the shared columns, once per group (left-padded: negative positions)
+        rows              (B,) the group of each row of the batch, an index into P; or an int G:
+                          every group in order, G rows each (rows b G .. b G + G - 1 are group b's)
+    """
+
+    idx: torch.Tensor
+    pos: torch.Tensor
+    rows: object
+
+    def per_row(self, t):
+        """t (P, ...), one per group -> (B, ...), each row's group's."""
+        if isinstance(self.rows, int):  # a copy whose gradient is a sum over each group, not a scatter
+            return t[:, None].expand(-1, self.rows, *t.shape[1:]).flatten(0, 1)
+        return t[self.rows]
+
+
+class PrefixKV:
+    """A Prefix's keys and values in every layer, for one forward, kept in the autograd graph (a
+    KVCache is written in place, for inference). The prefix's pass records each layer's; the rows'
+    pass puts its group's in front of each row's own."""
+
+    group = 0  # rows reading a prompt held once in decoding (KVCache.share): not here
+
+    def __init__(self, prefix):
+        self.prefix, self.k, self.v, self.recording = prefix, [], [], True
+
+    def update(self, layer, k, v):
+        if self.recording:
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        return (torch.cat((self.prefix.per_row(self.k[layer]), k), dim=2),
+                torch.cat((self.prefix.per_row(self.v[layer]), v), dim=2))
 
 
 # -----------------------------------------------------------------------------
@@ -564,6 +670,7 @@ class Completions:
     mask: torch.Tensor
     truncated: torch.Tensor
     prompt_len: int
+    num_samples: int = 1
 
     def targets(self):
         """The next-token targets of idx[:, :-1]: the completion tokens, -1 everywhere else."""
@@ -574,6 +681,15 @@ class Completions:
         with drop_truncated none of a completion that ran out of tokens (DAPO's overlong filter)."""
         mask = self.mask[:, 1:]
         return mask & ~self.truncated[:, None] if drop_truncated else mask
+
+    def prefix(self, rows=None):
+        """The columns that the rows (an index tensor; None = all) have in common with the other
+        samples of their prompt: the prompt up to its last token, once per prompt, as a Prefix. A
+        forward of the rest of each row, idx[:, prompt_len - 1 : -1] at pos[:, prompt_len - 1 : -1],
+        then gives the hidden states whose targets are targets()[:, prompt_len - 1:], every
+        completion token, at the cost of one prompt per group of num_samples rows."""
+        S, G = self.prompt_len - 1, self.num_samples
+        return Prefix(self.idx[::G, :S], self.pos[::G, :S], G if rows is None else rows // G)
 
 
 def last_index(mask):
@@ -853,11 +969,16 @@ class GPT(nn.Module):
 
     # --- forward: the hidden states ---------------------------------------------
 
-    def forward(self, idx, pos=None, cache=None):
+    def forward(self, idx, pos=None, cache=None, prefix=None):
         """idx (B, T) token ids -> the final hidden states (B, T, n_embd), after the last norm.
 
         pos (B, T): each token's position; None means 0..T-1 in every row. Negative = padding.
         cache: a KVCache to fill (prefill, the whole prompt) or to extend (one token per row).
+        prefix: a Prefix, columns before idx's that groups of rows share (the prompt of a group of
+            samples, see Completions.prefix), run once per group; idx's columns attend to their
+            group's and get the hidden states a forward of the whole rows gives them (to rounding),
+            in one call (one DDP forward). Needs pos; without activation checkpointing; a MoE's
+            balancing terms (aux_loss) then cover idx's tokens only.
         """
         cfg = self.config
         B, T = idx.shape
@@ -866,15 +987,18 @@ class GPT(nn.Module):
         if T > cfg.block_size and not cfg.unbounded_positions and (pos is None or int(pos.max()) >= cfg.block_size):
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         p = pos if pos is not None else torch.arange(T, device=idx.device)[None]
-        x = self.wte(idx)  # (B, T, C)
-        if cfg.pos_emb == "learned":
-            x = x + self.wpe(p.clamp(min=0))
-        elif cfg.pos_emb == "sinusoidal":
-            x = x + sinusoidal_embedding(p, cfg.n_embd, x.dtype)
-        rope = rope_cos_sin(p, cfg.head_dim, cfg.rope_theta, x.dtype) if cfg.pos_emb == "rope" else None
-        x = self.drop(x)
-
-        if cache is not None and cache.k is not None:  # decode: one new token per row
+        if prefix is not None and prefix.idx.size(1) > 0:
+            if cache is not None or pos is None:
+                raise ValueError("a forward with a prefix takes the positions of its columns (pos) and no KV cache")
+            # the shared columns once per group, keeping every layer's keys and values with their graph
+            cache = PrefixKV(prefix)
+            S = prefix.idx.size(1)
+            self.body(prefix.idx, prefix.pos, attention_mask(prefix.pos, S, cfg.sliding_window, cfg.n_sink,
+                                                             idx.device), cache)
+            cache.recording = False
+            key_pos = torch.cat((prefix.per_row(prefix.pos), pos), dim=1)  # (B, S + T)
+            mask = attention_mask(pos, T, cfg.sliding_window, cfg.n_sink, idx.device, key_pos)
+        elif cache is not None and cache.k is not None:  # decode: one new token per row
             if T != 1:
                 raise ValueError("a KV cache that already holds a prompt takes one token per step")
             mask = cache.begin(p.expand(B, T))
@@ -882,12 +1006,25 @@ class GPT(nn.Module):
             mask = attention_mask(pos, T, cfg.sliding_window, cfg.n_sink, idx.device)
             if cache is not None:  # prefill: the prompt fills the cache
                 cache.begin(p.expand(B, T))
+        return self.ln_f(self.body(idx, p, mask, cache))
+
+    def body(self, idx, pos, mask, cache):
+        """The embeddings and every block, before the last norm: forward's trunk, for tokens idx
+        (B, T) at positions pos (B, T) under the attention mask, reading and writing cache."""
+        cfg = self.config
+        x = self.wte(idx)  # (B, T, C)
+        if cfg.pos_emb == "learned":
+            x = x + self.wpe(pos.clamp(min=0))
+        elif cfg.pos_emb == "sinusoidal":
+            x = x + sinusoidal_embedding(pos, cfg.n_embd, x.dtype)
+        rope = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype) if cfg.pos_emb == "rope" else None
+        x = self.drop(x)
         for block in self.h:
             if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache)
-        return self.ln_f(x)
+        return x
 
     # --- the heads, on the hidden states x of forward -----------------------------
 
@@ -916,38 +1053,43 @@ class GPT(nn.Module):
         vocab_limit they sampled with: the ratio and the KL are then those of the distribution the
         tokens were drawn from (top_k / top_p truncate it further; see sample_next). entropy:
         False, True (with its graph, for an entropy bonus) or "log" (detached: for the log only).
-        The head runs on chunks of rows, so the float32 logits of only one chunk exist at a time;
-        with gradients each chunk is recomputed in the backward pass instead of being kept. At
-        this repo's vocab sizes one chunk is the whole batch."""
+        Only the positions with a target go through the head (an RL batch's padding, and whatever
+        follows a completion's stop, cost nothing there), in chunks of rows, so the float32 logits
+        of only one chunk exist at a time; with gradients each chunk is recomputed in the backward
+        pass instead of being kept. At this repo's vocab sizes one chunk is the whole batch."""
         if temperature <= 0:
             raise ValueError(f"log-probs need the sampling temperature > 0, got {temperature} "
                              "(greedy decoding has no distribution to score)")
         B, T, C = x.shape
         V = self.config.vocab_size if vocab_limit is None else min(vocab_limit, self.config.vocab_size)
-        x, targets = x.reshape(B * T, C), targets.reshape(B * T)
+        keep = targets.reshape(B * T) >= 0
+        x, targets = x.reshape(B * T, C)[keep], targets.reshape(B * T)[keep]  # (K, C), (K,)
 
         def chunk(xc, tc):
             logits = upcast(self.lm_head(xc))[:, :V] / temperature
             lse = torch.logsumexp(logits, dim=-1)
-            logp = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1) - lse
+            logp = logits.gather(1, tc[:, None]).squeeze(1) - lse
             if not entropy:
-                return logp, torch.zeros_like(lse)
+                return logp, None
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy is True):
-                lg = logits if entropy is True else logits.detach()
-                ent = torch.logsumexp(lg, dim=-1) - (F.softmax(lg, dim=-1) * lg).sum(-1)
+                lg, lz = (logits, lse) if entropy is True else (logits.detach(), lse.detach())
+                ent = lz - (torch.exp(lg - lz[:, None]) * lg).sum(-1)  # -sum p log p, log p = lg - lz
             return logp, ent
 
         rows = max(1, LOGPROB_CHUNK // V)
         outs = []
-        for i in range(0, B * T, rows):
+        for i in range(0, max(len(x), 1), rows):
             xc, tc = x[i : i + rows], targets[i : i + rows]
-            if torch.is_grad_enabled() and B * T > rows:
+            if torch.is_grad_enabled() and len(x) > rows:
                 outs.append(torch.utils.checkpoint.checkpoint(chunk, xc, tc, use_reentrant=False))
             else:
                 outs.append(chunk(xc, tc))
-        keep = targets >= 0
-        logp = torch.cat([o[0] for o in outs]).masked_fill(~keep, 0.0).view(B, T)
-        ent = torch.cat([o[1] for o in outs]).masked_fill(~keep, 0.0).view(B, T) if entropy else None
+        logp = torch.cat([o[0] for o in outs])
+        logp = logp.new_zeros(B * T).masked_scatter(keep, logp).view(B, T)
+        ent = None
+        if entropy:
+            ent = torch.cat([o[1] for o in outs])
+            ent = ent.new_zeros(B * T).masked_scatter(keep, ent).view(B, T)
         return logp, ent
 
     def scores(self, x, last=None):
@@ -1028,8 +1170,9 @@ class GPT(nn.Module):
         N = B * num_samples: sample g of prompt b is row b * num_samples + g.
 
         With use_cache, the prompt is run once (prefill) and each step then runs one token per
-        row against the KV cache; num_samples copies of each prompt's cache then continue it, so
-        a group of samples pays for one prefill. Without the cache, every step recomputes the
+        row against the KV cache; num_samples rows then continue each prompt, reading its keys and
+        values held once (KVCache.share), so a group of samples pays for one prefill and reads one
+        copy of its prompt at every step. Without the cache, every step recomputes the
         whole context: the reference the cached path must match. Past block_size, without a
         rolling cache, both crop the context to the last block_size tokens, as nanoGPT does,
         which means a full recompute per step.
@@ -1063,7 +1206,7 @@ class GPT(nn.Module):
                         cache = KVCache(cfg, B, max_len, static=compiled is not None)
                         logits = self.prefill(tokens, pos, cache)
                         if num_samples > 1:
-                            cache.repeat_interleave(num_samples)
+                            cache.share(num_samples, min(max_new_tokens, cfg.block_size))
                             logits = logits.repeat_interleave(num_samples, 0)
                             tokens, pos = tokens.repeat_interleave(num_samples, 0), pos.repeat_interleave(num_samples, 0)
                     else:
@@ -1174,7 +1317,7 @@ class GPT(nn.Module):
         gen_pos = (pos[:, -1:] + 1 + torch.arange(T, device=device)).masked_fill(~gen_mask, -1)  # filler: padding
         pos = torch.cat((pos, gen_pos), dim=1)
         mask = torch.cat((torch.zeros(N, L, dtype=torch.bool, device=device), gen_mask), dim=1)
-        return Completions(idx=idx, pos=pos, mask=mask, truncated=~stopped, prompt_len=L)
+        return Completions(idx=idx, pos=pos, mask=mask, truncated=~stopped, prompt_len=L, num_samples=num_samples)
 
     # --- weights ----------------------------------------------------------------
 

@@ -298,7 +298,9 @@ class Reference:
 
         reference = posttrain.Reference(policy, reference_path, device)
         with ctx:
-            ref_logp = reference.logprobs(inputs, targets, pos, temperature, vocab_limit)  # no grad
+            ref_logp = reference.logprobs(inputs, targets, pos, temperature, vocab_limit, prefix)  # no grad
+
+    (prefix: the model.Prefix the inputs continue, or None.)
     """
 
     def __init__(self, policy, path, device):
@@ -312,11 +314,11 @@ class Reference:
         return self.path if self.model is not None else "the policy with adapters off"
 
     @torch.no_grad()
-    def logprobs(self, idx, targets, pos, temperature, vocab_limit):
+    def logprobs(self, idx, targets, pos, temperature, vocab_limit, prefix=None):
         if self.model is not None:
-            return self.model.logprobs(self.model(idx, pos), targets, temperature, vocab_limit)[0]
+            return self.model.logprobs(self.model(idx, pos, prefix=prefix), targets, temperature, vocab_limit)[0]
         with adapters_off(self.policy):
-            return self.policy.logprobs(self.policy(idx, pos), targets, temperature, vocab_limit)[0]
+            return self.policy.logprobs(self.policy(idx, pos, prefix=prefix), targets, temperature, vocab_limit)[0]
 
 
 READS = ("end", "lines")  # where a reward model reads a reply (reward.py's reward_read): see read_positions

@@ -306,16 +306,21 @@ while True:
 
     # ---- once per rollout, without gradients: old log-probs, the reference's, the values --------
     t0 = time.time()
-    inputs, targets, pos = out.idx[:, :-1], out.targets(), out.pos[:, :-1]
+    # each row from its prompt's last token on, whose target is the first completion token; the
+    # prompt before it runs in front of the rows, once per prompt (out.prefix, a model.Prefix)
+    S = out.prompt_len - 1
+    inputs, pos, targets = out.idx[:, S:-1], out.pos[:, S:-1], out.targets()[:, S:]
     # the completion tokens, each the target of the position before it (whose value is V_t); a
     # truncated completion keeps its tokens (its reward goes on its last one) unless mask_truncated
-    mask = out.loss_mask(drop_truncated=mask_truncated)
+    mask = out.loss_mask(drop_truncated=mask_truncated)[:, S:]
     with torch.no_grad(), ctx:
-        x = raw_model(inputs, pos)
+        x = raw_model(inputs, pos, prefix=out.prefix())
         old_logp = raw_model.logprobs(x, targets, temperature, tok.n_vocab)[0]
-        old_values = (raw_model.scores(x) if shared else raw_value.scores(raw_value(inputs, pos))) * mask
+        old_values = (raw_model.scores(x) if shared else
+                      raw_value.scores(raw_value(inputs, pos, prefix=out.prefix()))) * mask
         # without a reference (kl_coef 0) the penalty is 0
-        ref_logp = reference.logprobs(inputs, targets, pos, temperature, tok.n_vocab) if reference else old_logp
+        ref_logp = (reference.logprobs(inputs, targets, pos, temperature, tok.n_vocab, out.prefix()) if reference
+                    else old_logp)
 
     # ---- per-token rewards with the KL penalty, GAE, whitened advantages ------------------------
     coef_used = kl_now  # the coefficient of this rollout's rewards, for the log
@@ -333,56 +338,53 @@ while True:
         kl_now = losses.adaptive_kl_coef(kl_now, kl_seq, target_kl, kl_horizon, N * ddp.world_size)
 
     # ---- the update: ppo_epochs passes over the batch, num_minibatches steps each ---------------
-    clipped_n = value_clipped_n = ent_sum = vf_sum = approx_sum = tokens_seen = 0.0
-    steps, stop = 0, False
+    # every minibatch of every pass (each pass cuts the batch into other minibatches), and the
+    # tokens of each over every process, read once: DDP averages the gradients, hence the mean
+    steps_planned = [mb for epoch in range(ppo_epochs) for mb in
+                     posttrain.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device)]
+    totals = ddp.all_reduce_mean(torch.stack([mask[mb].sum() for mb in steps_planned]).float()).tolist()
+    sums = torch.zeros(6, device=ddp.device)  # clipped, value-clipped, entropy, vf, approx_kl, tokens: read once
+    steps = 0
     loss_sum, grad_norm, value_grad_norm = torch.zeros((), device=ddp.device), torch.zeros(()), torch.zeros(())
-    for epoch in range(ppo_epochs):
-        for mb in posttrain.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device):
-            m = mask[mb]
-            # the tokens of this step over every process: DDP averages the gradients, hence the mean
-            n_tokens = ddp.all_reduce_mean(m.sum().float()).item()
-            if n_tokens == 0:
-                continue  # nothing to learn from: every completion left out
-            with ctx:
-                x = model(inputs[mb], pos[mb])
-                # the entropy bonus needs its graph; without one (ent_coef 0) it is only logged
-                logp, entropy = raw_model.logprobs(x, targets[mb], temperature, tok.n_vocab,
-                                                   entropy=True if ent_coef > 0 else "log")
-                values = raw_model.scores(x) if shared else raw_value.scores(value(inputs[mb], pos[mb]))
-                pg, clipped = losses.clipped_surrogate(logp, old_logp[mb], advantages[mb], clip_eps)
-                vf, value_clipped = losses.clipped_value_loss(values, old_values[mb], returns[mb], clip_value)
-                pg_loss = (pg * m).sum() / n_tokens  # token means over the minibatch of every process
-                vf_loss = (vf * m).sum() / n_tokens
-                ent = (entropy * m).sum() / n_tokens
-                policy_loss = pg_loss - ent_coef * ent + raw_model.aux_loss()  # MoE: plus its balancing terms
-                approx = losses.approx_kl(logp.detach(), old_logp[mb], m)
-            if shared:  # one backbone, one loss, one step; the head's own gradient norm logged apart
-                loss = policy_loss + vf_coef * vf_loss  # <- PPO: the value loss beside the policy's
-                scaler.scale(loss).backward()
-                head_grads = torch.stack([p.grad.float().norm() for p in raw_model.score_head.parameters()])
-                value_grad_norm = head_grads.norm() / scaler.get_scale()  # (still fp16-scaled here)
-                grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
-            else:  # two networks, two losses, two steps
-                value_loss = vf_loss + raw_value.aux_loss()
-                scaler.scale(policy_loss).backward()
-                value_scaler.scale(value_loss).backward()
-                loss = policy_loss + value_loss  # for the log
-                grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
-                value_grad_norm = common.optimizer_step(raw_value, value_optimizer, value_scaler, grad_clip)
-            steps += 1
-            loss_sum += loss.detach()
-            clipped_n += (clipped & m).sum().item()
-            value_clipped_n += (value_clipped & m).sum().item()
-            ent_sum += (entropy.detach() * m).sum().item()
-            vf_sum += (vf.detach() * m).sum().item()
-            approx_sum += approx.item()
-            tokens_seen += m.sum().item()
-            # the policy has moved too far from the one that sampled: the rest of the batch waits
-            if target_kl_stop > 0 and ddp.all_reduce_mean(approx.detach().clone()).item() > target_kl_stop:
-                stop = True
-                break
-        if stop:
+    for mb, n_tokens in zip(steps_planned, totals):
+        if n_tokens == 0:
+            continue  # nothing to learn from: every completion left out
+        m = mask[mb]
+        prefix = out.prefix(mb if num_minibatches > 1 else None)  # one minibatch: every row, in order
+        with ctx:
+            x = model(inputs[mb], pos[mb], prefix=prefix)
+            # the entropy bonus needs its graph; without one (ent_coef 0) it is only logged
+            logp, entropy = raw_model.logprobs(x, targets[mb], temperature, tok.n_vocab,
+                                               entropy=True if ent_coef > 0 else "log")
+            values = raw_model.scores(x) if shared else raw_value.scores(value(inputs[mb], pos[mb], prefix=prefix))
+            pg, clipped = losses.clipped_surrogate(logp, old_logp[mb], advantages[mb], clip_eps)
+            vf, value_clipped = losses.clipped_value_loss(values, old_values[mb], returns[mb], clip_value)
+            pg_loss = (pg * m).sum() / n_tokens  # token means over the minibatch of every process
+            vf_loss = (vf * m).sum() / n_tokens
+            ent = (entropy * m).sum() / n_tokens
+            policy_loss = pg_loss - ent_coef * ent + raw_model.aux_loss()  # MoE: plus its balancing terms
+            approx = losses.approx_kl(logp.detach(), old_logp[mb], m)
+        if shared:  # one backbone, one loss, one step; the head's own gradient norm logged apart
+            loss = policy_loss + vf_coef * vf_loss  # <- PPO: the value loss beside the policy's
+            scaler.scale(loss).backward()
+            head_grads = torch.stack([p.grad.float().norm() for p in raw_model.score_head.parameters()])
+            value_grad_norm = head_grads.norm() / scaler.get_scale()  # (still fp16-scaled here)
+            grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
+        else:  # two networks, two losses, two steps
+            value_loss = vf_loss + raw_value.aux_loss()
+            scaler.scale(policy_loss).backward()
+            value_scaler.scale(value_loss).backward()
+            loss = policy_loss + value_loss  # for the log
+            grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
+            value_grad_norm = common.optimizer_step(raw_value, value_optimizer, value_scaler, grad_clip)
+        steps += 1
+        loss_sum += loss.detach()
+        sums += torch.stack([(clipped & m).sum(), (value_clipped & m).sum(), (entropy.detach() * m).sum(),
+                             (vf.detach() * m).sum(), approx.detach(), m.sum()]).float()
+        # the policy has moved too far from the one that sampled: the rest of the batch waits
+        if target_kl_stop > 0 and ddp.all_reduce_mean(approx.detach().clone()).item() > target_kl_stop:
             break
+    clipped_n, value_clipped_n, ent_sum, vf_sum, approx_sum, tokens_seen = sums.tolist()
     t_update = time.time() - t0
     # -------------------------------------------------------------------------------------------
 

@@ -48,3 +48,25 @@ def test_bench_hf_is_skipped_without_transformers(tmp_path):
     res = run_script("bench.py", "--sections=hf", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=64",
                      "--device=cpu", env={"PYTHONPATH": str(fake)})
     assert "hf       skipped: transformers is not installed" in res.stdout
+
+
+def test_bench_rl_vs_trl_times_both_sides_by_phase(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "bench.json"
+    res = run_script("bench.py", "--sections=rl_vs_trl", "--n_layer=1", "--n_embd=32", "--n_head=2", "--pos_emb=rope",
+                     "--norm=rmsnorm", "--mlp=swiglu", "--grpo_prompts=2", "--grpo_group=2", "--grpo_iters=2",
+                     "--rl_rounds=1", f"--json={out}", "--device=cpu", "--threads=1")
+    rows = {r["phase"]: r for r in json.loads(out.read_text())["rl_vs_trl"]}
+    assert set(rows) == {"generation", "reward", "reference", "optimizer", "rest", "iteration"}
+    assert all(rows[p]["ours_s"] > 0 and rows[p]["trl_s"] > 0 for p in ("generation", "reference", "iteration"))
+    assert "with TRL's tokenizer: the same" in res.stdout  # both sides score the same prompt tokens
+    assert "1 iterations of ours, 1 of TRL's" in res.stdout
+
+
+def test_bench_rl_vs_trl_is_skipped_without_trl(tmp_path):
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "trl.py").write_text("raise ImportError('hidden for the test')\n")
+    res = run_script("bench.py", "--sections=rl_vs_trl", "--n_layer=1", "--n_embd=32", "--n_head=2",
+                     "--block_size=64", "--device=cpu", env={"PYTHONPATH": str(fake)})
+    assert "rl_vs_trl skipped: trl is not installed" in res.stdout

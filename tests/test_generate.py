@@ -113,6 +113,29 @@ def test_group_samples_share_one_prefill_and_equal_repeated_prompts(use_cache):
     assert len({tuple(r) for r in a.idx[:G].tolist()}) > 1  # the samples of a group differ
 
 
+@pytest.mark.parametrize("variant", [dict(pos_emb="rope", n_kv_head=2), dict(pos_emb="learned", block_size=12)])
+def test_a_prompt_held_once_for_its_group_decodes_as_copies_of_it_do(variant, monkeypatch):
+    # KVCache.share keeps each prompt's keys and values once for its rows; copying them per row
+    # (repeat_interleave, what a rolling or static cache does) must give the same logits, step by
+    # step, with padding, GQA, and rows whose budget in block_size runs out before others'
+    model = build(tiny(**variant), sharpen=2.0)
+    prompts = [torch.tensor([3, 4, 5, 6, 7, 8]), torch.tensor([6, 7]), torch.tensor([1, 2, 9])]
+
+    idx, pos = model_module.left_pad(prompts)
+
+    def run():
+        steps = model.generate_tokens(idx, 7, 1.0, pos=pos, num_samples=3, generator=torch.Generator().manual_seed(0),
+                                      last_pos=torch.tensor([11] * 3 + [8] * 6) if "block_size" in variant else None)
+        return [(token, logits) for token, logits in steps]
+
+    shared = run()
+    monkeypatch.setattr(model_module.KVCache, "share", lambda cache, n, new_tokens: cache.repeat_interleave(n))
+    copied = run()
+    for (t1, l1), (t2, l2) in zip(shared, copied, strict=True):
+        assert torch.equal(t1, t2)
+        torch.testing.assert_close(l1, l2)
+
+
 def test_shared_prefill_runs_the_prompts_once():
     model = build(tiny())
     seen = []
@@ -120,6 +143,42 @@ def test_shared_prefill_runs_the_prompts_once():
     model.prefill = lambda idx, pos, cache: (seen.append(idx.shape), prefill(idx, pos, cache))[1]
     model.complete([torch.tensor([1, 2, 3]), torch.tensor([4])], 4, num_samples=8, temperature=1.0)
     assert seen == [(2, 3)]
+
+
+@pytest.mark.parametrize("variant", [dict(pos_emb="rope", n_kv_head=2), dict(pos_emb="learned", tie_weights=False),
+                                     dict(pos_emb="rope", sliding_window=4, n_sink=1),
+                                     dict(n_expert=4, n_expert_active=2, lora_rank=2)])
+def test_a_shared_prompt_run_once_gives_the_update_what_whole_rows_do(variant):
+    # the update's forward runs each group's prompt once (Completions.prefix) and the rest of the
+    # rows against it: the same log-probs and the same gradients as a forward of the whole rows,
+    # for every row and for a shuffled minibatch of them (prompts of different lengths: padding)
+    model = build(tiny(**variant), sharpen=2.0)
+    prompts = [torch.tensor([3, 4, 5, 6, 7]), torch.tensor([6, 7]), torch.tensor([1, 2, 9])]
+    out = model.complete(prompts, 8, num_samples=4, temperature=1.0, stop_tokens=5,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.num_samples == 4 and not out.mask.all()  # some rows stop early: filler after them
+    S = out.prompt_len - 1
+    for rows in (None, torch.tensor([7, 0, 11, 5, 6])):  # all rows in order (groups by copies), or some, by index
+        rows_of = torch.arange(12) if rows is None else rows
+        whole, grads = [], []
+        for shared in (False, True):
+            model.zero_grad()
+            if shared:
+                x = model(out.idx[rows_of, S:-1], out.pos[rows_of, S:-1], prefix=out.prefix(rows))
+                logp, ent = model.logprobs(x, out.targets()[rows_of, S:], 0.9, entropy=True)
+            else:
+                x = model(out.idx[rows_of, :-1], out.pos[rows_of, :-1])
+                logp, ent = model.logprobs(x, out.targets()[rows_of], 0.9, entropy=True)
+                assert not logp[:, :S].any()  # nothing of the prompt is a target
+                logp, ent = logp[:, S:], ent[:, S:]
+            (logp.sum() + ent.sum()).backward()
+            whole.append((logp, ent))
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        torch.testing.assert_close(whole[0], whole[1])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="positions"):
+        model(out.idx[:, S:-1], prefix=out.prefix())
 
 
 def test_generate_takes_several_stop_tokens_and_num_samples():
