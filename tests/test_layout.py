@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bottom first: each module may import only those before it
 ORDER = ["configurator", "data.tasks.tasks", "model", "bpe", "conversations", "autotune", "losses", "convert",
-         "quantize", "common", "posttrain"]
+         "quantize", "common", "posttrain", "webchat"]
 SCRIPTS = ["train.py", "sft.py", "reward.py", "grpo.py", "ppo.py", "dpo.py", "sample.py", "bench.py", "report.py",
            "data/tasks/prepare.py", "data/preferences/prepare.py", "data/text/prepare.py",
            "data/tiny_shakespeare/prepare.py"]
