@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import run_script
+from conftest import run_forked, run_script
 
 
 def write_log(folder, rows):
@@ -55,7 +55,7 @@ def test_the_table_and_the_times(logs):
 def test_pictures_when_matplotlib_is_there(logs):
     pytest.importorskip("matplotlib")
     out = logs / "report.md"
-    run_script("report.py", f"--out={out}", f"--figures={logs / 'fig'}", f"--pretrain_dir={logs / 'pre'}",
+    run_forked("report.py", f"--out={out}", f"--figures={logs / 'fig'}", f"--pretrain_dir={logs / 'pre'}",
                f"--sft_dirs=sft={logs / 'sft'}", f"--stages=sft={logs / 'sft'},grpo={logs / 'grpo'}")
     assert (logs / "fig" / "loss.png").stat().st_size > 1000 and (logs / "fig" / "rl.png").stat().st_size > 1000
     assert "![loss.png](fig/loss.png)" in out.read_text()
