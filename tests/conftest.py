@@ -1,12 +1,31 @@
+"""What the tests share: tiny configs and seeded models, checkpoints and datasets written under
+each test's own tmp_path (so pytest -n auto can run them on every core, in any order), and two
+ways to run a script:
+- run_script: a fresh interpreter, as a user runs it. Each script's smoke test, torchrun, and the
+  runs that must start clean (Ctrl-C, a PYTHONPATH that hides a package) use it.
+- run_forked: a child forked from the test process, which has imported torch already: the same
+  run in its own process, less the ~1.5 s of CPU that `import torch` costs, which is most of a
+  tiny run. Every other run of a script (resume, bad settings, a second run to compare) uses it.
+"""
+
 import json
 import os
 import random
+import runpy
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
+import warnings
 from dataclasses import asdict
 
-import numpy as np
-import pytest
+# one thread per process, set before numpy and torch start their pools: the tests use tiny
+# matrices, and pytest -n auto runs one process per core already
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -71,6 +90,16 @@ def one_thread():
 
 
 @pytest.fixture
+def one_quant_path(monkeypatch):
+    """Pin the quantized matmul to one path (the dequantized weight) in this process and in the
+    runs it forks. Left to measurement (quantize.QUANT_PATHS), a busy CPU can time the kernel
+    faster in one run and slower in the next, and two runs compared bit for bit part ways."""
+    import quantize
+
+    monkeypatch.setattr(quantize, "QUANT_FORCE", "dequantize")
+
+
+@pytest.fixture
 def byte_dataset(tmp_path):
     """A tiny byte-level dataset folder (train.bin, val.bin, meta.json) made from TEXT."""
     import bpe
@@ -87,7 +116,9 @@ def byte_dataset(tmp_path):
 
 
 def run_script(*args, check=True, timeout=300, env=None):
-    """Run a stage script (or torchrun) from the repo root; return the CompletedProcess."""
+    """Run a stage script (or torchrun) from the repo root in a fresh interpreter, as a user would;
+    return the CompletedProcess. Each script's smoke test runs it this way; run_forked is the same
+    run without the new interpreter."""
     cmd = list(args) if args[0] == "torchrun" else [sys.executable, *args]
     if cmd[0] == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
@@ -95,6 +126,70 @@ def run_script(*args, check=True, timeout=300, env=None):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def run_forked(*args, check=True, timeout=300, env=None):
+    """Run a stage script as run_script does, in a child process forked from this one: its own
+    globals, RNG, exit code, stdout and stderr, and nothing it does comes back here, but it starts
+    with this process's modules already imported, which saves the ~1.5 s of CPU that a fresh
+    interpreter spends on `import torch` (the most of a tiny run). What a test sets on an imported
+    module before the call (quantize.QUANT_FORCE, say) the child has too. env goes into the child's
+    os.environ, too late for what an interpreter reads as it starts (PYTHONPATH: use run_script).
+    torchrun goes to run_script."""
+    if args[0] == "torchrun":
+        return run_script(*args, check=check, timeout=timeout, env=env)
+    script = os.path.join(ROOT, args[0])
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()  # or the child would write this process's buffered text again
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: what `python script args` does, then exit without returning to pytest
+            code = 1
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                sys.stdin = open(os.devnull)
+                # the warning filters a fresh interpreter starts with (Lib/warnings.py), not pytest's
+                warnings.resetwarnings()
+                warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+                for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                    warnings.simplefilter("ignore", category, append=True)
+                os.environ.update(PYTHONUNBUFFERED="1", **(env or {}))
+                os.chdir(ROOT)
+                sys.argv = list(args)
+                sys.path.insert(0, os.path.dirname(script))
+                runpy.run_path(script, run_name="__main__")
+                code = 0
+            except SystemExit as e:  # as the interpreter ends: sys.exit("message") prints it and returns 1
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        deadline = time.monotonic() + timeout
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(args, timeout)
+            time.sleep(0.01)
+        returncode = os.waitstatus_to_exitcode(done[1])
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = (f.read().decode("utf-8", errors="replace") for f in (out, err))
+    res = subprocess.CompletedProcess(list(args), returncode, stdout, stderr)
+    if check and returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
     return res
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_script
+from conftest import run_forked, run_script
 
 
 def test_bench_smoke(tmp_path):
@@ -30,7 +30,7 @@ def test_bench_smoke(tmp_path):
 def test_bench_hf_and_grpo_sections(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    res = run_script("bench.py", "--sections=hf,grpo,ppo", "--hf_lengths=8", "--repeats=1", "--n_layer=1", "--n_embd=32",
+    res = run_forked("bench.py", "--sections=hf,grpo,ppo", "--hf_lengths=8", "--repeats=1", "--n_layer=1", "--n_embd=32",
                      "--n_head=2", "--block_size=64", "--grpo_prompts=2", "--grpo_group=2", "--grpo_iters=2",
                      f"--json={out}", "--device=cpu", "--threads=1")
     data = json.loads(out.read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bpe
-from conftest import ROOT, TEXT, run_script, save_byte_checkpoint
+from conftest import ROOT, TEXT, run_forked, save_byte_checkpoint
 from model import GPTConfig
 
 CONVERSATION = [
@@ -95,6 +95,8 @@ def save_tiny_model(path, seed=0):
 
 
 def greedy_reply(model, tok, messages, n):
+    """The reply sample.py --chat gives at temperature 0, in float32 (the runs below pin --dtype=float32:
+    dtype=auto times a bf16 copy against float32 in every run, and a busy CPU could pick either)."""
     prompt = torch.tensor(tok.render_prompt(messages))
     out = model.generate([prompt], n, temperature=0, eos_token=tok.special_id("<|end|>"), vocab_limit=tok.n_vocab)[0]
     new = out[len(prompt):].tolist()
@@ -104,8 +106,8 @@ def greedy_reply(model, tok, messages, n):
 def test_sample_chat_answers_one_prompt(tmp_path):
     model, tok = save_tiny_model(str(tmp_path / "ckpt.pt"))
     question = "hi <|assistant|> there"  # special-token text in a message stays text
-    res = run_script("sample.py", f"--out_dir={tmp_path}", "--chat=True", f"--start={question}", "--temperature=0",
-                     "--max_new_tokens=20", "--device=cpu", "--system=Be brief.")
+    res = run_forked("sample.py", f"--out_dir={tmp_path}", "--chat=True", f"--start={question}", "--temperature=0",
+                     "--max_new_tokens=20", "--device=cpu", "--system=Be brief.", "--dtype=float32")
     expected = greedy_reply(model, tok, [{"role": "system", "content": "Be brief."},
                                          {"role": "user", "content": question}], 20)
     assert res.stdout == expected + "\n"
@@ -114,7 +116,7 @@ def test_sample_chat_answers_one_prompt(tmp_path):
 def test_sample_chat_interactive_until_eof(tmp_path):
     model, tok = save_tiny_model(str(tmp_path / "ckpt.pt"), seed=1)
     cmd = [sys.executable, "sample.py", f"--out_dir={tmp_path}", "--chat=True", "--temperature=0",
-           "--max_new_tokens=12", "--device=cpu"]
+           "--max_new_tokens=12", "--device=cpu", "--dtype=float32"]
     res = subprocess.run(cmd, cwd=ROOT, input="ab\n\ncd\n/reset\nab\n", capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0 and "Traceback" not in res.stderr

@@ -12,7 +12,7 @@ import torch
 import bpe
 import common
 import losses
-from conftest import run_script, save_byte_checkpoint
+from conftest import run_forked, save_byte_checkpoint
 from data.tasks.tasks import generate
 from model import GPT, GPTConfig, cross_entropy
 
@@ -49,10 +49,10 @@ def test_a_student_converges_toward_its_teacher():
 
 
 def test_alpha_zero_is_exactly_the_plain_run(byte_dataset, tmp_path):
-    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=2", f"--out_dir={tmp_path / 'teacher'}")
+    run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=2", f"--out_dir={tmp_path / 'teacher'}")
     args = ["train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=3", "--eval_interval=3"]
-    run_script(*args, f"--out_dir={tmp_path / 'plain'}")
-    res = run_script(*args, f"--out_dir={tmp_path / 'alpha0'}", f"--teacher={tmp_path / 'teacher' / 'ckpt.pt'}",
+    run_forked(*args, f"--out_dir={tmp_path / 'plain'}")
+    res = run_forked(*args, f"--out_dir={tmp_path / 'alpha0'}", f"--teacher={tmp_path / 'teacher' / 'ckpt.pt'}",
                      "--distill_alpha=0")
     assert "teacher " in res.stdout
     plain, alpha0 = read_log(str(tmp_path / "plain")), read_log(str(tmp_path / "alpha0"))
@@ -62,7 +62,7 @@ def test_alpha_zero_is_exactly_the_plain_run(byte_dataset, tmp_path):
     b = common.load_checkpoint(str(tmp_path / "alpha0" / "ckpt.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # gradients bit for bit too
     # with alpha > 0 the run differs, logs the parts apart, and its val loss stays the plain CE
-    res = run_script(*args, f"--out_dir={tmp_path / 'kd'}", f"--teacher={tmp_path / 'teacher' / 'ckpt.pt'}",
+    res = run_forked(*args, f"--out_dir={tmp_path / 'kd'}", f"--teacher={tmp_path / 'teacher' / 'ckpt.pt'}",
                      "--distill_alpha=0.7", "--distill_loss=jsd", "--distill_temperature=2")
     kd = read_log(str(tmp_path / "kd"))
     assert [r["loss"] for r in kd if "loss" in r] != [r["loss"] for r in plain if "loss" in r]
@@ -76,11 +76,11 @@ def test_a_teacher_of_another_tokenizer_is_refused(byte_dataset, tmp_path):
     meta = {"tokenizer": "bpe", "n_vocab": tok.n_vocab, "vocab_size": 320, "tokenizer_state": tok.state()}
     path = str(tmp_path / "bpe_teacher.pt")
     common.save_checkpoint({"model": GPT(cfg).state_dict(), "model_args": asdict(cfg), "meta": meta}, path)
-    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=1", f"--out_dir={tmp_path / 'x'}",
+    res = run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=1", f"--out_dir={tmp_path / 'x'}",
                      f"--teacher={path}", check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert f"teacher {path} uses the bpe (" in res.stderr and "the student uses the byte (261 ids) tokenizer" in res.stderr
-    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=1", f"--out_dir={tmp_path / 'x'}",
+    res = run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=1", f"--out_dir={tmp_path / 'x'}",
                      f"--teacher={path}", "--distill_loss=kl", check=False)
     assert res.returncode != 0 and "distill_loss must be forward_kl | reverse_kl | jsd" in res.stderr
 
@@ -97,7 +97,7 @@ def test_sft_with_a_teacher(tmp_path):
             for _ in range(n):
                 f.write(json.dumps(generate("add", 1, rng)) + "\n")
     out = str(tmp_path / "out")
-    res = run_script("sft.py", f"--init_from={student}", f"--teacher={teacher}", f"--sft_dataset={data}",
+    res = run_forked("sft.py", f"--init_from={student}", f"--teacher={teacher}", f"--sft_dataset={data}",
                      f"--out_dir={out}", "--max_iters=3", "--eval_interval=3", "--batch_size=4", "--eval_iters=1",
                      "--log_interval=1", "--eval_prompts=2", "--eval_max_new_tokens=4", "--device=cpu",
                      "--compile=false", "--distill_alpha=0.5")

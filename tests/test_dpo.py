@@ -15,7 +15,7 @@ import torch
 import bpe
 import common
 import conversations
-from conftest import run_script, save_byte_checkpoint
+from conftest import run_forked, run_script, save_byte_checkpoint
 from data.tasks.tasks import generate
 from model import GPTConfig
 
@@ -67,11 +67,10 @@ def dpo_setup(tmp_path):
     return base, folders, str(tasks), tmp_path
 
 
-def dpo(setup, out, *args, check=True, folders=None):
+def dpo(setup, out, *args, check=True, folders=None, run=run_forked):
     base, all_folders, tasks, _ = setup
-    return run_script("dpo.py", *TINY, f"--init_from={base}", f"--prompt_dataset={tasks}",
-                      f"--preference_dataset={','.join(folders or all_folders)}", f"--out_dir={out}", *args,
-                      check=check)
+    return run("dpo.py", *TINY, f"--init_from={base}", f"--prompt_dataset={tasks}",
+               f"--preference_dataset={','.join(folders or all_folders)}", f"--out_dir={out}", *args, check=check)
 
 
 def summed_reply_logps(model, convs, prompt_too=False):
@@ -141,7 +140,7 @@ def test_policy_is_its_reference_at_the_start_and_precomputed_equals_live(dpo_se
 def test_script_end_to_end(dpo_setup):
     base, folders, tasks, tmp = dpo_setup
     out = str(tmp / "out")
-    res = dpo(dpo_setup, out, "--max_iters=4", "--eval_interval=2", "--sft_coef=0.5")
+    res = dpo(dpo_setup, out, "--max_iters=4", "--eval_interval=2", "--sft_coef=0.5", run=run_script)
     assert "rules/train.jsonl: 24 pairs; left out 0 with chosen == rejected" in res.stdout
     rows = read_log(out)
     steps = [r for r in rows if "loss" in r]
@@ -156,7 +155,7 @@ def test_script_end_to_end(dpo_setup):
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["stage"] == "dpo" and ckpt["reference"] == base and ckpt["iter_num"] == 4
     assert ckpt["config"]["sft_coef"] == 0.5 and "=== iter 4" in open(os.path.join(out, "samples.txt")).read()
-    res = run_script("sample.py", f"--out_dir={out}", "--chat=True", "--start=What is 1 + 2?", "--temperature=0",
+    res = run_forked("sample.py", f"--out_dir={out}", "--chat=True", "--start=What is 1 + 2?", "--temperature=0",
                      "--max_new_tokens=4", "--device=cpu")
     assert res.returncode == 0
     # measure the checkpoint: its pairs against the reference it was trained from, not against itself
@@ -251,7 +250,7 @@ def test_a_toy_preference_dpo_learns_in_seconds(tmp_path):
     write_jsonl(folder / "train.jsonl", rows)
     write_jsonl(folder / "val.jsonl", rows)
     out = str(tmp_path / "out")
-    run_script("dpo.py", f"--init_from={base}", f"--preference_dataset={folder}", f"--out_dir={out}",
+    run_forked("dpo.py", f"--init_from={base}", f"--preference_dataset={folder}", f"--out_dir={out}",
                "--batch_size=16", "--max_iters=20", "--eval_interval=20", "--eval_pairs=0", "--eval_prompts=0",
                "--pass_k_prompts=0", "--prompt_dataset=", "--rl_tasks=", "--learning_rate=3e-3",
                "--warmup_iters=1", "--beta=0.5", "--device=cpu", "--compile=false")

@@ -10,7 +10,7 @@ import torch
 
 import common
 import posttrain
-from conftest import read_log, run_script
+from conftest import read_log, run_forked, run_script
 from model import GPT, GPTConfig
 
 # dtype=float32: dtype=auto times float32 against bf16 in every run, and runs compared bit for bit
@@ -20,9 +20,9 @@ TINY = ["--prompts_per_iter=4", "--group_size=4", "--max_new_tokens=6", "--log_i
         "--eval_max_new_tokens=6", "--learning_rate=1e-3", "--rl_tasks=", "--dtype=float32"]
 
 
-def grpo(base, data, out, *args, check=True):
-    return run_script("grpo.py", *TINY, f"--init_from={base}", f"--prompt_dataset={data}", f"--out_dir={out}", *args,
-                      check=check)
+def grpo(base, data, out, *args, check=True, run=run_forked):
+    return run("grpo.py", *TINY, f"--init_from={base}", f"--prompt_dataset={data}", f"--out_dir={out}", *args,
+               check=check)
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def ab_setup(ab_policy):
 def test_a_toy_task_where_grpo_raises_the_reward(ab_setup):
     base, args, tmp = ab_setup
     out = str(tmp / "out")
-    run_script("grpo.py", *args, f"--out_dir={out}", "--kl_coef=0", "--learning_rate=1e-2", "--max_iters=12")
+    run_forked("grpo.py", *args, f"--out_dir={out}", "--kl_coef=0", "--learning_rate=1e-2", "--max_iters=12")
     rewards = [r["reward"] for r in read_log(out) if "reward" in r]
     assert len(rewards) == 12
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
@@ -50,7 +50,7 @@ def test_grpo_raises_the_share_of_a_rare_but_rewarded_first_token(rare_policy):
     # groups with one of them are what GRPO learns from, and the share of a-first replies climbs
     base, data, tmp = rare_policy
     out = str(tmp / "out")
-    run_script("grpo.py", f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=4",
+    run_forked("grpo.py", f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=4",
                "--group_size=8", "--max_new_tokens=6", "--reward=exact", "--kl_coef=0", "--learning_rate=1e-2",
                "--warmup_iters=1", "--max_iters=6", "--eval_interval=100", "--eval_prompts=0", "--pass_k_prompts=0",
                "--device=cpu", "--compile=false", f"--out_dir={out}")
@@ -61,7 +61,7 @@ def test_grpo_raises_the_share_of_a_rare_but_rewarded_first_token(rare_policy):
 def test_lora_policy_uses_its_base_as_the_reference(ab_setup):
     base, args, tmp = ab_setup
     out = str(tmp / "lora")
-    res = run_script("grpo.py", *args, f"--out_dir={out}", "--max_iters=3", "--lora_rank=4", "--lora_targets=attn",
+    res = run_forked("grpo.py", *args, f"--out_dir={out}", "--max_iters=3", "--lora_rank=4", "--lora_targets=attn",
                      "--learning_rate=1e-2")
     assert "reference: the policy with adapters off" in res.stdout
     steps = [r for r in read_log(out) if "reward" in r]
@@ -75,7 +75,8 @@ def test_lora_policy_uses_its_base_as_the_reference(ab_setup):
 def test_script_end_to_end(rl_setup):
     base, data, tmp = rl_setup
     out = str(tmp / "out")
-    res = grpo(base, data, out, "--max_iters=4", "--eval_interval=2", "--warmup_iters=3", "--decay_lr=false")
+    res = grpo(base, data, out, "--max_iters=4", "--eval_interval=2", "--warmup_iters=3", "--decay_lr=false",
+               run=run_script)
     assert "prompts: add/1 10, add/2 10, copy/1 10, copy/2 10; dev 12, test 8" in res.stdout and "reference: " + base in res.stdout
     rows = read_log(out)
     steps = [r for r in rows if "reward" in r]
@@ -95,7 +96,7 @@ def test_script_end_to_end(rl_setup):
     test = [r for r in rows if "of" in r]
     assert len(test) == 1 and test[0]["iter"] == 4 and test[0]["n/add/1"] == 2 and "se/copy/2" in test[0]
     assert "test, 8 prompts, " in res.stdout
-    res = run_script("sample.py", f"--out_dir={out}", "--chat=True", "--start=What is 1 + 2?", "--temperature=0",
+    res = run_forked("sample.py", f"--out_dir={out}", "--chat=True", "--start=What is 1 + 2?", "--temperature=0",
                      "--max_new_tokens=4", "--device=cpu")
     assert res.returncode == 0
 

@@ -21,7 +21,7 @@ pytest.importorskip("safetensors")
 
 import bpe  # noqa: E402
 import common  # noqa: E402
-from conftest import TEXT, run_script, save_byte_checkpoint  # noqa: E402
+from conftest import TEXT, run_forked, save_byte_checkpoint  # noqa: E402
 from convert import (config_from_hf, from_hf, hf_architecture, save_hf, save_hf_tokenizer,  # noqa: E402
                      tokenizer_from_hf)
 from model import GPT, GPTConfig, apply_rope, rope_cos_sin  # noqa: E402
@@ -478,15 +478,16 @@ def test_sample_py_reads_a_folder_and_exports_one(tmp_path, trained):
     theirs = gpt2_folder_with_tokenizer(folder, trained)
     tok = tokenizer_from_hf(folder)
     prompt = "First Citizen:"
-    res = run_script("sample.py", f"--init_from={folder}", f"--start={prompt}", "--num_samples=1",
-                     "--max_new_tokens=12", "--temperature=0", "--device=cpu")
+    # float32, as transformers computes here (dtype=auto could time a bf16 copy faster)
+    res = run_forked("sample.py", f"--init_from={folder}", f"--start={prompt}", "--num_samples=1",
+                     "--max_new_tokens=12", "--temperature=0", "--device=cpu", "--dtype=float32")
     ids = torch.tensor([tok.encode(prompt)])
     expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     assert res.stdout.startswith(tok.decode(expected[0].tolist()))
     # ours (a byte tokenizer with the chat tokens) -> a folder transformers loads, with its tokenizer
     cfg = GPTConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32, n_kv_head=1)
     ours, byte_tok = save_byte_checkpoint(str(tmp_path / "ckpt.pt"), cfg)
-    res = run_script("sample.py", f"--out_dir={tmp_path}", f"--export_hf={tmp_path / 'hf'}", "--device=cpu")
+    res = run_forked("sample.py", f"--out_dir={tmp_path}", f"--export_hf={tmp_path / 'hf'}", "--device=cpu")
     assert "LlamaForCausalLM" in res.stderr and "tokenizer.json" in res.stderr
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

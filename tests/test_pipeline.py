@@ -4,6 +4,8 @@ skips what is done; a stage that fails stops the pipeline with its name, and the
 import os
 import subprocess
 
+import pytest
+
 from conftest import ROOT
 
 STAGES = "data pretrain sft pairs reward grpo ppo dpo sft_cot grpo_cot report"
@@ -15,6 +17,7 @@ def pipeline(out, byte_dataset, stages=STAGES, **env):
     return subprocess.run(["bash", "pipeline.sh"], cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=900)
 
 
+@pytest.mark.slow  # ten stages, each a fresh interpreter: about 35 s of one core alone
 def test_every_stage_runs_and_a_second_run_skips_them(byte_dataset, tmp_path):
     out = tmp_path / "run"
     res = pipeline(out, byte_dataset)

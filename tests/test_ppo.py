@@ -11,7 +11,7 @@ import torch
 
 import common
 import losses
-from conftest import build, read_log, run_script, tiny
+from conftest import build, read_log, run_forked, run_script, tiny
 from model import GPT, GPTConfig
 
 # dtype=float32: dtype=auto times float32 against bf16 in every run, and runs compared bit for bit
@@ -21,9 +21,9 @@ TINY = ["--prompts_per_iter=8", "--max_new_tokens=6", "--log_interval=1", "--war
         "--learning_rate=1e-3", "--rl_tasks=", "--dtype=float32"]
 
 
-def ppo(base, data, out, *args, check=True):
-    return run_script("ppo.py", *TINY, f"--init_from={base}", f"--prompt_dataset={data}", f"--out_dir={out}", *args,
-                      check=check)
+def ppo(base, data, out, *args, check=True, run=run_forked):
+    return run("ppo.py", *TINY, f"--init_from={base}", f"--prompt_dataset={data}", f"--out_dir={out}", *args,
+               check=check)
 
 
 def steps_of(out):
@@ -84,7 +84,7 @@ def test_the_value_head_reads_every_completion_position_as_each_row_alone():
 def test_a_toy_task_where_ppo_raises_the_reward(ab_policy):
     base, data, tmp = ab_policy
     out = str(tmp / "out")
-    run_script("ppo.py", f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=16",
+    run_forked("ppo.py", f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=16",
                "--max_new_tokens=8", "--warmup_iters=1", "--eval_interval=100", "--eval_prompts=0",
                "--pass_k_prompts=0", "--device=cpu", "--compile=false", f"--out_dir={out}", "--kl_coef=0.01",
                "--learning_rate=1e-2", "--max_iters=10", "--ppo_epochs=2", "--num_minibatches=2")
@@ -98,7 +98,8 @@ def test_a_toy_task_where_ppo_raises_the_reward(ab_policy):
 def test_script_end_to_end_first_update_on_policy_and_a_plain_checkpoint(rl_setup):
     base, data, tmp = rl_setup
     out = str(tmp / "out")
-    res = ppo(base, data, out, "--max_iters=4", "--eval_interval=2", "--ppo_epochs=1", "--num_minibatches=1")
+    res = ppo(base, data, out, "--max_iters=4", "--eval_interval=2", "--ppo_epochs=1", "--num_minibatches=1",
+              run=run_script)
     assert "prompts: add/1 10, add/2 10, copy/1 10, copy/2 10; dev 12, test 8" in res.stdout and f"reference: {base}; value: a head on the policy" in res.stdout
     rows = read_log(out)
     steps, evals = steps_of(out), [r for r in rows if "err_rl" in r]
@@ -119,7 +120,7 @@ def test_script_end_to_end_first_update_on_policy_and_a_plain_checkpoint(rl_setu
     assert set(ckpt["value_head"]) == {"weight", "bias"} and ckpt["kl_coef"] == 0.05
     GPT(GPTConfig(**ckpt["model_args"])).load_state_dict(ckpt["model"])  # strict
     assert "=== iter 4" in open(os.path.join(out, "samples.txt")).read()
-    run_script("sample.py", f"--ckpt={os.path.join(out, 'ckpt.pt')}", "--chat=True", "--start=What is 1 + 2?",
+    run_forked("sample.py", f"--ckpt={os.path.join(out, 'ckpt.pt')}", "--chat=True", "--start=What is 1 + 2?",
                "--temperature=0", "--max_new_tokens=4", "--device=cpu")
 
 
@@ -165,7 +166,7 @@ def test_resume_is_bit_identical_with_several_passes_and_minibatches(rl_setup):
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_a_lora_policy_resumes_exactly_with_its_adapters_unmerged(rl_setup, quantize):
+def test_a_lora_policy_resumes_exactly_with_its_adapters_unmerged(rl_setup, quantize, one_quant_path):
     # a resume must keep the adapters as adapters (the optimizer state is theirs), quantized or not
     base, data, tmp = rl_setup
     args = ["--lora_rank=2", f"--quantize={quantize}", "--eval_interval=2", "--eval_prompts=0", "--pass_k_prompts=0"]

@@ -16,7 +16,7 @@ import torch
 import common
 import model as model_module
 import quantize
-from conftest import build, run_script, save_byte_checkpoint, tiny
+from conftest import build, run_forked, save_byte_checkpoint, tiny
 from convert import to_hf
 from model import GPT, adapters_off, is_lora_key, load_base_weights, lora_layers, merge_lora, unmerge_lora
 from quantize import (QuantizedWeight, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
@@ -401,52 +401,52 @@ def test_refused_settings_say_why():
 # scripts and bench sections
 
 
-def test_sample_quantizes_at_load_and_exports_a_quantized_checkpoint(tmp_path):
+def test_sample_quantizes_at_load_and_exports_a_quantized_checkpoint(tmp_path, one_quant_path):
     cfg = tiny(vocab_size=320, block_size=64, n_embd=64, n_head=2)
     model, tok = save_byte_checkpoint(str(tmp_path / "ckpt.pt"), cfg)
     prompt = "hello "
     ids = torch.tensor([tok.encode(prompt)])
     args = ["sample.py", f"--out_dir={tmp_path}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=30",
-            "--temperature=0", "--device=cpu", "--quantize=int4", "--quant_group_size=32"]
-    res = run_script(*args)
+            "--temperature=0", "--device=cpu", "--dtype=float32", "--quantize=int4", "--quant_group_size=32"]
+    res = run_forked(*args)
     quantized = GPT(cfg)
     quantized.load_state_dict(model.state_dict())
     quantize.quantize(quantized, 4, 32)
     expected = tok.decode_bytes(quantized.generate(ids, 30, temperature=0)[0].tolist()).decode("utf-8", errors="replace")
     assert res.stdout.startswith(expected) and "int4 weights in groups of 32" in res.stderr
     out = str(tmp_path / "int4.pt")
-    run_script(*args, f"--export_quantized={out}")
+    run_forked(*args, f"--export_quantized={out}")
     assert os.path.getsize(out) < 0.5 * os.path.getsize(tmp_path / "ckpt.pt")
-    again = run_script("sample.py", f"--ckpt={out}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=30",
-                       "--temperature=0", "--device=cpu")
+    again = run_forked("sample.py", f"--ckpt={out}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=30",
+                       "--temperature=0", "--device=cpu", "--dtype=float32")
     assert again.stdout == res.stdout
-    res = run_script("sample.py", f"--ckpt={out}", "--quantize=int8", "--device=cpu", check=False)
+    res = run_forked("sample.py", f"--ckpt={out}", "--quantize=int8", "--device=cpu", check=False)
     assert res.returncode == 1 and "stored as int4" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_train_eval_only_and_qlora_fine_tune(byte_dataset, tmp_path):
     base = str(tmp_path / "base")
-    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=4", f"--out_dir={base}")
+    run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=4", f"--out_dir={base}")
     losses = {}
     for q in ("none", "int8", "int4"):
         out = str(tmp_path / f"eval-{q}")
-        run_script("train.py", *TINY, f"--dataset={byte_dataset}", f"--init_from={base}/ckpt.pt", "--eval_only=True",
+        run_forked("train.py", *TINY, f"--dataset={byte_dataset}", f"--init_from={base}/ckpt.pt", "--eval_only=True",
                    f"--quantize={q}", "--quant_group_size=32", f"--out_dir={out}")
         losses[q] = read_log(out)[-1]["val_loss"]
     assert losses["none"] != losses["int8"] and abs(losses["int8"] - losses["none"]) < 0.01
     assert abs(losses["int4"] - losses["none"]) < 0.1
-    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", f"--init_from={base}/ckpt.pt",
+    res = run_forked("train.py", *TINY, f"--dataset={byte_dataset}", f"--init_from={base}/ckpt.pt",
                      "--quantize=int8", "--max_iters=1", f"--out_dir={tmp_path / 'no'}", check=False)
     assert res.returncode == 1 and "trains only with adapters" in res.stderr
     qlora_dir = str(tmp_path / "qlora")
-    run_script("train.py", *TINY, f"--dataset={byte_dataset}", f"--init_from={base}/ckpt.pt", "--quantize=int4",
+    run_forked("train.py", *TINY, f"--dataset={byte_dataset}", f"--init_from={base}/ckpt.pt", "--quantize=int4",
                "--quant_group_size=32", "--lora_rank=4", "--lora_targets=attn", "--learning_rate=1e-2",
                "--max_iters=4", "--eval_interval=2", "--grad_checkpointing=True", f"--out_dir={qlora_dir}")
     ckpt = common.load_checkpoint(os.path.join(qlora_dir, "ckpt.pt"))
     assert ckpt["quantization"]["bits"] == 4 and ckpt["quantization"]["group_size"] == 32
     best = common.load_checkpoint(os.path.join(qlora_dir, "best.pt"))
     assert best["quantization"] is None and best["model_args"]["lora_rank"] == 0  # merged, dequantized
-    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--init_from=resume", "--max_iters=6",
+    run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--init_from=resume", "--max_iters=6",
                "--eval_interval=2", f"--out_dir={qlora_dir}")
     resumed = common.load_checkpoint(os.path.join(qlora_dir, "ckpt.pt"))
     assert resumed["iter_num"] == 6
@@ -471,7 +471,7 @@ def test_sft_qlora_and_a_quantized_eval(sft_setup):  # noqa: F811  (the fixture 
 
 def test_bench_quant_and_qlora_memory_sections(tmp_path):
     out = tmp_path / "bench.json"
-    run_script("bench.py", "--sections=quant,qlora_memory", "--quant_shapes=1x2x32:65,2x2x64:65",
+    run_forked("bench.py", "--sections=quant,qlora_memory", "--quant_shapes=1x2x32:65,2x2x64:65",
                "--quant_new_tokens=6", "--quant_group_size=32", "--memory_shape=1x2x32:65", "--memory_batch=2",
                "--memory_block=16", "--memory_steps=1", "--repeats=1", "--block_size=64", "--device=cpu",
                f"--json={out}")

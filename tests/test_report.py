@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import run_script
+from conftest import run_forked, run_script
 
 
 def write_log(folder, rows):
@@ -58,7 +58,7 @@ def test_pictures_when_matplotlib_is_there(logs):
     write_log(logs / "pre", [{"iter": 10, "loss": 2.0, "load": [[0.6, 0.4], [0.5, 0.5]]},
                              {"iter": 20, "loss": 1.5, "load": [[0.55, 0.45], [0.5, 0.5]]}])
     out = logs / "report.md"
-    run_script("report.py", f"--out={out}", f"--figures={logs / 'fig'}", f"--pretrain_dir={logs / 'pre'}",
+    run_forked("report.py", f"--out={out}", f"--figures={logs / 'fig'}", f"--pretrain_dir={logs / 'pre'}",
                f"--sft_dirs=sft={logs / 'sft'}", f"--stages=sft={logs / 'sft'},grpo={logs / 'grpo'}")
     assert (logs / "fig" / "loss.png").stat().st_size > 1000 and (logs / "fig" / "rl.png").stat().st_size > 1000
     assert "![loss.png](fig/loss.png)" in out.read_text()

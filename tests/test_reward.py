@@ -15,7 +15,7 @@ import common
 import conversations
 import losses
 import posttrain
-from conftest import run_script, save_byte_checkpoint
+from conftest import run_forked, run_script, save_byte_checkpoint
 from data.tasks.tasks import generate, score
 from model import GPT, GPTConfig
 
@@ -100,7 +100,7 @@ def test_the_reply_mask_is_the_final_reply_only_in_a_multi_turn_prompt():
 
 def test_rules_pairs_are_near_misses_of_the_reference(tmp_path):
     data = tmp_path / "tasks"
-    run_script("data/tasks/prepare.py", "--train_per_cell=30", "--val_per_cell=5", f"--out_dir={data}")
+    run_forked("data/tasks/prepare.py", "--train_per_cell=30", "--val_per_cell=5", f"--out_dir={data}")
     out = tmp_path / "rules"
     res = run_script("data/preferences/prepare.py", "--source=rules", f"--tasks_dir={data}", f"--out_dir={out}",
                      "--train_prompts_per_cell=10")
@@ -115,7 +115,7 @@ def test_rules_pairs_are_near_misses_of_the_reference(tmp_path):
                 assert row["rejected"].isdigit()
     # deterministic
     again = tmp_path / "again"
-    run_script("data/preferences/prepare.py", "--source=rules", f"--tasks_dir={data}", f"--out_dir={again}",
+    run_forked("data/preferences/prepare.py", "--source=rules", f"--tasks_dir={data}", f"--out_dir={again}",
                "--train_prompts_per_cell=10")
     assert (out / "train.jsonl").read_bytes() == (again / "train.jsonl").read_bytes()
     # val prompts are data/tasks's held-out ones
@@ -125,12 +125,12 @@ def test_rules_pairs_are_near_misses_of_the_reference(tmp_path):
 
 def test_policy_pairs_come_from_the_model_s_samples(tmp_path):
     data = tmp_path / "tasks"
-    run_script("data/tasks/prepare.py", "--tasks=add,copy", "--difficulties=1", "--train_per_cell=20",
+    run_forked("data/tasks/prepare.py", "--tasks=add,copy", "--difficulties=1", "--train_per_cell=20",
                "--val_per_cell=4", f"--out_dir={data}")
     ckpt = str(tmp_path / "sft.pt")
     save_byte_checkpoint(ckpt, GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=32))
     out = tmp_path / "policy"
-    res = run_script("data/preferences/prepare.py", "--source=policy", f"--init_from={ckpt}", f"--tasks_dir={data}",
+    res = run_forked("data/preferences/prepare.py", "--source=policy", f"--init_from={ckpt}", f"--tasks_dir={data}",
                      f"--out_dir={out}", "--train_prompts_per_cell=6", "--samples_per_prompt=4", "--max_new_tokens=4",
                      "--cells=add/1", "--device=cpu")
     assert "train: 6 prompts," in res.stdout and "val: 4 prompts," in res.stdout
@@ -139,7 +139,7 @@ def test_policy_pairs_come_from_the_model_s_samples(tmp_path):
         ex = {"answer": row["answer"], "task": row["task"]}
         assert row["task"] == "add" and score(ex, row["chosen"]) > score(ex, row["rejected"])
         assert row["margin"] == pytest.approx(score(ex, row["chosen"]) - score(ex, row["rejected"]), abs=1e-4)
-    res = run_script("data/preferences/prepare.py", "--source=policy", f"--init_from={ckpt}", f"--tasks_dir={data}",
+    res = run_forked("data/preferences/prepare.py", "--source=policy", f"--init_from={ckpt}", f"--tasks_dir={data}",
                      f"--out_dir={out}", "--cells=sort/2", check=False)
     assert res.returncode != 0 and "cells ['sort/2'] are not in" in res.stderr
 
@@ -222,15 +222,15 @@ def reward_setup(tmp_path):
     return base, folders, tmp_path
 
 
-def reward(base, folders, out, *args, check=True):
-    return run_script("reward.py", *TINY, f"--init_from={base}", f"--preference_dataset={','.join(folders)}",
-                      f"--out_dir={out}", *args, check=check)
+def reward(base, folders, out, *args, check=True, run=run_forked):
+    return run("reward.py", *TINY, f"--init_from={base}", f"--preference_dataset={','.join(folders)}",
+               f"--out_dir={out}", *args, check=check)
 
 
 def test_script_end_to_end(reward_setup):
     base, folders, tmp = reward_setup
     out = str(tmp / "out")
-    res = reward(base, folders, out, "--max_iters=6", "--eval_interval=3", "--center_coef=0.01")
+    res = reward(base, folders, out, "--max_iters=6", "--eval_interval=3", "--center_coef=0.01", run=run_script)
     assert "rules/train.jsonl: 48 pairs; left out 0 with chosen == rejected" in res.stdout
     rows = read_log(out)
     steps = [r for r in rows if "loss" in r]
@@ -279,7 +279,7 @@ def test_two_processes_agree(reward_setup):
                      f"--preference_dataset={folders[0]}", f"--out_dir={tmp / 'ddp'}", "--max_iters=3",
                      "--eval_interval=3", "--gradient_accumulation_steps=2")
     assert "parameters identical on all 2 processes" in res.stdout
-    one = run_script("reward.py", *TINY, f"--init_from={base}", f"--preference_dataset={folders[0]}",
+    one = run_forked("reward.py", *TINY, f"--init_from={base}", f"--preference_dataset={folders[0]}",
                      f"--out_dir={tmp / 'one'}", "--max_iters=3", "--eval_interval=3", "--batch_size=8")
     assert one.returncode == 0
     a, b = read_log(str(tmp / "one")), read_log(str(tmp / "ddp"))

@@ -4,8 +4,11 @@ import pickle
 
 import torch
 
-from conftest import run_script, save_byte_checkpoint
+from conftest import run_forked, run_script, save_byte_checkpoint
 from model import GPT, GPTConfig
+
+# dtype=float32 where the text is compared: on a CPU with bf16 instructions dtype=auto times a bf16
+# copy against float32 in every run, and a busy CPU could pick either
 
 
 def test_samples_our_checkpoint_greedy(tmp_path):
@@ -13,7 +16,7 @@ def test_samples_our_checkpoint_greedy(tmp_path):
     model, tok = save_byte_checkpoint(str(tmp_path / "ckpt.pt"), cfg)
     prompt = "héllo ✓ "
     res = run_script("sample.py", f"--out_dir={tmp_path}", f"--start={prompt}", "--num_samples=1",
-                     "--max_new_tokens=40", "--temperature=0", "--device=cpu")
+                     "--max_new_tokens=40", "--temperature=0", "--device=cpu", "--dtype=float32")
     ids = model.generate(torch.tensor([tok.encode(prompt)]), 40, temperature=0)[0].tolist()
     expected = tok.decode_bytes(ids).decode("utf-8", errors="replace")
     assert res.stdout.startswith(expected)
@@ -24,9 +27,10 @@ def test_rolling_cache_samples_past_block_size(tmp_path):
     # past block_size the rolling cache must give exactly the text of the full recompute
     cfg = GPTConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_embd=16, sliding_window=8, n_sink=2)
     save_byte_checkpoint(str(tmp_path / "ckpt.pt"), cfg)
-    args = ["sample.py", f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=100", "--device=cpu"]
-    cached = run_script(*args)
-    full = run_script(*args, "--use_cache=false")
+    args = ["sample.py", f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=100", "--device=cpu",
+            "--dtype=float32"]
+    cached = run_forked(*args)
+    full = run_forked(*args, "--use_cache=false")
     assert "100 tokens" in cached.stderr and cached.stdout == full.stdout
     assert len(cached.stdout) > 100
 
@@ -55,25 +59,26 @@ def test_nanogpt_checkpoint_matches_the_same_weights_in_our_model(tmp_path):
     with open(tmp_path / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": 20, "stoi": {c: i for i, c in enumerate(chars)},
                      "itos": {i: c for i, c in enumerate(chars)}}, f)
-    res = run_script("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--nanogpt_meta={tmp_path / 'meta.pkl'}",
-                     "--start=abc", "--num_samples=1", "--max_new_tokens=30", "--temperature=0", "--device=cpu")
+    res = run_forked("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--nanogpt_meta={tmp_path / 'meta.pkl'}",
+                     "--start=abc", "--num_samples=1", "--max_new_tokens=30", "--temperature=0", "--device=cpu",
+                     "--dtype=float32")
     ids = ours.generate(torch.tensor([[chars.index(c) for c in "abc"]]), 30, temperature=0)[0]
     assert res.stdout.startswith("".join(chars[i] for i in ids))
-    res = run_script("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--nanogpt_meta={tmp_path / 'meta.pkl'}",
+    res = run_forked("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--nanogpt_meta={tmp_path / 'meta.pkl'}",
                      "--start=xyz", "--device=cpu", check=False)
     assert res.returncode == 1 and "characters the model's vocabulary lacks" in res.stderr
 
 
 def test_clear_errors(tmp_path):
-    res = run_script("sample.py", f"--out_dir={tmp_path / 'nope'}", check=False)
+    res = run_forked("sample.py", f"--out_dir={tmp_path / 'nope'}", check=False)
     assert res.returncode == 1 and "does not exist" in res.stderr and "Traceback" not in res.stderr
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
-    res = run_script("sample.py", f"--out_dir={tmp_path}", check=False)
+    res = run_forked("sample.py", f"--out_dir={tmp_path}", check=False)
     assert res.returncode == 1 and "damaged or not a checkpoint" in res.stderr and "Traceback" not in res.stderr
     save_byte_checkpoint(str(tmp_path / "ckpt.pt"), GPTConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    res = run_script("sample.py", f"--out_dir={tmp_path}", "--top_p=2", check=False)
+    res = run_forked("sample.py", f"--out_dir={tmp_path}", "--top_p=2", check=False)
     assert res.returncode == 1 and "top_p" in res.stderr
-    res = run_script("sample.py", f"--out_dir={tmp_path}", "--start=<|endoftext|>", "--max_new_tokens=2",
+    res = run_forked("sample.py", f"--out_dir={tmp_path}", "--start=<|endoftext|>", "--max_new_tokens=2",
                      "--num_samples=1", "--device=cpu")
     assert "encoding them as plain text" in res.stderr
     assert res.stdout.startswith("<|endoftext|>")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import bpe
 import common
 import conversations
-from conftest import run_script
+from conftest import run_forked, run_script
 from data.tasks.tasks import generate
 from model import GPT, GPTConfig, load_base_weights, load_lora_state_dict
 
@@ -58,15 +58,15 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-def sft(base, data, out, *args, check=True):
-    return run_script("sft.py", *TINY, f"--init_from={base}", f"--sft_dataset={data}", f"--out_dir={out}", *args,
-                      check=check)
+def sft(base, data, out, *args, check=True, run=run_forked):
+    return run("sft.py", *TINY, f"--init_from={base}", f"--sft_dataset={data}", f"--out_dir={out}", *args,
+               check=check)
 
 
 def test_script_end_to_end_and_sample_chat(sft_setup):
     base, data, tmp = sft_setup
     out = str(tmp / "out")
-    res = sft(base, data, out, "--max_iters=6", "--eval_interval=3")
+    res = sft(base, data, out, "--max_iters=6", "--eval_interval=3", run=run_script)
     assert "train: 76 conversations" in res.stdout and "dropped 1 longer than block_size + 1 = 49 tokens" in res.stdout
     assert "val: 12 conversations" in res.stdout and "1 blank lines" in res.stdout
     rows = read_log(out)
@@ -90,7 +90,7 @@ def test_script_end_to_end_and_sample_chat(sft_setup):
     assert after[: len(rows)] == rows and len(after) == len(rows) + 2 and "em" in after[-1]
     assert open(os.path.join(out, "samples.txt")).read().startswith(samples)
     # sample.py loads the SFT checkpoint unchanged and chats with it
-    res = run_script("sample.py", f"--ckpt={out}/ckpt.pt", "--chat=True", "--start=What is 1 + 2?",
+    res = run_forked("sample.py", f"--ckpt={out}/ckpt.pt", "--chat=True", "--start=What is 1 + 2?",
                      "--temperature=0", "--max_new_tokens=8", "--device=cpu")
     assert res.returncode == 0 and res.stdout.endswith("\n")
 
@@ -224,8 +224,8 @@ def test_micro_steps_and_processes_do_not_change_the_loss(sft_setup):
     base, data, tmp = sft_setup
     args = ["sft.py", *TINY, f"--init_from={base}", f"--sft_dataset={data}", "--max_iters=3", "--eval_interval=3",
             "--eval_iters=10"]
-    run_script(*args, "--batch_size=8", f"--out_dir={tmp / 'one'}")
-    run_script(*args, "--gradient_accumulation_steps=2", f"--out_dir={tmp / 'accum'}")
+    run_forked(*args, "--batch_size=8", f"--out_dir={tmp / 'one'}")
+    run_forked(*args, "--gradient_accumulation_steps=2", f"--out_dir={tmp / 'accum'}")
     res = run_script("torchrun", "--standalone", "--nproc_per_node=2", *args, "--gradient_accumulation_steps=2",
                      f"--out_dir={tmp / 'ddp'}")
     assert "parameters identical on all 2 processes" in res.stdout

@@ -9,7 +9,7 @@ import re
 import pytest
 
 import bpe
-from conftest import run_script
+from conftest import run_forked, run_script
 from data.tasks.tasks import (DIFFICULTIES, TASKS, add_steps, count_steps, edit_distance, exact_match,
                               extract_answer, final_answer, follows_format, generate, metrics, n_problems,
                               problem_key, reply_form, score, similarity, sort_steps, sub_steps)
@@ -88,8 +88,8 @@ def read(path):
 def test_prepare_is_deterministic_and_holds_out_val(tmp_path):
     args = ["data/tasks/prepare.py", "--train_per_cell=40", "--val_per_cell=10", "--test_per_cell=20",
             "--difficulties=1,2", "--tasks=add,reverse,count", "--task_weights=add=2,count=0.5"]
-    run_script(*args, f"--out_dir={tmp_path / 'a'}")
-    res = run_script(*args, f"--out_dir={tmp_path / 'b'}")
+    run_script(*args, f"--out_dir={tmp_path / 'a'}")  # a fresh interpreter: another hash seed than the fork's
+    res = run_forked(*args, f"--out_dir={tmp_path / 'b'}")
     # (80 + 40 + 20) x 2 difficulties; add/1 has 55 problems, a fifth held out: 5 val, 6 test
     assert "train 280 conversations, val 55, test 106" in res.stdout
     for name in ("train.jsonl", "val.jsonl", "test.jsonl"):
@@ -103,9 +103,9 @@ def test_prepare_is_deterministic_and_holds_out_val(tmp_path):
     assert sum(ex["task"] == "reverse" and ex["difficulty"] == 2 for ex in test) == 20
     assert sum(ex["task"] == "add" for ex in train) == 160 and sum(ex["task"] == "count" for ex in train) == 40
     assert all(score(ex, ex["messages"][-1]["content"]) == 1.0 for ex in train + val)
-    res = run_script("data/tasks/prepare.py", "--tasks=divide", f"--out_dir={tmp_path / 'c'}", check=False)
+    res = run_forked("data/tasks/prepare.py", "--tasks=divide", f"--out_dir={tmp_path / 'c'}", check=False)
     assert res.returncode != 0 and "'divide' is not one of" in res.stderr and "Traceback" not in res.stderr
-    res = run_script("data/tasks/prepare.py", "--task_weights=ad=3", f"--out_dir={tmp_path / 'c'}", check=False)
+    res = run_forked("data/tasks/prepare.py", "--task_weights=ad=3", f"--out_dir={tmp_path / 'c'}", check=False)
     assert res.returncode != 0 and "got 'ad=3'" in res.stderr
 
 
@@ -119,7 +119,7 @@ def test_small_cells_hold_out_a_fifth(tmp_path):
             if len(seen) == n_problems(task, d):
                 break
         assert len(seen) == n_problems(task, d), task
-    run_script("data/tasks/prepare.py", "--tasks=add,sub", "--difficulties=1", "--train_per_cell=300",
+    run_forked("data/tasks/prepare.py", "--tasks=add,sub", "--difficulties=1", "--train_per_cell=300",
                f"--out_dir={tmp_path}")
     val, test, train = (read(tmp_path / f"{s}.jsonl") for s in ("val", "test", "train"))
     assert sum(ex["task"] == "add" for ex in val) == 5 and sum(ex["task"] == "sub" for ex in test) == 6
@@ -135,7 +135,7 @@ def test_addition_is_held_out_in_both_orders(tmp_path):
 
     assert problem_key(problem("add", "What is 3 + 5?")) == problem_key(problem("add", "What is 5 + 3?"))
     assert problem_key(problem("sub", "What is 5 - 3?")) != problem_key(problem("sub", "What is 3 - 5?"))
-    run_script("data/tasks/prepare.py", "--tasks=add", "--difficulties=1,2", "--train_per_cell=2000",
+    run_forked("data/tasks/prepare.py", "--tasks=add", "--difficulties=1,2", "--train_per_cell=2000",
                "--val_per_cell=50", f"--out_dir={tmp_path}")
     val, train = read(tmp_path / "val.jsonl"), read(tmp_path / "train.jsonl")
     swapped = set()
@@ -323,7 +323,7 @@ def test_prepare_cot_is_deterministic_holds_out_val_and_matches_direct(tmp_path)
     args = ["data/tasks/prepare.py", "--train_per_cell=30", "--val_per_cell=10", "--test_per_cell=20",
             "--difficulties=1,2", "--tasks=add,sort,count,copy", "--task_weights=add=2"]
     run_script(*args, "--cot=True", f"--out_dir={tmp_path / 'a'}")
-    res = run_script(*args, "--cot=True", f"--out_dir={tmp_path / 'b'}")
+    res = run_forked(*args, "--cot=True", f"--out_dir={tmp_path / 'b'}")
     assert "train 300 conversations, val 115, test 226 (4 tasks x 2 difficulties, val also 4; worked solutions)" in res.stdout
     for name in ("train.jsonl", "val.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -336,12 +336,12 @@ def test_prepare_cot_is_deterministic_holds_out_val_and_matches_direct(tmp_path)
         assert score(ex, ex["messages"][-1]["content"]) == 1.0 and follows_format(ex, ex["messages"][-1]["content"])
     # direct files of the same seed, validated to level 4 too, hold the same problems with the same
     # answers in the same order: direct and worked-solution models are measured on the same questions
-    run_script(*args, "--val_difficulties=1,2,4", f"--out_dir={tmp_path / 'd'}")
+    run_forked(*args, "--val_difficulties=1,2,4", f"--out_dir={tmp_path / 'd'}")
     d_train, d_val = read(tmp_path / "d" / "train.jsonl"), read(tmp_path / "d" / "val.jsonl")
     same = [(ex["messages"][0], ex["answer"], ex["task"], ex["difficulty"]) for ex in d_train + d_val]
     assert same == [(ex["messages"][0], ex["answer"], ex["task"], ex["difficulty"]) for ex in train + val]
     assert all("format" not in ex and ex["messages"][1]["content"] == ex["answer"] for ex in d_train + d_val)
-    res = run_script(*args, "--val_difficulties=1", f"--out_dir={tmp_path / 'c'}", check=False)
+    res = run_forked(*args, "--val_difficulties=1", f"--out_dir={tmp_path / 'c'}", check=False)
     assert res.returncode != 0 and "must hold every level of difficulties" in res.stderr
 
 
@@ -361,7 +361,7 @@ def test_sft_tasks_cot_config_runs_on_a_tiny_model(tmp_path):
                 for d in levels:
                     f.write(json.dumps(generate(task, d, rng, cot=True)) + "\n")
     out = tmp_path / "out"
-    res = run_script("sft.py", "config/sft_tasks_cot.py", f"--init_from={base}", f"--sft_dataset={data}",
+    res = run_forked("sft.py", "config/sft_tasks_cot.py", f"--init_from={base}", f"--sft_dataset={data}",
                      f"--out_dir={out}", "--max_iters=2", "--lr_decay_iters=2", "--warmup_iters=1", "--eval_interval=2",
                      "--eval_iters=1", "--eval_prompts=6", "--batch_size=4", "--log_interval=1")
     assert "eval_max_new_tokens=96" in res.stdout and "dropped 0 longer than block_size" in res.stdout
@@ -375,8 +375,8 @@ def test_extra_training_levels_leave_the_rest_of_the_files_as_they_were(tmp_path
     # so SFT's data and the held-out set are the same files with or without them
     args = ["data/tasks/prepare.py", "--cot=True", "--train_per_cell=20", "--val_per_cell=5", "--test_per_cell=5",
             "--tasks=add,sort"]
-    run_script(*args, f"--out_dir={tmp_path / 'a'}")
-    res = run_script(*args, "--extra_train_difficulties=4", "--extra_train_per_cell=7", f"--out_dir={tmp_path / 'b'}")
+    run_forked(*args, f"--out_dir={tmp_path / 'a'}")
+    res = run_forked(*args, "--extra_train_difficulties=4", "--extra_train_per_cell=7", f"--out_dir={tmp_path / 'b'}")
     assert "14 training problems at 4" in res.stdout
     a_train, b_train = read(tmp_path / "a" / "train.jsonl"), read(tmp_path / "b" / "train.jsonl")
     assert b_train[: len(a_train)] == a_train and (tmp_path / "a" / "val.jsonl").read_bytes() == (
@@ -385,7 +385,7 @@ def test_extra_training_levels_leave_the_rest_of_the_files_as_they_were(tmp_path
     assert len(extra) == 14 and {ex["difficulty"] for ex in extra} == {4}
     held_out = {problem_key(ex) for ex in read(tmp_path / "b" / "val.jsonl")}
     assert not {problem_key(ex) for ex in extra} & held_out
-    res = run_script(*args, "--extra_train_difficulties=2", f"--out_dir={tmp_path / 'c'}", check=False)
+    res = run_forked(*args, "--extra_train_difficulties=2", f"--out_dir={tmp_path / 'c'}", check=False)
     assert res.returncode != 0 and "extra_train_difficulties must be levels of val_difficulties" in res.stderr
 
 
@@ -412,8 +412,8 @@ def test_the_form_of_a_reply_and_the_grading_of_either_form():
 def test_the_mixed_dataset_keeps_the_problems_and_mixes_the_forms(tmp_path):
     args = ["data/tasks/prepare.py", "--train_per_cell=100", "--val_per_cell=10", "--test_per_cell=20",
             "--difficulties=2,3", "--tasks=add,sub,sort", "--task_weights="]
-    run_script(*args, f"--out_dir={tmp_path / 'plain'}")
-    res = run_script(*args, "--cot_share=0.15", f"--out_dir={tmp_path / 'mix'}")
+    run_forked(*args, f"--out_dir={tmp_path / 'plain'}")
+    res = run_forked(*args, "--cot_share=0.15", f"--out_dir={tmp_path / 'mix'}")
     assert "60 of the 400 training rows of add,sub worked" in res.stdout
     for split in ("train", "val", "test"):
         plain, mix = read(tmp_path / "plain" / f"{split}.jsonl"), read(tmp_path / "mix" / f"{split}.jsonl")
@@ -433,5 +433,5 @@ def test_the_mixed_dataset_keeps_the_problems_and_mixes_the_forms(tmp_path):
     train, held = read(tmp_path / "mix" / "train.jsonl"), read(tmp_path / "mix" / "val.jsonl") + read(
         tmp_path / "mix" / "test.jsonl")
     assert not {problem_key(ex) for ex in train} & {problem_key(ex) for ex in held}  # held out
-    res = run_script(*args, "--cot_share=0.1", "--cot_tasks=add,reverse", f"--out_dir={tmp_path / 'bad'}", check=False)
+    res = run_forked(*args, "--cot_share=0.1", "--cot_tasks=add,reverse", f"--out_dir={tmp_path / 'bad'}", check=False)
     assert res.returncode != 0 and "cot_tasks: 'reverse' must be one of the tasks with steps" in res.stderr

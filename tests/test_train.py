@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, TEXT, run_script
+from conftest import ROOT, TEXT, run_forked, run_script
 from model import GPT, GPTConfig
 
 # dtype=auto would time float32 against bf16 in every run, and two runs compared bit for bit
@@ -82,11 +82,11 @@ def test_resume_is_bit_identical(byte_dataset, tmp_path):
                    "--lr_decay_iters=6", "--n_expert=4", "--n_expert_active=2", "--n_shared_expert=1", "--moe_every=2",
                    "--moe_aux_coef=0.1", "--moe_z_coef=0.01"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    res = run_script(*common_args, "--max_iters=6", f"--out_dir={straight}")
+    res = run_forked(*common_args, "--max_iters=6", f"--out_dir={straight}")
     line = next(line for line in res.stdout.splitlines() if line.startswith("iter=1 "))
     assert "aux_loss=" in line and "z_loss=" in line and "load_cv=" in line and " load=" not in line  # load: log.jsonl
-    run_script(*common_args, "--max_iters=3", f"--out_dir={split}")
-    run_script(*common_args, "--max_iters=6", f"--out_dir={split}", "--init_from=resume")
+    run_forked(*common_args, "--max_iters=3", f"--out_dir={split}")
+    run_forked(*common_args, "--max_iters=6", f"--out_dir={split}", "--init_from=resume")
     rows = lambda d: [(r["iter"], r["loss"], r["aux_loss"], r["z_loss"], r["load_cv"], r["load"])  # noqa: E731
                       for r in read_log(d) if "loss" in r]
     assert rows(straight) == rows(split) and len(rows(straight)) == 6
@@ -117,7 +117,7 @@ def test_script_end_to_end(byte_dataset, tmp_path):
     assert ckpt["meta"]["tokenizer_state"] and os.path.isfile(os.path.join(out, "best.pt"))
     assert "config: out_dir=" in res.stdout
     # evaluating the run again in its own out_dir appends to its log and leaves its checkpoint alone
-    run_script("train.py", *TINY, f"--dataset={byte_dataset}", f"--out_dir={out}", "--init_from=resume",
+    run_forked("train.py", *TINY, f"--dataset={byte_dataset}", f"--out_dir={out}", "--init_from=resume",
                "--eval_only=True")
     after = read_log(out)
     assert after[: len(rows)] == rows and [r["iter"] for r in after[len(rows):]] == [8]
@@ -137,24 +137,26 @@ def test_two_process_ddp_keeps_ranks_identical(byte_dataset, tmp_path):
     assert all(len(r["load"]) == 1 and len(r["load"][0]) == 4 for r in read_log(str(tmp_path / "ddp")) if "loss" in r)
 
 
-def test_bad_config_fails_with_a_message(byte_dataset):
-    res = run_script("train.py", "--batchsize=3", check=False)
+def test_bad_config_fails_with_a_message(byte_dataset, tmp_path):
+    res = run_forked("train.py", "--batchsize=3", check=False)
     assert res.returncode != 0 and "unknown config key 'batchsize'" in res.stderr
-    res = run_script("train.py", "--max_iters=ten", check=False)
+    res = run_forked("train.py", "--max_iters=ten", check=False)
     assert res.returncode != 0 and "'max_iters' expects an int, got 'ten'" in res.stderr
     assert "Traceback" not in res.stderr
-    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--n_head=3", check=False)
+    out = f"--out_dir={tmp_path / 'out'}"  # the settings are checked after the folder is made: not the repo's out/
+    res = run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--n_head=3", out, check=False)
     assert res.returncode != 0 and "divisible by n_head" in res.stderr and "Traceback" not in res.stderr
-    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--init_from=/nonexistent/ckpt.pt", check=False)
+    res = run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--init_from=/nonexistent/ckpt.pt", out,
+                     check=False)
     assert res.returncode != 0 and "no checkpoint at /nonexistent/ckpt.pt" in res.stderr
     assert "Traceback" not in res.stderr
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(byte_dataset, tmp_path):
     out = str(tmp_path / "out")
-    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=2", f"--out_dir={out}")
+    run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=2", f"--out_dir={out}")
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
-    res = run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=30", f"--out_dir={out}",
+    res = run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=30", f"--out_dir={out}",
                      "--init_from=resume", "--learning_rate=1e9", "--grad_clip=0", "--decay_lr=false", check=False)
     assert res.returncode == 1 and "stopping" in res.stdout
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
@@ -191,7 +193,7 @@ def interrupt_and_resume(args, out):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "resume with --init_from=resume" in stdout, stderr
     stopped = common.load_checkpoint(os.path.join(out, "ckpt.pt"))["iter_num"]
-    run_script(*cmd[1:], "--init_from=resume")
+    run_forked(*cmd[1:], "--init_from=resume")
     return read_log(out), stopped
 
 
@@ -201,7 +203,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(byte_dataset, tmp_path,
     # 1000: off every boundary, and log_interval 3 leaves a partial loss average to carry over
     args = [*TINY, f"--dataset={byte_dataset}", "--max_iters=60", "--lr_decay_iters=60", "--dropout=0.1",
             f"--eval_interval={eval_interval}", f"--log_interval={log_interval}", "--eval_iters=1"]
-    run_script("train.py", *args, f"--out_dir={tmp_path / 'straight'}")
+    run_forked("train.py", *args, f"--out_dir={tmp_path / 'straight'}")
     split, stopped = interrupt_and_resume(args, str(tmp_path / "split"))
     assert 0 < stopped < 60
     timing = ("ms", "tok_s", "mfu", "eta")
@@ -216,14 +218,14 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(byte_dataset, tmp_path,
 def test_init_from_a_checkpoint_of_another_tokenizer_is_refused(byte_dataset, tmp_path):
     import bpe
 
-    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=1", f"--out_dir={tmp_path / 'byte'}")
+    run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=1", f"--out_dir={tmp_path / 'byte'}")
     other = tmp_path / "bpe"
     other.mkdir()
     tok = bpe.train(TEXT_FOR_BPE, 300, special_tokens=bpe.SPECIAL_TOKENS)
     np.array(tok.encode_ordinary(TEXT_FOR_BPE), dtype=np.uint16).tofile(other / "train.bin")
     np.array(tok.encode_ordinary(TEXT_FOR_BPE), dtype=np.uint16).tofile(other / "val.bin")
     bpe.write_meta(str(other), tok, 64, 1, 1)
-    res = run_script("train.py", *TINY, f"--dataset={other}", f"--init_from={tmp_path / 'byte' / 'ckpt.pt'}",
+    res = run_forked("train.py", *TINY, f"--dataset={other}", f"--init_from={tmp_path / 'byte' / 'ckpt.pt'}",
                      f"--out_dir={tmp_path / 'out'}", "--max_iters=1", check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "byte/ckpt.pt uses the byte (261 ids) tokenizer but dataset" in res.stderr
@@ -232,8 +234,8 @@ def test_init_from_a_checkpoint_of_another_tokenizer_is_refused(byte_dataset, tm
 
 def test_lora_fine_tune_from_a_checkpoint_changes_only_adapters(byte_dataset, tmp_path):
     base, lora = str(tmp_path / "base"), str(tmp_path / "lora")
-    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=2", f"--out_dir={base}")
-    run_script("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=3", f"--out_dir={lora}",
+    run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=2", f"--out_dir={base}")
+    run_forked("train.py", *TINY, f"--dataset={byte_dataset}", "--max_iters=3", f"--out_dir={lora}",
                f"--init_from={base}/ckpt.pt", "--lora_rank=4", "--lora_targets=attn", "--learning_rate=1e-2")
     a = common.load_checkpoint(os.path.join(base, "ckpt.pt"))
     b = common.load_checkpoint(os.path.join(lora, "ckpt.pt"))
