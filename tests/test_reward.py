@@ -2,6 +2,7 @@
 that learns a synthetic preference, the statistics of its evaluation against hand-made answers, the
 prepare script's two sources, and the script end to end (resume, eval_only, two processes)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -142,6 +143,17 @@ def test_policy_pairs_come_from_the_model_s_samples(tmp_path):
     res = run_forked("data/preferences/prepare.py", "--source=policy", f"--init_from={ckpt}", f"--tasks_dir={data}",
                      f"--out_dir={out}", "--cells=sort/2", check=False)
     assert res.returncode != 0 and "cells ['sort/2'] are not in" in res.stderr
+
+
+def test_form_contrast_pairs_keep_only_worked_chosen_over_direct_rejected():
+    spec = importlib.util.spec_from_file_location("prefs_prepare", "data/preferences/prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    worked, worked_wrong, direct = "Work:\n1+2=3 3\nAnswer: 3", "Work:\n1+2=4 4\nAnswer: 4", "3"
+    pairs = [{"chosen": worked, "rejected": direct}, {"chosen": worked, "rejected": worked_wrong},
+             {"chosen": direct, "rejected": "4"}, {"chosen": direct, "rejected": worked_wrong}]
+    assert prepare.keep_forms(pairs, "any") == pairs
+    assert prepare.keep_forms(pairs, "worked_over_direct") == pairs[:1]
 
 
 # --- the statistics of the eval ------------------------------------------------

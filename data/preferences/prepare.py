@@ -19,7 +19,11 @@ Two sources:
              a human labeller; the best is paired with the worst, or with pairs_per_prompt = n up
              to n distinct pairs of a better and a worse answer (more pairs from the same samples,
              as a labeller ranking k answers gives). A prompt whose k answers all score the same
-             gives no pair. These are the mistakes the policy really makes.
+             gives no pair. These are the mistakes the policy really makes. On a mixed dataset
+             (data/tasks/prepare.py --cot_share), forms=worked_over_direct keeps only the pairs
+             whose chosen reply is a worked solution and whose rejected reply answers directly:
+             the preference between the two ways of answering, without the pairs of two direct
+             answers, which teach nothing a small model can generalise (see README, DPO).
 
     python data/preferences/prepare.py --source=rules
     python data/preferences/prepare.py --source=policy --init_from=out-sft/ckpt.pt
@@ -45,7 +49,7 @@ import common  # noqa: E402
 import posttrain  # noqa: E402
 from configurator import configure  # noqa: E402
 from conversations import read_conversations  # noqa: E402
-from data.tasks.tasks import score  # noqa: E402
+from data.tasks.tasks import reply_form, score  # noqa: E402
 
 # -----------------------------------------------------------------------------
 source = "rules"  # rules | policy
@@ -58,6 +62,7 @@ seed = 1337
 init_from = "out-sft/ckpt.pt"  # the SFT checkpoint that answers
 samples_per_prompt = 8  # k answers per prompt
 pairs_per_prompt = 1  # 1: the best answer against the worst; n > 1: up to n pairs of a better and a worse answer
+forms = "any"  # any | worked_over_direct: keep only pairs whose chosen reply shows its work and whose rejected does not
 temperature = 1.0
 max_new_tokens = 32
 batch_size = 256  # sampled rows per generate call
@@ -159,12 +164,22 @@ def policy_pairs(rows, rng, ddp):
         else:  # distinct (better, worse) pairs of the prompt's answers, a random n of them
             ordered = [(a, b) for i, (sa, a) in enumerate(scored) for sb, b in scored[:i] if sa > sb]
             out += [pair(row, a, b) for a, b in rng.sample(ordered, min(pairs_per_prompt, len(ordered)))]
-    return out
+    return keep_forms(out, forms)
+
+
+def keep_forms(pairs, forms):
+    """The pairs forms asks for: all (any), or those whose chosen reply is a worked solution and whose
+    rejected reply answers directly (worked_over_direct)."""
+    if forms == "any":
+        return pairs
+    return [p for p in pairs if reply_form(p["chosen"]) == "worked" and reply_form(p["rejected"]) == "direct"]
 
 
 def main():
     if source not in ("rules", "policy"):
         raise ValueError(f"source must be rules | policy, got {source!r}")
+    if forms not in ("any", "worked_over_direct"):
+        raise ValueError(f"forms must be any | worked_over_direct, got {forms!r}")
     if pairs_per_prompt < 1 or samples_per_prompt < 2:
         raise ValueError(f"need pairs_per_prompt >= 1 and samples_per_prompt >= 2, got {pairs_per_prompt} and "
                          f"{samples_per_prompt}")
