@@ -175,8 +175,9 @@ def compile_decode(model, batch_size=1, measure=True):
 # memory. Whether PyTorch's own F.linear does that well depends on the CPU: where its BLAS runs them
 # on one thread, cutting the weight's rows into one block per thread and running the blocks with
 # one bmm was 2-3x faster; on another CPU the same trick was 2x slower (README, "The KV cache and
-# bench.py"). So it is an opt-in swap, timed per weight shape on the model's own weights; `python
-# bench.py --split_linear=true` times decoding with it everywhere beside the plain model.
+# bench.py"). So it is an opt-in swap, chosen once by timing the model's own decoding both ways
+# (timing each weight alone chose the plain path on a CPU where decoding split was 1.7x faster);
+# `python bench.py --split_linear=true` times decoding with it beside the plain model.
 SPLIT_MAX_ROWS = 8  # more rows than this (a batch, a prefill): F.linear
 
 
@@ -206,16 +207,34 @@ class SplitLinear(Linear):
 
 
 @torch.no_grad()
-def split_linear(model, rows=1, everywhere=False):
-    """Swap a SplitLinear, one block per thread, into every plain Linear of model (a float weight
-    whose rows the threads divide, on a CPU, more than one thread) whose shape measured faster
-    split for a decode step of `rows` rows (faster, on the weight itself), or with everywhere into
-    all of them. -> {(out, in, dtype): "split" | "plain"}, what each shape measured ({} with
-    everywhere, or where nothing can be split)."""
+def split_linear(model, everywhere=False, new_tokens=16):
+    """Swap a SplitLinear, one block per thread, into every plain Linear of model that fits (a float
+    weight whose rows the threads divide, on a CPU, more than one thread) when greedy decoding of
+    new_tokens measures faster with them than without (alternating; the whole decode step, since a
+    weight timed alone sits in cache where in the model it streams from memory), or with everywhere
+    regardless. -> "split" or "plain", what the model now takes ("" where nothing can be split)."""
     n = torch.get_num_threads()
-    choices = {}
     if n == 1 or model.wte.weight.device.type != "cpu":
-        return choices
+        return ""
+    sites = [(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], m)
+             for name, m in model.named_modules()
+             if type(m) is Linear and isinstance(m.weight, torch.Tensor) and m.out_features % n == 0]
+    if not sites:
+        return ""
+    split = [SplitLinear(m, n) for _, _, m in sites]
+
+    def use(layers):
+        for (parent, child, _), layer in zip(sites, layers):
+            setattr(parent, child, layer)
+
+    use(split)
+    if everywhere:
+        return "split"
+    prompt = torch.zeros(1, 8, dtype=torch.long, device=model.wte.weight.device)
+    decode = lambda layers: (use(layers), model.generate(prompt, new_tokens, temperature=0))  # noqa: E731
+    keep = faster(lambda: decode([m for _, _, m in sites]), lambda: decode(split), "cpu", repeats=7, calls=2)
+    use(split if keep else [m for _, _, m in sites])
+    return "split" if keep else "plain"
     for name, m in list(model.named_modules()):
         if type(m) is not Linear or not isinstance(m.weight, torch.Tensor) or m.out_features % n:
             continue

@@ -189,10 +189,9 @@ def bench_decode(model):
     prompt = torch.randint(0, vocab_size, (1, prompt_len), device=dev)
     split = None
     if split_linear:  # a copy whose every weight the threads divide takes the split-weight matmul
-        choices = autotune.split_linear(copy.deepcopy(model))
-        for (out_f, in_f, dt), path in choices.items():
-            print(f"split    {out_f}x{in_f} weight, 1 row, {str(dt).removeprefix('torch.')}, "
-                  f"{torch.get_num_threads()} threads: {path} (what autotune.split_linear measures here)")
+        path = autotune.split_linear(copy.deepcopy(model))
+        print(f"split    {torch.get_num_threads()} threads: {path or 'nothing to split'} "
+              "(what autotune.split_linear chooses here, timing 16 decoded tokens both ways)")
         split = copy.deepcopy(model)
         autotune.split_linear(split, everywhere=True)
     for n in decode_lengths:

@@ -57,7 +57,27 @@ run() {  # run <stage> <command...>: skip when done, else run, time and record i
         exit 1
     fi
     echo $(( $(date +%s) - t0 )) > "$LOGS/$stage.done"
-    echo "[$index/$count] $stage: done in $(cat "$LOGS/$stage.done") s"
+    echo "[$index/$count] $stage: done in $(cat "$LOGS/$stage.done") s; $(projection)"
+}
+
+# Seconds each stage took in the README's measured run (2-core AMD EPYC). Only their proportions
+# matter: the stages done on this machine give the scale, so the projection fits any machine.
+REFERENCE="data=12 pretrain=228 sft=397 pairs=81 reward=186 grpo=157 ppo=177 dpo=29 sft_cot=384 grpo_cot=386 report=10"
+ref() { local kv; for kv in $REFERENCE; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}" && return; done; echo 0; }
+
+projection() {  # the time so far and the projected rest: the remaining stages' reference seconds x (done / reference)
+    local s i=0 done_s=0 done_ref=0 rest_ref=0 elapsed=$(( $(date +%s) - t_start ))
+    for s in $STAGES; do
+        i=$((i + 1))
+        if [ "$i" -le "$index" ]; then
+            [ -e "$LOGS/$s.done" ] && done_s=$((done_s + $(cat "$LOGS/$s.done"))) && done_ref=$((done_ref + $(ref "$s")))
+        else
+            rest_ref=$((rest_ref + $(ref "$s")))
+        fi
+    done
+    [ "$done_ref" -gt 0 ] || { echo "$elapsed s since the start"; return; }
+    local rest=$(( rest_ref * done_s / done_ref ))
+    echo "$elapsed s since the start, about $rest s to go (projected total $((elapsed + rest)) s: the stages left, at this machine's pace so far, $((100 * done_s / done_ref))% of the README's run)"
 }
 
 stage() {

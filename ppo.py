@@ -149,7 +149,8 @@ eval_batch_size = 256  # rows per generate call in the eval
 eval_show = 12  # examples appended to out_dir/samples.txt at each eval
 # optimizer
 learning_rate = 3e-5  # peak, of the policy (and, shared, its value head)
-value_learning_rate = 0.0  # the value head's (shared) or network's (separate) peak rate, same schedule (0 = learning_rate)
+value_learning_rate = 3e-4  # the value head's (shared) or network's (separate) peak rate, same schedule (0 = learning_rate);
+# 10x the policy's: at the policy's own rate a fresh head's explained variance stayed below 0 (README, PPO)
 max_iters = 300  # total iterations
 weight_decay = 0.0
 beta1 = 0.9

@@ -65,7 +65,8 @@ def read_log(folder):
 
 
 def answers(rows, first=False):
-    """The first (the model the stage started from) or the last held-out exact-match eval of a log."""
+    """The first (the model the stage started from) or the last held-out exact-match eval of a log:
+    the stage's answers to the test split when it wrote them (its last line, with standard errors)."""
     evals = [r for r in rows if "em" in r and "loss" not in r]
     return (evals[0] if first else evals[-1]) if evals else None
 
@@ -76,8 +77,10 @@ def cells_of(columns):
     return cells
 
 
-def fmt(v):
-    return "" if v is None else f"{v:.2f}"
+def fmt(v, se=None):
+    if v is None:
+        return ""
+    return f"{v:.2f}" if se is None else f"{v:.3f} ± {se:.3f}"  # a test split's figure with its standard error
 
 
 def table(columns):
@@ -86,15 +89,22 @@ def table(columns):
     lines = ["| task/difficulty | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for cell in cells_of(columns):
         mark = " *" if cell in rl_tasks else ""
-        lines.append(f"| {cell}{mark} | " + " | ".join(fmt(columns[n].get(f"em/{cell}")) for n in names) + " |")
+        lines.append(f"| {cell}{mark} | " + " | ".join(fmt(columns[n].get(f"em/{cell}"), columns[n].get(f"se/{cell}"))
+                                                        for n in names) + " |")
     lines.append("| all cells | " + " | ".join(fmt(columns[n].get("em")) for n in names) + " |")
-    lines.append("| **RL cells (*)** | " + " | ".join(f"**{fmt(rl_mean(columns[n]))}**" for n in names) + " |")
+    lines.append("| **RL cells (*)** | " + " | ".join(f"**{fmt(*rl_mean(columns[n], se=True))}**" for n in names) + " |")
     return "\n".join(lines)
 
 
-def rl_mean(col):
+def rl_mean(col, se=False):
+    """The mean exact match over the RL cells; with se, (mean, its standard error) where the cells have
+    theirs (independent cells: sqrt(sum se_i^2) / n), else (mean, None)."""
     vals = [col[f"em/{c}"] for c in rl_tasks if f"em/{c}" in col]
-    return sum(vals) / len(vals) if vals else None
+    mean = sum(vals) / len(vals) if vals else None
+    if not se:
+        return mean
+    ses = [col.get(f"se/{c}") for c in rl_tasks if f"em/{c}" in col]
+    return mean, (sum(x * x for x in ses) ** 0.5 / len(ses) if ses and None not in ses else None)
 
 
 def draw(logs, runs, folder):
@@ -150,18 +160,30 @@ def draw_pipeline(plt, logs, folder):
     ax.set_xlabel("iteration"), ax.set_ylabel("training loss (cross-entropy)"), ax.set_yscale("log"), ax.legend()
     fig.tight_layout(), fig.savefig(os.path.join(folder, "loss.png"), dpi=110), plt.close(fig)
     made.append("loss.png")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name in ("grpo", "ppo", "grpo_cot"):
-        rows = logs.get(name) or []
+    # the RL stages: those whose log has rollouts (a reward) or preference steps (a margin); their dev
+    # evals (not the test line, which is the best checkpoint's, drawn at no iteration)
+    rl = {name: rows for name, rows in logs.items() if any("reward" in r or "margin" in r for r in rows or [])}
+    worked = any("work" in r and "reward" in r for rows in rl.values() for r in rows)
+    fig, axes = plt.subplots(1, 3 if worked else 2, figsize=(15 if worked else 10, 3.5))
+    a1, a2 = axes[0], axes[-1]
+    for name, rows in rl.items():
         steps = [r for r in rows if "reward" in r]
-        evals = [r for r in rows if "em" in r and "loss" not in r]
+        evals = [r for r in rows if "em" in r and "loss" not in r and "of" not in r]
         if steps:
             a1.plot([r["iter"] for r in steps], [r["reward"] for r in steps], label=f"{name} reward (rollouts)")
             a2.plot([r["iter"] for r in steps], [r.get("kl", 0.0) for r in steps], label=name)
         if evals:
             a1.plot([r["iter"] for r in evals], [rl_mean(r) for r in evals], "o--", label=f"{name} held-out exact match")
+        if worked and steps and "work" in steps[0]:  # the mechanism: how many replies are worked solutions
+            axes[1].plot([r["iter"] for r in steps], [r["work"] for r in steps], label=f"{name} rollouts (sampled)")
+        if worked and any("work" in r for r in evals):
+            axes[1].plot([r["iter"] for r in evals], [r.get("work", float("nan")) for r in evals], "o--",
+                         label=f"{name} held-out (greedy)")
     a1.set_xlabel("iteration"), a1.set_title("reward and held-out exact match (RL cells)"), a1.legend(fontsize=7)
     a2.set_xlabel("iteration"), a2.set_title("KL to the reference per token"), a2.legend(fontsize=7)
+    if worked:
+        axes[1].set_xlabel("iteration"), axes[1].set_title("share of replies that are worked solutions")
+        axes[1].legend(fontsize=7)
     fig.tight_layout(), fig.savefig(os.path.join(folder, "rl.png"), dpi=110), plt.close(fig)
     made.append("rl.png")
     return made

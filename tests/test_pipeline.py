@@ -40,6 +40,8 @@ def test_a_failing_stage_stops_the_pipeline_with_its_name(byte_dataset, tmp_path
     res = pipeline(out, byte_dataset, stages="data sft report")  # sft without a pretrained model
     assert res.returncode == 1 and "stage 'sft' failed" in res.stderr and "out-pipeline/sft.log" in res.stderr
     assert "[1/3] data: done in" in res.stdout and "report" not in res.stdout.split("sft")[-1]
+    # after each stage, the time so far and the rest projected from this machine's pace
+    assert "s to go (projected total" in res.stdout.split("[1/3] data: done in")[1].splitlines()[0]
     assert (out / "tasks" / "train.jsonl").is_file()  # what the data stage made is kept
     res = pipeline(out, byte_dataset, stages="nonsense")
     assert res.returncode == 2 and "unknown stage 'nonsense'" in res.stderr

@@ -66,6 +66,26 @@ def test_pictures_when_matplotlib_is_there(logs):
     assert (logs / "fig" / "load_pretrain.png").stat().st_size > 1000 and "![load_pretrain.png]" in out.read_text()
 
 
+def test_a_test_split_line_gives_standard_errors_and_the_worked_share_is_drawn(logs):
+    # grpo's last line is its best checkpoint on the test split: each cell with its standard error, and
+    # the RL cells' mean with sqrt(0.02^2 + 0.03^2) / 2 = 0.018
+    write_log(logs / "mix", [
+        {"iter": 0, "em": 0.5, "em/add/3": 0.25, "em/sub/2": 0.5, "work": 0.1},
+        {"iter": 1, "loss": 0.0, "reward": 0.4, "kl": 0.001, "work": 0.2},
+        {"iter": 2, "loss": 0.0, "reward": 0.6, "kl": 0.003, "work": 0.6},
+        {"iter": 2, "em": 0.75, "em/add/3": 0.75, "em/sub/2": 0.5, "work": 0.9},
+        {"iter": 2, "em": 0.7, "em/add/3": 0.75, "se/add/3": 0.02, "em/sub/2": 0.5, "se/sub/2": 0.03,
+         "of": "best.pt of iter 2"}])
+    out = logs / "report.md"
+    run_forked("report.py", f"--out={out}", f"--figures={logs / 'fig'}", "--rl_tasks=add/3,sub/2",
+               f"--stages=sft={logs / 'mix'}@first,grpo={logs / 'mix'}")
+    text = out.read_text()
+    assert "| add/3 * | 0.25 | 0.750 ± 0.020 |" in text
+    assert "| **RL cells (*)** | **0.38** | **0.625 ± 0.018** |" in text
+    if importlib.util.find_spec("matplotlib"):
+        assert (logs / "fig" / "rl.png").stat().st_size > 1000
+
+
 def test_without_matplotlib_it_says_how_to_get_the_pictures(logs):
     fake = logs / "site"
     fake.mkdir()
