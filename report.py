@@ -166,18 +166,20 @@ def draw_pipeline(plt, logs, folder):
     worked = any("work" in r and "reward" in r for rows in rl.values() for r in rows)
     fig, axes = plt.subplots(1, 3 if worked else 2, figsize=(15 if worked else 10, 3.5))
     a1, a2 = axes[0], axes[-1]
-    for name, rows in rl.items():
+    for k, (name, rows) in enumerate(rl.items()):
+        c = f"C{k}"  # one colour per stage: its rollouts solid, its held-out evals dashed
         steps = [r for r in rows if "reward" in r]
         evals = [r for r in rows if "em" in r and "loss" not in r and "of" not in r]
         if steps:
-            a1.plot([r["iter"] for r in steps], [r["reward"] for r in steps], label=f"{name} reward (rollouts)")
-            a2.plot([r["iter"] for r in steps], [r.get("kl", 0.0) for r in steps], label=name)
+            a1.plot([r["iter"] for r in steps], [r["reward"] for r in steps], c, lw=1, label=f"{name} reward (rollouts)")
+            a2.plot([r["iter"] for r in steps], [r.get("kl", 0.0) for r in steps], c, label=name)
         if evals:
-            a1.plot([r["iter"] for r in evals], [rl_mean(r) for r in evals], "o--", label=f"{name} held-out exact match")
+            a1.plot([r["iter"] for r in evals], [rl_mean(r) for r in evals], "o--", color=c,
+                    label=f"{name} held-out exact match")
         if worked and steps and "work" in steps[0]:  # the mechanism: how many replies are worked solutions
-            axes[1].plot([r["iter"] for r in steps], [r["work"] for r in steps], label=f"{name} rollouts (sampled)")
+            axes[1].plot([r["iter"] for r in steps], [r["work"] for r in steps], c, lw=1, label=f"{name} rollouts (sampled)")
         if worked and any("work" in r for r in evals):
-            axes[1].plot([r["iter"] for r in evals], [r.get("work", float("nan")) for r in evals], "o--",
+            axes[1].plot([r["iter"] for r in evals], [r.get("work", float("nan")) for r in evals], "o--", color=c,
                          label=f"{name} held-out (greedy)")
     a1.set_xlabel("iteration"), a1.set_title("reward and held-out exact match (RL cells)"), a1.legend(fontsize=7)
     a2.set_xlabel("iteration"), a2.set_title("KL to the reference per token"), a2.legend(fontsize=7)
