@@ -19,7 +19,7 @@ Sections:
            with split_linear also with autotune.split_linear's split-weight matmul on every weight
            it fits, alternating with the plain model (split_tok_s, and split_vs_plain, the median
            of plain / split times: above 1 the split path is faster), and what autotune's
-           measurement would keep for each weight shape
+           measurement of the decode chooses here
   hf       the same shape as transformers' GPT2LMHeadModel (random weights), its generate with its
            default cache against ours, greedy, alternating in one run: tokens/s and the median ratio
            (skipped with a message where transformers is not installed)
