@@ -308,9 +308,9 @@ def pipeline_report():
             kls = [r["kl"] for r in rows if "kl" in r]
             if kls:
                 lines.append(f"{name}: KL to the reference per token at the end {kls[-1]:.4f} (max {max(kls):.4f})")
-    lines += ["", "## Time", "", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in stage_times.items()]
-    if stage_times:
+    if stage_times:  # the pipeline's records; runs compared without it have none
+        lines += ["", "## Time", "", "| stage | seconds |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in stage_times.items()]
         lines.append(f"| **total** | **{sum(stage_times.values()):.0f}** ({sum(stage_times.values()) / 60:.1f} min) |")
     return logs, lines + [""]
 
