@@ -25,7 +25,7 @@ prompt instead.
         event: start   data: {"prompt_tokens": 14}
         event: token   data: {"text": "Hel"}       new text: whole characters only, so a character
                                                    whose UTF-8 bytes span two tokens comes whole
-        event: done    data: {"stopped": "end" | "max_tokens", "tokens": 12, "seconds": 0.09,
+        event: done    data: {"stopped": "end" | "max_tokens" | "server stopped", "tokens": 12, "seconds": 0.09,
                               "tokens_per_s": 133.3}
         event: error   data: {"error": "..."}      the decode failed; the server keeps serving
     or, for a request it cannot take, HTTP 400 and {"error": "..."} naming the field at fault;
@@ -33,7 +33,8 @@ prompt instead.
     a rolling cache has no such limit).
 
 "stopped": "end" means the model closed its reply (<|end|>, or <|endoftext|> for a document);
-"max_tokens" means it was cut there. tokens counts every token sampled, the closing one included,
+"max_tokens" means it was cut there; "server stopped", that the server was stopped (Ctrl-C) during
+the reply. tokens counts every token sampled, the closing one included,
 and tokens_per_s divides it by the whole reply's time, prefill included.
 
 One reply is generated at a time (a lock: a second request waits for the first). The page's stop
@@ -86,6 +87,7 @@ class Chat:
         self.generator = torch.Generator(device).manual_seed(seed)
         self.device = device
         self.lock = threading.Lock()  # one decode at a time: one model, one cache, one generator
+        self.stopping = threading.Event()  # set on Ctrl-C: a decode under way ends at its next token
 
     def info(self):
         return {"name": self.name, "chat": self.chat, "tokenizer": self.tokenizer.kind, "block_size": self.block_size,
@@ -150,6 +152,9 @@ class Chat:
                                                                self.top_p if self.top_p < 1.0 else None,
                                                                self.use_cache, self.generator,
                                                                vocab_limit=self.tokenizer.n_vocab):
+                        if self.stopping.is_set():  # the server is shutting down: end the reply here
+                            stopped = "server stopped"
+                            break
                         n += 1
                         token = int(token[0])
                         if token in self.stops:  # the model closes its reply
@@ -242,6 +247,10 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(chat, host="127.0.0.1", port=0):
     """A ThreadingHTTPServer for chat, bound (port 0: any free one, in server.server_address)."""
     server = ThreadingHTTPServer((host, port), Handler)
+    # handler threads that server_close() joins: a reply still being written when Ctrl-C comes ends
+    # (chat.stopping) and is joined before the interpreter exits, instead of a daemon thread dying
+    # inside torch or holding stderr's lock at shutdown (which aborts the process)
+    server.daemon_threads = False
     server.chat = chat
     with open(PAGE, "rb") as f:
         server.page = f.read()
@@ -265,4 +274,5 @@ def serve(chat, host, port):
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
     finally:
-        server.server_close()
+        chat.stopping.set()
+        server.server_close()  # joins the handler threads

@@ -131,6 +131,14 @@ def test_characters_split_over_tokens_arrive_whole_and_the_stop_is_named(served,
     _, events = post(url, dict(ask("hi"), max_tokens=4))  # cut inside the ✓
     assert [data["text"] for name, data in events if name == "token"] == ["é", "\ufffd"]
     assert events[-1][1]["stopped"] == "max_tokens" and events[-1][1]["tokens"] == 4
+    # Ctrl-C on the server: a decode under way ends at its next token, named
+    server.chat.stopping.set()
+    try:
+        _, events = post(url, ask("hi"))
+    finally:
+        server.chat.stopping.clear()
+    assert events[-1][0] == "done" and events[-1][1]["stopped"] == "server stopped"
+    assert not [name for name, _ in events if name == "token"]
 
 
 def test_a_failing_decode_is_an_error_event_and_the_server_goes_on(served, monkeypatch):
