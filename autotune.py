@@ -221,7 +221,8 @@ def split_linear(model, everywhere=False, new_tokens=16):
              if type(m) is Linear and isinstance(m.weight, torch.Tensor) and m.out_features % n == 0]
     if not sites:
         return ""
-    split = [SplitLinear(m, n) for _, _, m in sites]
+    plain = [m for _, _, m in sites]
+    split = [SplitLinear(m, n) for m in plain]
 
     def use(layers):
         for (parent, child, _), layer in zip(sites, layers):
@@ -232,18 +233,6 @@ def split_linear(model, everywhere=False, new_tokens=16):
         return "split"
     prompt = torch.zeros(1, 8, dtype=torch.long, device=model.wte.weight.device)
     decode = lambda layers: (use(layers), model.generate(prompt, new_tokens, temperature=0))  # noqa: E731
-    keep = faster(lambda: decode([m for _, _, m in sites]), lambda: decode(split), "cpu", repeats=7, calls=2)
-    use(split if keep else [m for _, _, m in sites])
+    keep = faster(lambda: decode(plain), lambda: decode(split), "cpu", repeats=7, calls=2)
+    use(split if keep else plain)
     return "split" if keep else "plain"
-    for name, m in list(model.named_modules()):
-        if type(m) is not Linear or not isinstance(m.weight, torch.Tensor) or m.out_features % n:
-            continue
-        key = (m.out_features, m.in_features, m.weight.dtype)
-        if not everywhere and key not in choices:
-            x = torch.randn(rows, m.in_features, dtype=m.weight.dtype)
-            split = faster(lambda: F.linear(x, m.weight, m.bias), lambda: split_matmul(x, m.weight, m.bias, n), "cpu")
-            choices[key] = "split" if split else "plain"
-        if everywhere or choices[key] == "split":
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, SplitLinear(m, n))
-    return choices
