@@ -248,8 +248,7 @@ while True:
     # every minibatch of every pass (each pass cuts the batch into other minibatches), and the totals
     # of each over every process, read once: DDP averages the gradients, hence the means. Dr. GRPO
     # divides by every sampled row, left-out truncated ones too: a constant
-    steps_planned = [mb for epoch in range(grpo_iterations) for mb in
-                     posttrain.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device)]
+    steps_planned = posttrain.minibatches(N, num_minibatches, grpo_iterations, seed, ddp.rank, loop.iter_num, ddp.device)
     totals = ddp.all_reduce_mean(torch.stack([
         torch.stack((mask[mb].sum(), torch.tensor(len(mb), device=ddp.device) if loss_type == "dr_grpo"
                      else mask[mb].any(dim=1).sum())) for mb in steps_planned]).float()).tolist()

@@ -276,15 +276,18 @@ def timed(fn, *args):
     return fn(*args), time.time() - t0
 
 
-def minibatches(n, num_minibatches, seed, rank, iter_num, epoch, device):
-    """The rows 0..n-1 of an RL batch cut into num_minibatches minibatches for one optimizer pass:
-    from a fresh shuffle seeded by (seed, rank, iter_num, epoch), so each pass groups the rows
-    differently and a resumed run cuts them as the uninterrupted one did; with one minibatch, every
-    row in order. -> a list of index tensors on device."""
+def minibatches(n, num_minibatches, passes, seed, rank, iter_num, device):
+    """The optimizer steps of one RL update: the rows 0..n-1 of the batch cut into num_minibatches
+    minibatches, pass after pass, each pass from a fresh shuffle seeded by (seed, rank, iter_num,
+    pass), so each pass groups the rows differently and a resumed run cuts them as the uninterrupted
+    one did; with one minibatch, every row in order. -> passes * num_minibatches index tensors on device."""
     if num_minibatches == 1:
-        return [torch.arange(n, device=device)]
-    g = torch.Generator().manual_seed(hash((seed, rank, iter_num, epoch)) % 2**63)
-    return list(torch.randperm(n, generator=g).to(device).tensor_split(num_minibatches))
+        return [torch.arange(n, device=device)] * passes
+    steps = []
+    for epoch in range(passes):
+        g = torch.Generator().manual_seed(hash((seed, rank, iter_num, epoch)) % 2**63)
+        steps += torch.randperm(n, generator=g).to(device).tensor_split(num_minibatches)
+    return steps
 
 
 # -----------------------------------------------------------------------------

@@ -341,8 +341,7 @@ while True:
     # ---- the update: ppo_epochs passes over the batch, num_minibatches steps each ---------------
     # every minibatch of every pass (each pass cuts the batch into other minibatches), and the
     # tokens of each over every process, read once: DDP averages the gradients, hence the mean
-    steps_planned = [mb for epoch in range(ppo_epochs) for mb in
-                     posttrain.minibatches(N, num_minibatches, seed, ddp.rank, loop.iter_num, epoch, ddp.device)]
+    steps_planned = posttrain.minibatches(N, num_minibatches, ppo_epochs, seed, ddp.rank, loop.iter_num, ddp.device)
     totals = ddp.all_reduce_mean(torch.stack([mask[mb].sum() for mb in steps_planned]).float()).tolist()
     sums = torch.zeros(6, device=ddp.device)  # clipped, value-clipped, entropy, vf, approx_kl, tokens: read once
     steps = 0

@@ -212,11 +212,14 @@ def test_cell_stream_visits_the_cells_evenly_and_resumes_exactly():
 
 
 def test_minibatches_are_a_fresh_partition_on_every_pass():
-    a, b = (posttrain.minibatches(12, 3, 1337, 0, 5, epoch, "cpu") for epoch in (0, 1))
+    steps = posttrain.minibatches(12, 3, 2, 1337, 0, 5, "cpu")  # 2 passes of 3 minibatches
+    a, b = steps[:3], steps[3:]
+    assert len(steps) == 6
     assert sorted(torch.cat(a).tolist()) == list(range(12)) == sorted(torch.cat(b).tolist())
     assert [len(m) for m in a] == [4, 4, 4] and [set(m.tolist()) for m in a] != [set(m.tolist()) for m in b]
-    assert all(torch.equal(x, y) for x, y in zip(a, posttrain.minibatches(12, 3, 1337, 0, 5, 0, "cpu")))
-    assert torch.equal(posttrain.minibatches(12, 1, 1337, 0, 5, 0, "cpu")[0], torch.arange(12))  # one: in order
+    assert all(torch.equal(x, y) for x, y in zip(steps, posttrain.minibatches(12, 3, 2, 1337, 0, 5, "cpu")))
+    one = posttrain.minibatches(12, 1, 2, 1337, 0, 5, "cpu")  # one minibatch: every row in order, each pass
+    assert len(one) == 2 and all(torch.equal(m, torch.arange(12)) for m in one)
 
 
 def test_the_mean_over_cells_and_its_standard_error_by_hand():
