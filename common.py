@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from autotune import cpu_dtype, cpu_has_bf16
 from bpe import check_same_tokenizer
-from convert import hf_checkpoint
+from convert import hf_checkpoint, merged_state_dict
 from model import GPT, GPTConfig
 from quantize import quantize_like, quantize_model
 
@@ -340,7 +340,7 @@ def model_from_checkpoint(ckpt, path, train_args=None, quantize="none", quant_gr
         # the model starts as what it computes, and fresh adapters start from that (their
         # reference, the weights with adapters off, is then the starting policy, not its base)
         inner = model_from_checkpoint(ckpt, path)
-        ckpt = {"model": inner.merged_state_dict(), "model_args": dict(ckpt["model_args"], lora_rank=0)}
+        ckpt = {"model": merged_state_dict(inner), "model_args": dict(ckpt["model_args"], lora_rank=0)}
     model_args = dict(ckpt["model_args"])
     for k, v in (train_args or {}).items():
         if k in TRAINING_FIELDS or k == "scalar_head":
@@ -383,7 +383,7 @@ def save_weights(path, ddp, model, drop_scalar_head=False, **info):
         return
     cfg, quantization = asdict(model.config), model.quantization
     if cfg["lora_rank"] > 0:
-        state, cfg, quantization = model.merged_state_dict(), dict(cfg, lora_rank=0), None
+        state, cfg, quantization = merged_state_dict(model), dict(cfg, lora_rank=0), None
     else:
         state = model.state_dict()
     if drop_scalar_head:

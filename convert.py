@@ -10,6 +10,8 @@ mixture-of-experts model: config.json, model.safetensors, and a byte-level BPE's
     save_hf(model, folder)                 config.json + model.safetensors that transformers loads
     save_hf_tokenizer(tok, folder)         tokenizer.json + tokenizer_config.json, our chat template in it
     add_chat_tokens(tok, meta)             a tokenizer from elsewhere gets the chat template's tokens
+    resize_vocab(model, vocab_size)        the model grows rows for them (new rows at the mean row)
+    merged_state_dict(model)               the plain GPT a LoRA or quantized model computes
 
 What the other side cannot compute exactly is refused, naming the field or the tensor.
 
@@ -25,7 +27,7 @@ import torch
 
 from bpe import (GPT2_PATTERN, GPT4_PATTERN, SPECIAL_TOKENS, Tokenizer, padded_vocab_size, render_bytes,
                  resolve_pattern, spell, unspell)
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Linear, LoRALinear, is_lora_key, upcast
 
 # -----------------------------------------------------------------------------
 # nanoGPT
@@ -314,7 +316,7 @@ def to_hf(model, bos_token_id=None, eos_token_id=None):
     refuses the rest). A LoRA model goes out with its adapters merged into the weights; a bias=False
     GPT-2 with zero biases."""
     cfg = model.config
-    sd = model.merged_state_dict() if cfg.lora_rank or model.quantization else model.state_dict()
+    sd = merged_state_dict(model) if cfg.lora_rank or model.quantization else model.state_dict()
     cfg = replace(cfg, lora_rank=0)
     arch = hf_architecture(cfg)
     dtype = str(sd["wte.weight"].dtype).removeprefix("torch.")
@@ -365,6 +367,58 @@ def save_hf(model, folder, bos_token_id=None, eos_token_id=None):
         json.dump(hf, f, indent=2)
     return hf
 
+
+# -----------------------------------------------------------------------------
+# our own weights: the plain export, a grown vocabulary
+
+
+def merged_state_dict(model):
+    """The weights of the plain full-precision GPT that model computes: adapters folded in, adapter
+    keys left out, quantized weights dequantized (the export of a QLoRA run). Loads strictly into
+    GPT(replace(model.config, lora_rank=0)). The model itself is left as it is."""
+    sd = {k: v for k, v in model.state_dict().items() if not is_lora_key(k)}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Linear):
+            continue
+        if isinstance(layer.weight, torch.Tensor):
+            w = layer.weight.detach()  # the merged weight itself when merged
+        else:  # a weight that is a module (quantized): its own keys out, its numbers in full
+            for key in layer.weight.state_dict():
+                del sd[f"{name}.weight.{key}"]
+            w = layer.weight.dequantize()
+        if isinstance(layer, LoRALinear) and not layer.merged:
+            w = (upcast(w) + layer.delta_weight().detach()).to(w.dtype)
+        sd[name + ".weight"] = w
+    if model.config.tie_weights:  # a quantized copy of a tied head is the table, which is exact
+        sd["lm_head.weight"] = sd["wte.weight"]
+    return sd
+
+
+@torch.no_grad()
+def resize_vocab(model, vocab_size):
+    """Grow model's token embedding, and an untied head, to vocab_size rows, for tokens appended to
+    the tokenizer (add_chat_tokens). Old ids compute exactly what they did. A new row starts at the
+    mean of the old rows, so a new token begins as an average token with a logit near the mean,
+    not as a random direction that may dominate the softmax (Hewitt 2021, "Initializing new word
+    embeddings"). A frozen table (LoRA) stays frozen."""
+    old = model.config.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"resize_vocab grows the vocabulary: {vocab_size} < {old} rows")
+    if isinstance(model.lm_head, LoRALinear):
+        raise ValueError("resize_vocab: the head has LoRA adapters (lora_targets has lm_head); "
+                         "resize before adding them")
+    if not isinstance(model.lm_head.weight, torch.Tensor):
+        raise ValueError("resize_vocab: the head is quantized (quantize_head); resize before quantizing")
+
+    def grown(w):  # (old, C) -> (vocab_size, C)
+        mean = upcast(w).mean(dim=0, keepdim=True).to(w.dtype)
+        return torch.nn.Parameter(torch.cat((w, mean.expand(vocab_size - old, -1))), requires_grad=w.requires_grad)
+
+    model.wte.weight = grown(model.wte.weight)
+    model.wte.num_embeddings = vocab_size
+    model.lm_head.weight = model.wte.weight if model.config.tie_weights else grown(model.lm_head.weight)
+    model.lm_head.out_features = vocab_size
+    model.config = replace(model.config, vocab_size=vocab_size)
 
 
 # -----------------------------------------------------------------------------
@@ -565,7 +619,7 @@ def add_chat_tokens(tok, meta, verbose=True):
     """-> (tokenizer, meta) with the chat template's special tokens (SPECIAL_TOKENS). Ours
     reserve them; a tokenizer from elsewhere lacks some, and they are appended. Where the model
     has no rows for them, meta's vocab_size grows (to a multiple of 64) and the caller grows the
-    model to it with GPT.resize_vocab(meta["vocab_size"])."""
+    model to it with resize_vocab(model, meta["vocab_size"])."""
     new = tok.with_special_tokens(SPECIAL_TOKENS)
     if new is tok:
         return tok, meta

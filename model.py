@@ -1,17 +1,7 @@
 """
-The one GPT of this repository: a decoder-only transformer whose variants are switches in GPTConfig.
-
-    positional encoding   pos_emb = learned | sinusoidal | rope | none
-    normalisation         norm = layernorm | rmsnorm, with norm_eps
-    feed-forward          mlp = gelu | swiglu, of n_inner hidden units (gelu_approximate = tanh: GPT-2's)
-    attention             n_kv_head < n_head gives grouped-query attention (1: multi-query);
-                          qkv_bias adds biases to q, k and v alone (Qwen2);
-                          sliding_window = W with n_sink attention sinks
-    weight tying          tie_weights
-    mixture-of-experts    n_expert > 0 routes each token to the top n_expert_active expert MLPs, in
-                          every moe_every-th layer, plus n_shared_expert experts every token uses
-    low-rank adapters     lora_rank > 0 trains LoRA adapters on the layers in lora_targets
-    scalar head           scalar_head adds a linear head to one number per position (reward, value)
+The GPT of this repository: a decoder-only transformer whose variants (positions, norm, MLP,
+grouped-query and sliding-window attention, mixture-of-experts, LoRA, a scalar head) are switches
+in GPTConfig, with its KV cache, generation, and its parameter/FLOP counts and optimizer groups.
 
 One forward, several heads. forward(idx, pos, cache) gives the final hidden states (B, T, n_embd)
 after the last norm, and the heads read them: logits(x), loss(x, targets) (the mean cross-entropy),
@@ -23,47 +13,29 @@ for the head it means:
     loss = raw_model.loss(x, targets)     # pretraining, SFT
     logp, _ = raw_model.logprobs(x, targets, temperature)   # GRPO, PPO, DPO
 
-generate() and complete() sample with a KV cache allocated once (prefill, then decode_step).
-
-LoRA. With lora_rank = r > 0 the linear layers named in lora_targets learn a low-rank update
-W + (alpha/r) B A next to their frozen weight, and every other parameter is frozen. Base
-checkpoints load unchanged (load_base_weights), adapters save and load on their own
-(lora_state_dict, load_lora_state_dict), and merge_lora folds them into the weights.
-
-Positions. Every forward takes, optionally, `pos` (B, T): the position of each token in its own
-sequence. A left-padded batch of prompts has negative positions on its padding; such columns are
-never attended to. Attention is a mask over positions, the same rule in training and decoding:
+Positions. forward takes, optionally, pos (B, T): each token's position in its own sequence,
+negative on left padding, which is never attended to. Attention is one rule over positions, the
+same in training and in cached decoding (W = sliding_window):
 
     query at position i sees key at position j  <=>  0 <= j <= i  and  (i - j < W  or  j < n_sink)
 
-The KV cache. Per layer, keys and values are allocated once, (B, n_kv_head, S, head_dim), and
-written in place; keys are stored with RoPE already applied. Position p lives in slot p, or with a
-sliding window in a rolling buffer of S = n_sink + W slots: the sinks keep slots 0..n_sink-1
-forever and position p >= n_sink goes to slot n_sink + (p - n_sink) % W. The ring then always
-holds exactly the last W positions, so at decode time "slot s was written" is the whole mask.
+Positions stay absolute, sinks included (StreamingLLM renumbers them inside the cache instead), so
+a rolling cache computes exactly what a full forward under the same mask computes, at any length.
 
-Positions stay absolute, sinks included: a query at position 10,000 sees sink 0 at distance
-10,000, which no training sequence of block_size tokens showed it. StreamingLLM instead renumbers
-positions inside the cache so that distances stay within what training saw; we keep the rule
-above so that the rolling cache computes exactly what a full forward under the same mask
-computes, at any length (tested at 16 x block_size), and leave renumbering to a future switch.
-
-Beside this file, and unknown to it: quantize.py stores a Linear's weight in 8 or 4 bits (a weight
-that is a module multiplies by itself, see linear), convert.py reads and writes nanoGPT and Hugging
-Face checkpoints, autotune.py times what decodes fastest on this machine.
+quantize.py (int8 / int4 weights, see linear), convert.py (other checkpoint formats, the merged
+export) and autotune.py live beside this file; it imports none of them.
 """
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-# scaled_dot_product_attention's enable_gqa came in torch 2.5; say so at import rather than fail in
-# the middle of a forward with a TypeError about an unexpected keyword
+# scaled_dot_product_attention's enable_gqa came in torch 2.5: say so here, not mid-forward
 if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
     raise ImportError(f"this repository needs torch >= 2.5 (found {torch.__version__}): pip install -r requirements.txt")
 
@@ -89,8 +61,7 @@ class GPTConfig:
     tie_weights: bool = True  # token embedding and LM head share one matrix
     sliding_window: int = None  # None = full causal attention; W = attend to the last W positions
     n_sink: int = 0  # the first n_sink positions stay visible to every query (attention sinks)
-    # Mixture-of-Experts: the MLP of layer i (0-based) is a routed set of experts when
-    # (i + 1) % moe_every == 0, so moe_every=2 makes layers 1, 3, 5, ... MoE and the others dense
+    # Mixture-of-Experts: layer i (0-based) is MoE when (i + 1) % moe_every == 0
     n_expert: int = 0  # routed experts per MoE layer; 0 = dense MLP everywhere
     n_expert_active: int = 2  # top-k: routed experts each token goes through
     moe_every: int = 1  # 1 = every layer is MoE; k = every k-th layer (a hybrid dense/MoE stack)
@@ -103,9 +74,7 @@ class GPTConfig:
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the input of the adapter branch only
     lora_targets: tuple = ("c_q", "c_v")  # linear layers that get adapters, see LORA_TARGETS
-    # a linear head r = w . h + b on the final hidden states, beside the LM head: a reward model
-    # reads it at the last real token of a sequence, PPO's value function at every completion token
-    scalar_head: bool = False
+    scalar_head: bool = False  # a linear head to one number per position (reward model, PPO's values)
 
     def __post_init__(self):
         def require(ok, msg):
@@ -117,7 +86,7 @@ class GPTConfig:
         if isinstance(self.lora_targets, str):  # "c_q,c_v" typed by hand; a list from JSON
             self.lora_targets = tuple(t for t in self.lora_targets.split(",") if t)
         self.lora_targets = tuple(self.lora_targets)
-        # ranges first (the configurator has checked the types), then the rules that tie fields together
+        # the configurator has checked the types; ranges, then the rules that tie fields together
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "moe_every"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("n_inner", "sliding_window", "expert_hidden"):
@@ -144,21 +113,18 @@ class GPTConfig:
         require(self.gelu_approximate == "none" or self.mlp == "gelu",
                 f"gelu_approximate={self.gelu_approximate!r} needs mlp=gelu, not mlp={self.mlp}")
         require(not self.n_sink or self.sliding_window is not None, "n_sink only makes sense with a sliding_window")
-        require(self.n_expert > 0 or not self.n_shared_expert,
-                "n_shared_expert needs routed experts too (n_expert > 0)")
+        require(self.n_expert > 0 or not self.n_shared_expert, "n_shared_expert needs routed experts (n_expert > 0)")
         if self.n_expert > 0:
             require(1 <= self.n_expert_active <= self.n_expert,
                     f"n_expert_active must be in 1..n_expert={self.n_expert}, got {self.n_expert_active}")
             require(self.moe_every <= self.n_layer,
                     f"moe_every={self.moe_every} > n_layer={self.n_layer} leaves no layer MoE")
             if self.expert_hidden is None:
-                # A token goes through n_expert_active + n_shared_expert experts, so split the
-                # dense hidden size between them: active parameters per token then match the
-                # dense model's. Rounded up to a multiple of 8 for friendlier matmul shapes.
+                # split the dense hidden size between the experts a token uses, so its active
+                # parameters match the dense model's (up to a multiple of 8)
                 n_used = self.n_expert_active + self.n_shared_expert
                 self.expert_hidden = 8 * math.ceil(self.mlp_hidden / n_used / 8)
-        # LoRA targets are checked even when lora_rank is 0, so a typo never waits for the day
-        # LoRA is switched on
+        # checked even with lora_rank 0, so a typo never waits for the day LoRA is switched on
         for t in self.lora_targets:
             require(t != "c_proj", "lora_targets: 'c_proj' is ambiguous, say 'attn.c_proj' or 'mlp.c_proj'")
             require(t in LORA_TARGETS,
@@ -167,11 +133,9 @@ class GPTConfig:
             require(self.lora_targets, "lora_rank > 0 needs at least one name in lora_targets")
             require(self.mlp == "swiglu" or not {"c_gate", "mlp.c_gate"} & set(self.lora_targets),
                     f"lora_targets: c_gate exists only with mlp=swiglu, not mlp={self.mlp}")
-            # a tied head's weight is the token embedding: merging its adapter would change the
-            # embedding too, so the merged model would no longer compute what was trained
+            # merging a tied head's adapter would change the token embedding too
             require(not (self.tie_weights and "lm_head" in self.lora_targets),
                     "lora_targets: lm_head needs tie_weights=False (a tied head is the embedding)")
-
 
     @property
     def head_dim(self):
@@ -179,9 +143,7 @@ class GPTConfig:
 
     @property
     def mlp_hidden(self):
-        # gelu: the classic 4x. swiglu has three matrices instead of two, so 2/3 of 4x keeps the
-        # parameter count equal; rounded up to a multiple of 64 for friendlier matmul shapes.
-        # A checkpoint from elsewhere (Llama's intermediate_size) states its own: n_inner.
+        # swiglu has three matrices instead of two: 2/3 of gelu's 4x keeps the parameter count
         if self.n_inner is not None:
             return self.n_inner
         if self.mlp == "gelu":
@@ -193,8 +155,7 @@ class GPTConfig:
 
     @property
     def unbounded_positions(self):
-        """True when generation may run past block_size: a rolling cache and positions that are
-        not a table of block_size rows."""
+        """Generation may run past block_size: a rolling cache, and positions not from a table."""
         return self.sliding_window is not None and self.pos_emb in ("rope", "none")
 
 
@@ -255,8 +216,7 @@ def attention_mask(pos, T, window, n_sink, device, key_pos=None):
     mask = (k >= 0) & (k <= q)
     if window is not None:
         mask &= (q - k < window) | (k < n_sink)
-    # a padding query sees nothing; let it see itself (its own column, among the last T) so its
-    # (unused) output stays finite
+    # a padding query sees nothing: let it see itself, so its (unused) output stays finite
     S = key_pos.size(1) - T
     own = torch.arange(S + T, device=device) == torch.arange(S, S + T, device=device)[:, None]  # (T, S + T)
     mask |= own & (q < 0)
@@ -264,13 +224,10 @@ def attention_mask(pos, T, window, n_sink, device, key_pos=None):
 
 
 def shared_prompt_attention(q, prompt_k, prompt_v, prompt_visible, k, v):
-    """A decode step's attention when the rows continue prompts in groups (KVCache.share): rows
-    b G .. b G + G - 1 read prompt b's keys and values, held once, then each its own tokens'.
-
+    """A decode step's attention when rows continue prompts in groups of G (KVCache.share): rows
+    b G .. b G + G - 1 attend to prompt b's keys, held once, and then each to its own, in one softmax.
     q (N, n_head, 1, hd), N = P G; prompt_k, prompt_v (P, n_kv_head, L, hd); prompt_visible (P, L),
-    False on padding; k, v (N, n_kv_head, t, hd), the row's own tokens so far, all visible. One
-    softmax over the prompt's keys and the row's own: attention over their concatenation, without
-    the G copies of the prompt (a group's G queries meet its prompt in one matmul)."""
+    False on padding; k, v (N, n_kv_head, t, hd), each row's own tokens so far, all visible."""
     N, H, _, D = q.shape
     P, Hkv, L, _ = prompt_k.shape
     G, r = N // P, H // Hkv  # rows per prompt, query heads per kv head
@@ -294,17 +251,15 @@ def linear(x, weight, bias=None):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout that is skipped where it does nothing (eval mode, or p = 0): a decode step of a
-    6-layer model passes through 13 of them, and nn.Dropout calls into ATen each time anyway."""
+    """nn.Dropout, skipped where it does nothing (eval, or p = 0) instead of calling into ATen."""
 
     def forward(self, x):
         return super().forward(x) if self.training and self.p > 0 else x
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose weight may be a module that stands for a tensor (see linear), with numel()
-    (how many numbers it stands for) and dequantize() (those numbers, as a tensor), which
-    count_weights and GPT.merged_state_dict read. The same parameters and state-dict keys."""
+    """nn.Linear whose weight may be a module standing for a tensor (see linear), with numel() and
+    dequantize(). The same parameters and state-dict keys as nn.Linear."""
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
@@ -346,9 +301,8 @@ class Attention(nn.Module):
         else:
             gqa = self.n_kv_head != self.n_head
             if gqa and q.is_cuda and not isinstance(mask, bool):
-                # On CUDA the kernel that takes a mask (memory-efficient attention) has no GQA, so
-                # enable_gqa with a mask would fall back to the math kernel and its O(T^2) memory;
-                # repeating each kv head for its group of query heads keeps the efficient kernel
+                # CUDA's memory-efficient kernel (the one that takes a mask) has no GQA: enable_gqa
+                # would fall back to the O(T^2)-memory math kernel, so repeat the kv heads instead
                 k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
                 v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
                 gqa = False
@@ -384,19 +338,16 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixture-of-Experts in place of a layer's MLP: a router sends each token to n_expert_active
-    of n_expert expert MLPs and mixes their outputs by its gates; the n_shared_expert experts see
-    every token. Dropless: each expert runs once, on every token routed to it, so a token's output
-    never depends on the rest of the batch (and cached decoding matches the full forward).
-    After each forward, aux_loss, z_loss (scalars, with grad) and load (n_expert,) hold the routing
-    statistics of that forward, for GPT.aux_loss() and GPT.moe_stats()."""
+    """Mixture-of-Experts in place of a layer's MLP: a router sends each token to n_expert_active of
+    n_expert expert MLPs and mixes their outputs by its gates; shared experts see every token.
+    Dropless, so a token's output never depends on the rest of the batch (cached decoding matches
+    the full forward). Each forward leaves aux_loss, z_loss (with grad) and load (n_expert,)."""
 
     def __init__(self, config):
         super().__init__()
         self.n_expert, self.k = config.n_expert, config.n_expert_active
         self.router = Linear(config.n_embd, config.n_expert, bias=False)
-        # each expert is a small MLP of the same kind as the dense one (gelu | swiglu); their
-        # c_proj.weight names get GPT-2's depth-scaled init with the other residual projections
+        # their c_proj.weight names get GPT-2's depth-scaled init with the other residual projections
         self.experts = nn.ModuleList([MLP(config, config.expert_hidden) for _ in range(config.n_expert)])
         # n shared experts of hidden size H, summed, are one MLP of hidden size n * H
         self.shared = MLP(config, config.n_shared_expert * config.expert_hidden) if config.n_shared_expert else None
@@ -409,11 +360,9 @@ class MoE(nn.Module):
         probs = F.softmax(logits, dim=-1)
         gates, chosen = torch.topk(probs, self.k, dim=-1)  # (N, k)
         if self.k > 1:
-            # Renormalise the k chosen gates to sum to 1 (as Mixtral; the same as a softmax over
-            # the k chosen logits), so the output's scale does not shrink when the router spreads
-            # probability over experts it did not pick. Not for top-1, where the gate would always
-            # be 1 and the router would learn nothing from the LM loss: top-1 keeps its
-            # probability as the gate, as in Switch Transformer.
+            # the k gates sum to 1 (Mixtral), so the output does not shrink when the router spreads
+            # probability over experts it did not pick; top-1 keeps its probability as the gate
+            # (Switch Transformer): a gate of 1 would teach the router nothing
             gates = gates / gates.sum(dim=-1, keepdim=True)
 
         # dispatch: sort the N*k (token, expert) pairs by expert, run each expert once on its
@@ -459,21 +408,16 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of sequences, allocated once (on the first write,
-    in the dtype the keys arrive in, so autocast is respected).
+    """Keys (RoPE applied) and values of every layer for a batch of sequences, per layer
+    (B, n_kv_head, S + 1, head_dim), allocated once on the first write, in the keys' dtype.
 
-    Position p of a row is stored in slot p, or, with a sliding window, in the rolling buffer of
-    n_sink + W slots described at the top of this file. Padding (negative positions) is never
-    stored; neither is the part of a long prompt that the window has already left behind. Both
-    are sent to slot S, one past the end, which is written but never read.
+    Position p lives in slot p, or with a sliding window in a ring of S = n_sink + W slots: the
+    sinks keep slots 0..n_sink-1 and p >= n_sink goes to slot n_sink + (p - n_sink) % W, so the
+    ring holds exactly the last W positions. Padding, and what a long prompt's window has left
+    behind, go to slot S, written but never read.
 
-    static=False (eager decoding) attends to the slots written so far, a few more each step.
     static=True attends to all S slots at every step, masking those not written yet: one shape
-    for every step, which is what a compiled decode step needs.
-
-    share(n) after prefill lets n rows continue each row: without a window and not static, the
-    prompt's keys and values stay once per prompt, read by its n rows together, and each row's new
-    tokens go to columns of its own, one per step (group = n); otherwise the rows are n copies.
+    for every step, as a compiled decode step needs; else to the slots written so far.
     """
 
     def __init__(self, config, batch_size, max_len, static=False):
@@ -497,8 +441,8 @@ class KVCache:
         return torch.where(pos < self.n_sink, pos, ring)
 
     def begin(self, pos):
-        """Called once per forward, before the layers, with the positions (B, T) of the new
-        columns. Returns the attention mask of a decode step (None where nothing is masked)."""
+        """Once per forward, before the layers, with the positions (B, T) of the new columns ->
+        the attention mask of a decode step (None where nothing is masked)."""
         if self.group:  # after share(): every row writes its own next column, and sees all it wrote
             self.column = self.length - self.prompt_k[0].size(2)
             self.length += 1
@@ -518,9 +462,7 @@ class KVCache:
         else:
             self.length += 1
             self.visible = min(self.length, self.n_slots)  # no row has written past this yet
-            if not self.padded:
-                # without padding a row's positions are its columns 0, 1, ..., the same in every
-                # row, so this step's token is at position length - 1 in all of them
+            if not self.padded:  # every row's new token is at position length - 1
                 self.slot = self.slot_of(self.length - 1)
                 return None
         # slot s holds a position <= the row's newest one exactly when s <= that position
@@ -554,11 +496,9 @@ class KVCache:
         return self.k[layer][:, :, : self.visible], self.v[layer][:, :, : self.visible]
 
     def share(self, n, new_tokens):
-        """After prefill: n rows continue each row, row b becoming rows b*n .. b*n + n-1, so that n
-        samples continue each prompt from one prefill. The prompt's keys and values stay once per
-        prompt (shared_prompt_attention reads them for its n rows), each row's next new_tokens
-        tokens go to columns of its own: n times less to copy now, and to read at every step. A
-        rolling or static cache is copied n times instead (repeat_interleave)."""
+        """After prefill: n rows continue each row, row b becoming rows b*n .. b*n + n-1. The
+        prompt's keys and values stay once per prompt (shared_prompt_attention), and each row's
+        next new_tokens tokens go to columns of its own. A rolling or static cache is copied."""
         if self.window is not None or self.static:
             return self.repeat_interleave(n)
         L = self.length
@@ -572,8 +512,7 @@ class KVCache:
         self.group, self.batch_size = n, P * n
 
     def repeat_interleave(self, n):
-        """After prefill: n copies of every row, row b becoming rows b*n .. b*n + n-1, so that n
-        samples continue each prompt from one prefill (the cache is copied, not recomputed)."""
+        """After prefill: n copies of every row, row b becoming rows b*n .. b*n + n-1."""
         self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
         self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
         self.batch_size *= n
@@ -585,10 +524,9 @@ class KVCache:
 
 @dataclass
 class Prefix:
-    """The first columns of a batch's rows where groups of rows have the same ones (the prompt that
-    the G samples of an RL group continue), given once per group. forward(idx, pos, prefix=...)
-    runs them once per group and the rest of each row (idx, pos) attends to its group's, as if
-    every row were run whole: the hidden states of idx's columns, at a fraction of the work.
+    """The first columns of a batch's rows where groups of rows share them (the prompt an RL group's
+    samples continue), given once per group. forward(idx, pos, prefix=...) runs them once per group
+    and the rest of each row attends to its group's, as if every row were run whole.
 
         idx, pos (P, S)   the shared columns, once per group (left-padded: negative positions)
         rows              (B,) the group of each row of the batch, an index into P; or an int G:
@@ -607,9 +545,8 @@ class Prefix:
 
 
 class PrefixKV:
-    """A Prefix's keys and values in every layer, for one forward, kept in the autograd graph (a
-    KVCache is written in place, for inference). The prefix's pass records each layer's; the rows'
-    pass puts its group's in front of each row's own."""
+    """A Prefix's keys and values in every layer for one forward, kept in the autograd graph (a
+    KVCache is written in place): the prefix's pass records them, the rows' pass reads its group's."""
 
     group = 0  # rows reading a prompt held once in decoding (KVCache.share): not here
 
@@ -663,7 +600,7 @@ LOGPROB_CHUNK = 2**24  # float32 logits (64 MB) per chunk in GPT.logprobs
 
 @dataclass
 class Completions:
-    """Sampled completions of a batch of prompts, as GPT.complete returns them (see there)."""
+    """Sampled completions of a batch of prompts (see GPT.complete)."""
 
     idx: torch.Tensor
     pos: torch.Tensor
@@ -683,11 +620,9 @@ class Completions:
         return mask & ~self.truncated[:, None] if drop_truncated else mask
 
     def prefix(self, rows=None):
-        """The columns that the rows (an index tensor; None = all) have in common with the other
-        samples of their prompt: the prompt up to its last token, once per prompt, as a Prefix. A
-        forward of the rest of each row, idx[:, prompt_len - 1 : -1] at pos[:, prompt_len - 1 : -1],
-        then gives the hidden states whose targets are targets()[:, prompt_len - 1:], every
-        completion token, at the cost of one prompt per group of num_samples rows."""
+        """The prompt up to its last token, once per prompt, as the Prefix of the rows (an index
+        tensor; None = all). A forward of idx[:, prompt_len - 1 : -1] at pos[:, prompt_len - 1 : -1]
+        with it gives the hidden states whose targets are targets()[:, prompt_len - 1:]."""
         S, G = self.prompt_len - 1, self.num_samples
         return Prefix(self.idx[::G, :S], self.pos[::G, :S], G if rows is None else rows // G)
 
@@ -699,8 +634,8 @@ def last_index(mask):
 
 
 def left_pad(prompts, pad_id=0):
-    """A list of 1-D prompts -> idx (B, L) padded on the left and pos (B, L), negative on padding.
-    Left padding lines up every row's newest token in the last column, so decoding stays batched."""
+    """A list of 1-D prompts -> idx (B, L) padded on the left (every row's newest token in the last
+    column, so decoding stays batched) and pos (B, L), negative on padding."""
     L = max(len(p) for p in prompts)
     idx = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=prompts[0].device)
     for b, p in enumerate(prompts):
@@ -713,20 +648,12 @@ def left_pad(prompts, pad_id=0):
 # -----------------------------------------------------------------------------
 # LoRA
 
-# A target names linear layers by their role. Each linear layer has one: attn.c_q attn.c_k
-# attn.c_v attn.c_proj in attention; mlp.c_fc mlp.c_gate mlp.c_proj in a feed-forward network,
-# which with MoE means every expert's and shared expert's as well as a dense layer's; router, the
-# MoE gate; lm_head. "c_q" is short for attn.c_q, "c_fc" for mlp.c_fc (c_proj alone is ambiguous,
-# so it is spelled with its module); "attn" is all four attention roles, "mlp" all three
-# feed-forward roles. The router is adapted only when named: an adapter there changes which
-# experts a token goes to, which is rarely what fine-tuning the MLPs means.
-LORA_TARGETS = (
-    "c_q", "c_k", "c_v", "attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj",  # attention
-    "c_fc", "c_gate", "mlp.c_fc", "mlp.c_gate", "mlp.c_proj",  # MLP (c_gate: swiglu only)
-    "router",  # MoE only
-    "lm_head",  # untied heads only
-    "attn", "mlp",  # all four attention linears; all MLP linears (dense, experts, shared)
-)
+# A target names linear layers by their role (linear_role): "mlp.c_fc" is every dense, expert and
+# shared expert c_fc; "c_q" is short for attn.c_q (c_proj alone is ambiguous); "attn" and "mlp" are
+# all their roles. The router is adapted only when named: that changes which experts a token uses.
+LORA_TARGETS = ("c_q", "c_k", "c_v", "attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj",
+                "c_fc", "c_gate", "mlp.c_fc", "mlp.c_gate", "mlp.c_proj",  # c_gate: swiglu only
+                "router", "lm_head", "attn", "mlp")  # router: MoE only; lm_head: untied only
 _LORA_SHORT = {"c_q": "attn.c_q", "c_k": "attn.c_k", "c_v": "attn.c_v", "c_fc": "mlp.c_fc", "c_gate": "mlp.c_gate"}
 
 
@@ -756,16 +683,11 @@ class LoRALinear(Linear):
 
         y = x W^T + b + scale * dropout(x) A^T B^T,   A (r, in), B (out, r), scale = alpha / r
 
-    A starts random and B at zero, so at first the layer computes exactly what W alone does, and
-    gradients reach B at once (through the random A) and A as soon as B is nonzero. It is built
-    around an existing nn.Linear and takes over its weight and bias tensors: the state-dict keys
-    stay c_q.weight and c_q.bias, with the adapter beside them as c_q.lora_A and c_q.lora_B.
-
-    Merging folds scale B A into W for inference at the plain cost. It keeps the original W aside,
-    so unmerge restores it bit for bit (W + BA - BA is not W in bf16), and the state dict always
-    holds the original W: a state dict taken while merged loads back to the same model instead
-    of applying the adapters twice. `enabled = False` computes W alone (the reference policy of
-    the RL stages: the same weights, adapters off, no second copy in memory).
+    B starts at zero, so at first the layer computes what W alone does. It takes over an existing
+    nn.Linear's weight and bias: the keys stay c_q.weight and c_q.bias, beside c_q.lora_A, c_q.lora_B.
+    merge() folds scale B A into W and keeps the original aside: unmerge restores it bit for bit
+    (W + BA - BA is not W in bf16), and the state dict always holds the original W, so a merged
+    model's loads back without applying the adapters twice. enabled = False computes W alone.
     """
 
     def __init__(self, base, rank, alpha, dropout):
@@ -781,7 +703,6 @@ class LoRALinear(Linear):
         self.merged = False  # True while scale * B A is folded into the weight
         self.enabled = True  # False: the adapter is skipped (adapters_off)
         self._base_weight = None  # the original W while merged
-        # as nn.Linear initialises its own weight; any nonzero A works, what matters is B = 0
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x):
@@ -827,13 +748,9 @@ def is_lora_key(key):
     return key.endswith((".lora_A", ".lora_B"))
 
 
-# A GPT with lora_rank > 0 gets its adapters when it is built (add_lora); these act on such a model.
-
-
 def add_lora(model):
-    """Put a LoRALinear around every nn.Linear of model that its lora_targets name, then freeze
-    every parameter but the adapters' (and a scalar head's: it is new to the model, so it trains
-    in full beside them)."""
+    """Put a LoRALinear around every nn.Linear that lora_targets name (GPT.__init__ calls this), then
+    freeze every parameter but the adapters' and a scalar head's (new to the model, it trains in full)."""
     cfg = model.config
     matched = set()
     for name, module in list(model.named_modules()):
@@ -857,14 +774,12 @@ def lora_layers(model):
 
 
 def merge_lora(model):
-    """Fold every adapter into its weight (W += scale B A): the model then runs as a plain GPT,
-    at the plain cost (and the memory of one more copy of the adapted weights, kept to undo
-    it). Merging twice is refused. Train only unmerged: merged, the adapters are bypassed and
-    get no gradient. state_dict() is the same merged or not. A quantized base is refused: it has
-    no full-precision weight to fold into (GPT.merged_state_dict dequantizes for an export)."""
+    """Fold every adapter into its weight (W += scale B A), for inference at the plain cost. Train
+    only unmerged: merged, the adapters get no gradient. A quantized base has no full-precision
+    weight to fold into (convert.merged_state_dict dequantizes for an export)."""
     if model.quantization:
         raise ValueError(f"merge_lora: the base weights are int{model.quantization['bits']} (quantize.py): "
-                         "use merged_state_dict() for the merged weights, dequantized")
+                         "use convert.merged_state_dict(model) for the merged weights, dequantized")
     for layer in lora_layers(model):
         layer.merge()
 
@@ -877,9 +792,8 @@ def unmerge_lora(model):
 
 @contextlib.contextmanager
 def adapters_off(model):
-    """Inside, the model computes what its base weights alone compute: every LoRA adapter is
-    skipped (merged or not). The RL stages take a LoRA policy's reference this way, at no memory
-    cost. A model without adapters is unchanged."""
+    """Inside, every LoRA adapter is skipped, merged or not: the RL stages' reference of a LoRA
+    policy, at no memory cost."""
     layers = lora_layers(model)
     for layer in layers:
         layer.enabled = False
@@ -891,21 +805,18 @@ def adapters_off(model):
 
 
 def lora_state_dict(model):
-    """Only the adapters (lora_A, lora_B of each target): a fine-tune saved on its own, to be
-    loaded on top of the base checkpoint it was trained from."""
+    """Only the adapters: a fine-tune saved on its own, to load on top of its base checkpoint."""
     return {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
 
 
 def load_lora_state_dict(model, sd):
-    """Load adapters saved by lora_state_dict. Every adapter key must be there, no other, with the
-    right shapes; the model must not be merged (the weights would disagree)."""
+    """Load adapters saved by lora_state_dict: every adapter key, no other, into an unmerged model."""
     _load_part(model, sd, "adapter state dict", adapters=True)
 
 
 def load_base_weights(model, sd):
-    """Load a checkpoint of the base model (lora_rank 0) into this one: every key but the adapters'
-    must be there, and nothing else. The adapters keep their fresh init. (load_state_dict(sd,
-    strict=False) does the same, less the checks.)"""
+    """Load a base checkpoint (lora_rank 0): every key but the adapters', no other; the adapters
+    keep their fresh init."""
     _load_part(model, sd, "base state dict", adapters=False)
 
 
@@ -944,16 +855,13 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.score_head = nn.Linear(config.n_embd, 1, bias=True) if config.scalar_head else None
         self.apply(self._init_weights)
-        # GPT-2: the projections that write into the residual stream (two per layer) are scaled
-        # by 1/sqrt(2 n_layer), so the stream's variance does not grow with depth
+        # GPT-2: the two projections per layer into the residual stream are scaled by
+        # 1/sqrt(2 n_layer), so the stream's variance does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.compiled_decode_step = None  # set by autotune.compile_decode where it measures faster
-        # activation checkpointing for training: keep only each block's input in the forward pass
-        # and recompute the block in the backward pass (about one more forward of compute, for the
-        # activations of one block at a time instead of all of them), and the loss over chunks of
-        # the logits (see loss); the stages' grad_checkpointing setting
+        # recompute each block, and the loss in chunks, in the backward pass (see body and loss)
         self.grad_checkpointing = False
         self.quantization = None  # set by quantize.quantize: {bits, group_size, quantize_head, format}
         if config.lora_rank > 0:
@@ -974,16 +882,13 @@ class GPT(nn.Module):
 
         pos (B, T): each token's position; None means 0..T-1 in every row. Negative = padding.
         cache: a KVCache to fill (prefill, the whole prompt) or to extend (one token per row).
-        prefix: a Prefix, columns before idx's that groups of rows share (the prompt of a group of
-            samples, see Completions.prefix), run once per group; idx's columns attend to their
-            group's and get the hidden states a forward of the whole rows gives them (to rounding),
-            in one call (one DDP forward). Needs pos; without activation checkpointing; a MoE's
-            balancing terms (aux_loss) then cover idx's tokens only.
+        prefix: a Prefix, columns before idx's that groups of rows share, run once per group; idx's
+            columns get the hidden states a forward of the whole rows gives them (to rounding).
+            Needs pos; a MoE's balancing terms (aux_loss) then cover idx's tokens only.
         """
         cfg = self.config
         B, T = idx.shape
-        # positions, not columns, are what block_size bounds: a left-padded batch of completions with
-        # per-row budgets may be wider than block_size while no row's position reaches it
+        # block_size bounds positions, not columns: a left-padded batch may be wider
         if T > cfg.block_size and not cfg.unbounded_positions and (pos is None or int(pos.max()) >= cfg.block_size):
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         p = pos if pos is not None else torch.arange(T, device=idx.device)[None]
@@ -1033,11 +938,9 @@ class GPT(nn.Module):
         return self.lm_head(x)
 
     def loss(self, x, targets):
-        """The mean cross-entropy of the next-token targets (B, T), -1 where no loss is taken. That
-        is all the loss is, so that it compares across architectures; a MoE model's balancing terms
-        are aux_loss(), which the training step adds. With grad_checkpointing (and gradients on)
-        it is taken over chunks of rows (logprobs): at a large vocabulary the float32 logits of the
-        batch, and their gradient, are the largest activations of a step, and never exist at once."""
+        """The mean cross-entropy of the next-token targets (B, T), -1 where no loss is taken (a MoE's
+        balancing terms are aux_loss(), which the training step adds). With grad_checkpointing it
+        is taken in chunks (logprobs), so the batch's float32 logits never exist at once."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             logp, _ = self.logprobs(x, targets)
             return -logp.sum() / (targets >= 0).sum()
@@ -1049,14 +952,10 @@ class GPT(nn.Module):
 
             logprobs[b, t] = log softmax(logits[b, t, :vocab_limit] / temperature)[targets[b, t]]
 
-        The RL stages score their completions with this, and must pass the temperature and
-        vocab_limit they sampled with: the ratio and the KL are then those of the distribution the
-        tokens were drawn from (top_k / top_p truncate it further; see sample_next). entropy:
-        False, True (with its graph, for an entropy bonus) or "log" (detached: for the log only).
-        Only the positions with a target go through the head (an RL batch's padding, and whatever
-        follows a completion's stop, cost nothing there), in chunks of rows, so the float32 logits
-        of only one chunk exist at a time; with gradients each chunk is recomputed in the backward
-        pass instead of being kept. At this repo's vocab sizes one chunk is the whole batch."""
+        The RL stages pass the temperature and vocab_limit they sampled with, so the ratio and the
+        KL are those of the distribution the tokens were drawn from. entropy: False, True (with its
+        graph, for an entropy bonus) or "log" (detached). Only positions with a target go through
+        the head, in chunks of rows, each recomputed in the backward pass rather than kept."""
         if temperature <= 0:
             raise ValueError(f"log-probs need the sampling temperature > 0, got {temperature} "
                              "(greedy decoding has no distribution to score)")
@@ -1093,10 +992,9 @@ class GPT(nn.Module):
         return logp, ent
 
     def scores(self, x, last=None):
-        """The scalar head, in at least float32: (B, T), a score at every position (PPO's values;
-        position t's sees idx[:, :t+1] only), or with last (B,) the score at each row's index last
-        -> (B,): a reward model reads the last real token, for a rendered reply its <|end|>, the
-        one that has seen the whole sequence (last_index(mask) after left padding)."""
+        """The scalar head, in at least float32: (B, T), a score at every position (PPO's values),
+        or with last (B,) the score at each row's index last -> (B,) (a reward model's, at the last
+        real token: last_index(mask))."""
         if self.score_head is None:
             raise RuntimeError("this model has no scalar head (GPTConfig.scalar_head=False)")
         if last is not None:
@@ -1107,9 +1005,9 @@ class GPT(nn.Module):
         return [block.mlp for block in self.h if isinstance(block.mlp, MoE)]
 
     def aux_loss(self):
-        """The auxiliary training losses of the last forward: for MoE, moe_aux_coef times the
-        load-balancing loss plus moe_z_coef times the router z-loss, each averaged over the MoE
-        layers (a tensor with grad); 0.0 for a dense model. Training steps add it to their loss."""
+        """The auxiliary losses of the last forward, which training steps add: moe_aux_coef times the
+        load-balancing loss plus moe_z_coef times the router z-loss, means over the MoE layers; 0.0
+        for a dense model."""
         moe = self.moe_layers()
         if not moe or moe[0].aux_loss is None:
             return 0.0
@@ -1117,11 +1015,9 @@ class GPT(nn.Module):
         return (cfg.moe_aux_coef * sum(m.aux_loss for m in moe) + cfg.moe_z_coef * sum(m.z_loss for m in moe)) / len(moe)
 
     def moe_stats(self):
-        """Routing statistics of the last forward, as plain numbers for the log; None for a dense
-        model (or before any forward). aux_loss and z_loss are means over the MoE layers; load, a
-        list per MoE layer of n_expert numbers, is the fraction of routed (token, expert) pairs
-        each expert got; load_cv is the mean over layers of its coefficient of variation std /
-        mean (0 = even)."""
+        """Routing statistics of the last forward for the log (None without MoE): aux_loss, z_loss;
+        load, per MoE layer the fraction of routed pairs each expert got; load_cv, the mean over
+        layers of load's std / mean (0 = even)."""
         moe = self.moe_layers()
         if not moe or moe[0].load is None:
             return None
@@ -1131,36 +1027,14 @@ class GPT(nn.Module):
                     z_loss=sum(m.z_loss.item() for m in moe) / len(moe),
                     load=load.tolist(), load_cv=cv.mean().item())
 
-    @torch.no_grad()
-    def reset_token_rows(self, ids, match_norm=False, generator=None):
-        """Give the token-embedding rows of ids (and, untied, the head's) a fresh random start:
-        N(0, 0.02) as at initialisation, or with match_norm random directions as long as the mean
-        row of the other ids. For tokens training never showed as inputs: their rows only ever
-        learned to be unlikely outputs, which pushed them all the same way, so as inputs they are
-        nearly one vector."""
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.wte.weight.device)
-        if not isinstance(self.lm_head.weight, torch.Tensor):
-            raise ValueError("reset_token_rows: the head is quantized (quantize_head); reset before quantizing")
-        tables = [self.wte.weight] + ([] if self.config.tie_weights else [self.lm_head.weight])
-        for w in tables:
-            fresh = torch.randn(len(ids), w.size(1), generator=generator, device="cpu").to(w) * 0.02
-            if match_norm:
-                others = torch.ones(w.size(0), dtype=torch.bool, device=w.device)
-                others[ids] = False
-                fresh = F.normalize(fresh, dim=1) * w[others].norm(dim=1).mean()
-            w[ids] = fresh
-
-
     # --- generation ------------------------------------------------------------
 
     def prefill(self, idx, pos, cache):
-        """Run the prompts (B, T) once, filling the cache -> logits (B, vocab_size) of each
-        row's next token."""
+        """The prompts (B, T), filling the cache -> logits (B, vocab_size) of each row's next token."""
         return self.logits(self(idx, pos, cache)[:, -1])  # left padding puts every row's newest token last
 
     def decode_step(self, token, pos, cache):
-        """One new token per row (B, 1) at positions pos (B, 1), against the cache -> logits
-        (B, vocab_size) of the token after it."""
+        """One new token per row (B, 1) at pos (B, 1) -> logits (B, vocab_size) of the next."""
         return self.logits(self(token, pos, cache)[:, -1])
 
     @torch.no_grad()
@@ -1169,16 +1043,12 @@ class GPT(nn.Module):
         """Yield (next_token (N,), logits (N, vocab_size)) for each of max_new_tokens steps, with
         N = B * num_samples: sample g of prompt b is row b * num_samples + g.
 
-        With use_cache, the prompt is run once (prefill) and each step then runs one token per
-        row against the KV cache; num_samples rows then continue each prompt, reading its keys and
-        values held once (KVCache.share), so a group of samples pays for one prefill and reads one
-        copy of its prompt at every step. Without the cache, every step recomputes the
-        whole context: the reference the cached path must match. Past block_size, without a
-        rolling cache, both crop the context to the last block_size tokens, as nanoGPT does,
-        which means a full recompute per step.
-        last_pos (N,): the last position each row may take; a row that has reached it goes on
-        at that position (what it draws then is filler, complete() masks it), so a batch whose
-        rows have budgets of their own never leaves block_size in any row.
+        With use_cache, one prefill per prompt, then one token per row per step against the KV
+        cache (the samples of a prompt share its keys and values, KVCache.share). Without it, every
+        step recomputes the whole context: the reference the cached path must match. Past
+        block_size, without a rolling cache, both crop the context to the last block_size tokens.
+        last_pos (N,): the last position each row may take; a row there stays at it (drawing filler,
+        which complete() masks), so rows with budgets of their own never leave block_size.
         """
         cfg = self.config
         compiled = self.compiled_decode_step
@@ -1189,12 +1059,10 @@ class GPT(nn.Module):
         if pos is None:
             pos = torch.arange(L, device=idx.device)[None].expand(B, L)
         tokens, cache = idx, None
-        # the largest position of any row so far (the longest prompt has no padding): block_size
-        # bounds it, not the number of columns
+        # the largest position of any row so far, which block_size bounds
         top, cap = L - 1, None if last_pos is None else int(last_pos.max())
         if num_samples > 1 and not (use_cache and (L <= cfg.block_size or cfg.unbounded_positions)):
-            # no prefill to share (the reference path, or a prompt too long for the cache): the
-            # samples start as copies of their prompt
+            # no prefill to share: the samples start as copies of their prompt
             tokens, pos = idx.repeat_interleave(num_samples, 0), pos.repeat_interleave(num_samples, 0)
         try:
             for _ in range(max_new_tokens):
@@ -1212,8 +1080,7 @@ class GPT(nn.Module):
                     else:
                         logits = decode(tokens[:, -1:], pos[:, -1:], cache)
                         if compiled is not None:
-                            # with CUDA graphs the output buffer is reused by the next replay:
-                            # the caller may still hold these logits then
+                            # CUDA graphs reuse the output buffer, and the caller may still hold it
                             logits = logits.clone()
                 else:
                     ctx, ctx_pos = tokens, pos
@@ -1241,9 +1108,8 @@ class GPT(nn.Module):
         idx a list of 1-D LongTensors (mixed lengths, generated together, left-padded) -> a list
             of 1-D tensors, each its prompt and its completion (up to and including its stop).
         num_samples: completions per prompt, sample g of prompt b in row (or item) b * num_samples
-            + g, sharing one prefill. temperature 0 is greedy; a torch.Generator makes sampling
-        reproducible; vocab_limit keeps the padding ids of a padded vocabulary (>= the tokenizer's
-        size) from ever being drawn. For RL rollouts, complete() returns the masks as well.
+            + g. temperature 0 is greedy; vocab_limit keeps a padded vocabulary's padding ids from
+            being drawn. For RL rollouts, complete() returns the masks as well.
         """
         as_list = isinstance(idx, (list, tuple))
         out = self.complete(idx if as_list else list(idx), max_new_tokens, num_samples, temperature, top_k, top_p,
@@ -1259,12 +1125,10 @@ class GPT(nn.Module):
     def complete(self, prompts, max_new_tokens, num_samples=1, temperature=1.0, top_k=None, top_p=None,
                  stop_tokens=(), generator=None, vocab_limit=None, use_cache=True, fill_after_stop=False,
                  within_block=True):
-        """Sample num_samples completions of each prompt (a list of 1-D LongTensors), all rows in
-        one batch, sharing one prefill per prompt, each row stopping at the first of stop_tokens
-        (an id or several) it draws, or when it has max_new_tokens, or (within_block, a model
-        whose positions are bounded) when its sequence fills block_size: a row's budget is
-        min(max_new_tokens, block_size - its prompt's length), so a long prompt gets a shorter
-        completion rather than none. -> Completions, what an RL step needs without a second pass:
+        """Sample num_samples completions of each prompt (a list of 1-D LongTensors) in one batch,
+        each row stopping at the first of stop_tokens (an id or several) it draws, after
+        max_new_tokens, or (within_block, bounded positions) when its sequence fills block_size,
+        so a long prompt gets a shorter completion rather than none. -> Completions:
 
             idx (N, L + T)  each prompt left-padded to the longest (L), then its completion; the
                             tokens after a row's stop are filler (its stop token repeated, when
@@ -1275,10 +1139,8 @@ class GPT(nn.Module):
             prompt_len      L
 
         with N = len(prompts) * num_samples, sample g of prompt p in row p * num_samples + g, and
-        T the longest completion: generation stops once every row has stopped. The log-probs of
-        the completions are then logprobs(self(idx[:, :-1], pos[:, :-1]), Completions.targets(),
-        temperature, vocab_limit). Without within_block, a row past block_size goes on in a
-        cropped context (generate's nanoGPT-style sampling)."""
+        T the longest completion. The log-probs of the completions are then
+        logprobs(self(idx[:, :-1], pos[:, :-1]), Completions.targets(), temperature, vocab_limit)."""
         device = prompts[0].device
         stops = torch.tensor([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens),
                              dtype=torch.long, device=device)
@@ -1319,64 +1181,12 @@ class GPT(nn.Module):
         mask = torch.cat((torch.zeros(N, L, dtype=torch.bool, device=device), gen_mask), dim=1)
         return Completions(idx=idx, pos=pos, mask=mask, truncated=~stopped, prompt_len=L, num_samples=num_samples)
 
-    # --- weights ----------------------------------------------------------------
-
-    def merged_state_dict(self):
-        """The weights of the plain full-precision GPT this model computes: adapters folded in,
-        adapter keys left out, quantized weights dequantized (here, once: the export of a QLoRA
-        run). Loads strictly into GPT(dataclasses.replace(config, lora_rank=0)). The model itself
-        is left as it is, merged or not, quantized or not."""
-        sd = {k: v for k, v in self.state_dict().items() if not is_lora_key(k)}
-        for name, layer in self.named_modules():
-            if not isinstance(layer, Linear):
-                continue
-            if isinstance(layer.weight, torch.Tensor):
-                w = layer.weight.detach()  # the merged weight itself when merged
-            else:  # a weight that is a module (quantized): its own keys out, its numbers in full
-                for key in layer.weight.state_dict():
-                    del sd[f"{name}.weight.{key}"]
-                w = layer.weight.dequantize()
-            if isinstance(layer, LoRALinear) and not layer.merged:
-                w = (upcast(w) + layer.delta_weight().detach()).to(w.dtype)
-            sd[name + ".weight"] = w
-        if self.config.tie_weights:  # a quantized copy of a tied head is the table, which is exact
-            sd["lm_head.weight"] = sd["wte.weight"]
-        return sd
-
-    @torch.no_grad()
-    def resize_vocab(self, vocab_size):
-        """Grow the token embedding, and an untied head, to vocab_size rows, for tokens appended
-        to the tokenizer (SFT's chat tokens on a model from elsewhere). Old ids compute exactly
-        what they did. Each new row starts at the mean of the old rows, so a new token begins as
-        an average token, with a logit near the mean logit, rather than as a random direction
-        that may dominate the softmax (Hewitt 2021, "Initializing new word embeddings").
-        A frozen table (LoRA) stays frozen."""
-        old = self.config.vocab_size
-        if vocab_size < old:
-            raise ValueError(f"resize_vocab grows the vocabulary: {vocab_size} < {old} rows")
-        if isinstance(self.lm_head, LoRALinear):
-            raise ValueError("resize_vocab: the head has LoRA adapters (lora_targets has lm_head); "
-                             "resize before adding them")
-        if not isinstance(self.lm_head.weight, torch.Tensor):
-            raise ValueError("resize_vocab: the head is quantized (quantize_head); resize before quantizing")
-
-        def grown(w):  # (old, C) -> (vocab_size, C)
-            mean = upcast(w).mean(dim=0, keepdim=True).to(w.dtype)
-            return nn.Parameter(torch.cat((w, mean.expand(vocab_size - old, -1))), requires_grad=w.requires_grad)
-
-        self.wte.weight = grown(self.wte.weight)
-        self.wte.num_embeddings = vocab_size
-        self.lm_head.weight = self.wte.weight if self.config.tie_weights else grown(self.lm_head.weight)
-        self.lm_head.out_features = vocab_size
-        self.config = replace(self.config, vocab_size=vocab_size)
-
     # --- sizes, FLOPs, optimizer -----------------------------------------------
 
     def num_params(self, non_embedding=True, active=False):
-        """Parameters, each shared tensor counted once, a quantized weight as the numbers it stands
-        for. As in nanoGPT, non_embedding leaves out the position table (the token table stays: with
-        tied weights it is also the LM head). active counts only what one token uses:
-        n_expert_active of each MoE layer's routed experts."""
+        """Parameters, each shared tensor once, a quantized weight as the numbers it stands for.
+        non_embedding leaves out the position table (nanoGPT's rule); active counts only the
+        n_expert_active routed experts a token uses."""
         n = count_weights(self)
         if self.config.tie_weights and not isinstance(self.lm_head.weight, torch.Tensor):
             n -= self.lm_head.weight.numel()  # a quantized copy of the tied table: the same weights
@@ -1388,10 +1198,9 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, T=None):
-        """Training FLOPs (forward + backward) per token for sequences of length T: 6 per weight
-        (2 forward, 4 backward) plus attention's QK^T and AV, as in the PaLM paper's appendix.
-        With MoE only the active weights count: a token skips the experts it is not routed to.
-        A frozen weight (LoRA, a quantized base) costs 4, not 6: its own gradient is never computed."""
+        """Training FLOPs per token for sequences of length T: 6 per active weight (2 forward, 4
+        backward; 4 for a frozen one, whose gradient is never computed) plus attention's QK^T and
+        AV (the PaLM paper's appendix)."""
         cfg = self.config
         T = cfg.block_size if T is None else T
         context = T if cfg.sliding_window is None else min(T, cfg.sliding_window + cfg.n_sink)
@@ -1402,17 +1211,13 @@ class GPT(nn.Module):
         return 6 * n_active - 2 * min(n_frozen, n_active) + 12 * cfg.n_layer * cfg.n_embd * context
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, head_lr_scale=1.0):
-        """AdamW over the trainable parameters: weight decay on matrices that multiply
-        activations, none on norms, biases, untied embedding tables and LoRA adapters. A scalar
-        head in a model that also trains its backbone (PPO's value head) may learn at
-        head_lr_scale times the rate: it starts from nothing while the backbone is fine-tuned.
-        Each group carries its lr_scale, which common.set_lr applies."""
+        """AdamW over the trainable parameters: weight decay on matrices that multiply activations,
+        none on norms, biases, untied embedding tables and LoRA adapters. A scalar head (PPO's value
+        head) may learn at head_lr_scale times the rate; each group's lr_scale is for common.set_lr."""
         embeddings = {id(self.wte.weight)} if not self.config.tie_weights else set()
         if self.config.pos_emb == "learned":
             embeddings.add(id(self.wpe.weight))
-        # LoRA adapters take no decay either: the rank already bounds the update, and decay would
-        # shrink the random A toward zero whatever the data says (with lora_rank > 0 they are
-        # the only trainable parameters, so the decay group is then empty)
+        # LoRA adapters: the rank already bounds the update, and decay would shrink A toward zero
         exempt = embeddings | {id(p) for n, p in self.named_parameters() if is_lora_key(n)}
         head = {id(p) for p in self.score_head.parameters()} if self.score_head is not None and head_lr_scale != 1.0 else set()
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in head]

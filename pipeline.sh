@@ -7,6 +7,7 @@
 #   STAGES="reward grpo report" bash pipeline.sh   # only these (their inputs must be there)
 #   FORCE=1 STAGES=grpo bash pipeline.sh           # redo a stage that is done
 #   OUT=runs/a bash pipeline.sh                    # every output under runs/a instead of here
+#   DTYPE=float32 bash pipeline.sh                 # every stage in float32 (default auto: bf16 where it measures faster)
 #
 # It is a shell script because each stage is already one command of its own script with its own
 # config; this file only puts them in order, times them and stops at the first failure. Every
@@ -20,6 +21,7 @@ PYTHON=${PYTHON:-python}
 OUT=${OUT:-.}
 STAGES=${STAGES:-data pretrain sft pairs reward grpo ppo dpo sft_cot grpo_cot report}
 FORCE=${FORCE:-0}
+DTYPE=${DTYPE:-auto}
 TINY=${TINY:-0}  # 1: a tiny model and a few iterations per stage (the smoke test), with DATASET set
 DATASET=${DATASET:-tiny_shakespeare/byte}
 LOGS=$OUT/out-pipeline
@@ -89,22 +91,21 @@ stage() {
             run data bash -c "$corpus $PYTHON data/tasks/prepare.py --out_dir=$OUT/tasks $small &&
                 $PYTHON data/tasks/prepare.py --cot=True --out_dir=$OUT/tasks_cot $small &&
                 $PYTHON data/tasks/prepare.py --cot=True --extra_train_difficulties=4 --out_dir=$OUT/tasks_cot_rl $small" ;;
-        pretrain) run pretrain "$PYTHON" train.py config/tiny_shakespeare.py --dataset="$DATASET" --out_dir="$OUT/out-shakespeare" $(tiny pretrain) ;;
-        sft) run sft "$PYTHON" sft.py config/sft_tasks.py --init_from="$OUT/out-shakespeare/ckpt.pt" --sft_dataset="$(realpath "$OUT/tasks")" --out_dir="$OUT/out-sft" $(tiny sft) ;;
+        pretrain) run pretrain "$PYTHON" train.py config/tiny_shakespeare.py --dataset="$DATASET" --out_dir="$OUT/out-shakespeare" --dtype="$DTYPE" $(tiny pretrain) ;;
+        sft) run sft "$PYTHON" sft.py config/sft_tasks.py --init_from="$OUT/out-shakespeare/ckpt.pt" --sft_dataset="$(realpath "$OUT/tasks")" --out_dir="$OUT/out-sft" --dtype="$DTYPE" $(tiny sft) ;;
         pairs) run pairs bash -c "$PYTHON data/preferences/prepare.py --source=rules --tasks_dir=$(realpath "$OUT/tasks") --out_dir=$OUT/pairs/rules $(tiny pairs) &&
-            $PYTHON data/preferences/prepare.py --source=policy --init_from=$OUT/out-sft/ckpt.pt --tasks_dir=$(realpath "$OUT/tasks") --out_dir=$OUT/pairs/policy $(tiny pairs) &&
-            $PYTHON data/preferences/prepare.py --source=policy --init_from=$OUT/out-sft/ckpt.pt --tasks_dir=$(realpath "$OUT/tasks") --out_dir=$OUT/pairs/policy_rl --cells=add/3,sub/2,sub/3,sort/2,sort/3 $(tiny pairs)" ;;
-        reward) run reward "$PYTHON" reward.py config/reward_tasks.py --init_from="$OUT/out-sft/ckpt.pt" --preference_dataset="$(realpath "$OUT/pairs/rules"),$(realpath "$OUT/pairs/policy")" --out_dir="$OUT/out-reward" $(tiny reward) ;;
-        grpo) run grpo "$PYTHON" grpo.py config/grpo_tasks.py --init_from="$OUT/out-sft/ckpt.pt" --prompt_dataset="$(realpath "$OUT/tasks")" --out_dir="$OUT/out-grpo" $(tiny grpo) ;;
-        ppo) run ppo "$PYTHON" ppo.py config/ppo_tasks.py --init_from="$OUT/out-sft/ckpt.pt" --prompt_dataset="$(realpath "$OUT/tasks")" --out_dir="$OUT/out-ppo" $(tiny ppo) ;;
-        dpo) run dpo "$PYTHON" dpo.py config/dpo_tasks.py --init_from="$OUT/out-sft/ckpt.pt" --preference_dataset="$(realpath "$OUT/pairs/policy_rl")" --prompt_dataset="$(realpath "$OUT/tasks")" --out_dir="$OUT/out-dpo" $(tiny dpo) ;;
-        sft_cot) run sft_cot "$PYTHON" sft.py config/sft_tasks_cot.py --init_from="$OUT/out-shakespeare/ckpt.pt" --sft_dataset="$(realpath "$OUT/tasks_cot")" --out_dir="$OUT/out-sft-cot" $(tiny sft_cot) ;;
-        grpo_cot) run grpo_cot "$PYTHON" grpo.py config/grpo_tasks_cot.py --init_from="$OUT/out-sft-cot/ckpt.pt" --prompt_dataset="$(realpath "$OUT/tasks_cot_rl")" --out_dir="$OUT/out-grpo-cot" $(tiny grpo_cot) ;;
-        # sft and sft_cot are the first evals of the GRPO runs that start from them: the same held-out
-        # prompts (every one) as the later stages answer, where sft.py's own evals answer 240
+            $PYTHON data/preferences/prepare.py --source=policy --dtype=$DTYPE --init_from=$OUT/out-sft/ckpt.pt --tasks_dir=$(realpath "$OUT/tasks") --out_dir=$OUT/pairs/policy $(tiny pairs) &&
+            $PYTHON data/preferences/prepare.py --source=policy --dtype=$DTYPE --init_from=$OUT/out-sft/ckpt.pt --tasks_dir=$(realpath "$OUT/tasks") --out_dir=$OUT/pairs/policy_rl --cells=add/3,sub/2,sub/3,sort/2,sort/3 $(tiny pairs)" ;;
+        reward) run reward "$PYTHON" reward.py config/reward_tasks.py --init_from="$OUT/out-sft/ckpt.pt" --preference_dataset="$(realpath "$OUT/pairs/rules"),$(realpath "$OUT/pairs/policy")" --out_dir="$OUT/out-reward" --dtype="$DTYPE" $(tiny reward) ;;
+        grpo) run grpo "$PYTHON" grpo.py config/grpo_tasks.py --init_from="$OUT/out-sft/ckpt.pt" --prompt_dataset="$(realpath "$OUT/tasks")" --out_dir="$OUT/out-grpo" --dtype="$DTYPE" $(tiny grpo) ;;
+        ppo) run ppo "$PYTHON" ppo.py config/ppo_tasks.py --init_from="$OUT/out-sft/ckpt.pt" --prompt_dataset="$(realpath "$OUT/tasks")" --out_dir="$OUT/out-ppo" --dtype="$DTYPE" $(tiny ppo) ;;
+        dpo) run dpo "$PYTHON" dpo.py config/dpo_tasks.py --init_from="$OUT/out-sft/ckpt.pt" --preference_dataset="$(realpath "$OUT/pairs/policy_rl")" --prompt_dataset="$(realpath "$OUT/tasks")" --out_dir="$OUT/out-dpo" --dtype="$DTYPE" $(tiny dpo) ;;
+        sft_cot) run sft_cot "$PYTHON" sft.py config/sft_tasks_cot.py --init_from="$OUT/out-shakespeare/ckpt.pt" --sft_dataset="$(realpath "$OUT/tasks_cot")" --out_dir="$OUT/out-sft-cot" --dtype="$DTYPE" $(tiny sft_cot) ;;
+        grpo_cot) run grpo_cot "$PYTHON" grpo.py config/grpo_tasks_cot.py --init_from="$OUT/out-sft-cot/ckpt.pt" --prompt_dataset="$(realpath "$OUT/tasks_cot_rl")" --out_dir="$OUT/out-grpo-cot" --dtype="$DTYPE" $(tiny grpo_cot) ;;
+        # every column but base is a stage's answers to the whole test split, by its best.pt
         report) run report "$PYTHON" report.py --out="$OUT/report.md" --figures="$OUT/report" --times="$LOGS/times.json" \
             --pretrain_dir="$OUT/out-shakespeare" --sft_dirs="sft=$OUT/out-sft,sft_cot=$OUT/out-sft-cot" --reward_dir="$OUT/out-reward" \
-            --stages="base=$OUT/out-sft@first,sft=$OUT/out-grpo@first,grpo=$OUT/out-grpo,ppo=$OUT/out-ppo,dpo=$OUT/out-dpo,sft_cot=$OUT/out-grpo-cot@first,grpo_cot=$OUT/out-grpo-cot" ;;
+            --stages="base=$OUT/out-sft@first,sft=$OUT/out-sft,grpo=$OUT/out-grpo,ppo=$OUT/out-ppo,dpo=$OUT/out-dpo,sft_cot=$OUT/out-sft-cot,grpo_cot=$OUT/out-grpo-cot" ;;
         *) echo "pipeline: unknown stage '$1' (stages: data pretrain sft pairs reward grpo ppo dpo sft_cot grpo_cot report)" >&2; exit 2 ;;
     esac
 }

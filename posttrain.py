@@ -23,7 +23,7 @@ import torch
 import common
 from bpe import check_same_tokenizer, tokenizer_from_meta
 from conversations import read_conversations
-from convert import add_chat_tokens
+from convert import add_chat_tokens, resize_vocab
 from data.tasks.tasks import exact_match, follows_format, metrics, reply_form, score
 from model import adapters_off, last_index
 
@@ -68,16 +68,36 @@ def post_training_start(init_from, out_dir, eval_only=False, verbose=True):
 def with_chat_tokens(ckpt, path, verbose=False):
     """A checkpoint whose tokenizer has the chat template's tokens, and that tokenizer. Ours reserve
     them; a model from elsewhere (a Hugging Face folder) gets them appended (convert.add_chat_tokens),
-    and its token embedding, and an untied head, grow to match (GPT.resize_vocab: the new rows start
+    and its token embedding, and an untied head, grow to match (convert.resize_vocab: the new rows start
     at the mean row). Deterministic, so the policy and its reference, each loaded from the folder,
     start as one model. -> (checkpoint, tokenizer)"""
     tok, meta = add_chat_tokens(tokenizer_from_meta(ckpt["meta"]), ckpt["meta"], verbose)
     ckpt = dict(ckpt, meta=meta)
     if meta["vocab_size"] > ckpt["model_args"]["vocab_size"]:
         model = common.model_from_checkpoint(ckpt, path)
-        model.resize_vocab(meta["vocab_size"])
+        resize_vocab(model, meta["vocab_size"])
         ckpt.update(model=model.state_dict(), model_args=asdict(model.config))
     return ckpt, tok
+
+
+@torch.no_grad()
+def reset_token_rows(model, ids, match_norm=False, generator=None):
+    """Give the token-embedding rows of ids (and, untied, the head's) a fresh random start: N(0, 0.02)
+    as at initialisation, or with match_norm random directions as long as the mean row of the other
+    ids (sft.py's reinit_unseen). For tokens pretraining never showed as inputs: their rows only
+    learned to be unlikely outputs, which pushed them all the same way, so as inputs they are
+    nearly one vector."""
+    ids = torch.as_tensor(ids, dtype=torch.long, device=model.wte.weight.device)
+    if not isinstance(model.lm_head.weight, torch.Tensor):
+        raise ValueError("reset_token_rows: the head is quantized (quantize_head); reset before quantizing")
+    tables = [model.wte.weight] + ([] if model.config.tie_weights else [model.lm_head.weight])
+    for w in tables:
+        fresh = torch.randn(len(ids), w.size(1), generator=generator, device="cpu").to(w) * 0.02
+        if match_norm:
+            others = torch.ones(w.size(0), dtype=torch.bool, device=w.device)
+            others[ids] = False
+            fresh = torch.nn.functional.normalize(fresh, dim=1) * w[others].norm(dim=1).mean()
+        w[ids] = fresh
 
 
 def held_out_prompts(rows, n, tok):
@@ -224,6 +244,18 @@ class EpochStream:
         start = ((it * self.grad_accum + micro_step) * self.world_size + self.rank) * self.batch_size
         return [self.at(k) for k in range(start, start + self.batch_size)]
 
+
+
+def length_pieces(indices, length, pieces):
+    """A batch of examples (indices) sorted by length(i) and cut into `pieces` runs of nearly equal
+    size, shortest first, so each can be padded to its own longest rather than the batch's: with a
+    token-weighted loss the gradient is the batch's, for fewer padded positions. -> lists of indices
+    (no empty ones)."""
+    order = sorted(indices, key=length)
+    n = max(1, min(pieces, len(order)))
+    k, r = divmod(len(order), n)
+    cuts = [j * k + min(j, r) for j in range(n + 1)]
+    return [order[a:b] for a, b in zip(cuts, cuts[1:])]
 
 @torch.no_grad()
 def answer_prompts(model, examples, tok, ctx, ddp, batch_size, max_new_tokens, temperature=0.0, num_samples=1,

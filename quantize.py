@@ -246,7 +246,7 @@ def quantize(model, bits, group_size=None, quantize_head=False):
 
     LoRA adapters stay in full precision beside a quantized weight and train on it (QLoRA): add
     them first (lora_rank in the config), then quantize. state_dict() then holds the integers and
-    scales (QUANT_FORMATS) and the adapters; merged_state_dict() the merged weights, dequantized."""
+    scales (QUANT_FORMATS) and the adapters; convert.merged_state_dict(model) the merged weights, dequantized."""
     if bits not in (8, 4):
         raise ValueError(f"quantize: bits={bits!r}: 8 (int8, a scale per output row) or 4 (int4, group-wise)")
     if bits == 8 and group_size is not None:

@@ -39,11 +39,11 @@ out = "report.md"  # the report to write
 figures = ""  # folder for the PNG curves (empty: next to the report)
 times = "out-pipeline/times.json"  # the pipeline's stage times: {"stage": seconds, ...}
 # the stages: name=out_dir, in the order of the table; a column is the last held-out eval of that
-# out_dir's log, or with @first its first one (the model that stage started from, on that stage's
-# prompts): SFT's columns are the first evals of the GRPO runs that start from them, on every held-out
-# prompt as the later stages are (sft.py's own evals answer 240), as pipeline.sh passes them
-stages = ("base=out-sft@first", "sft=out-grpo@first", "grpo=out-grpo", "ppo=out-ppo", "dpo=out-dpo",
-          "sft_cot=out-grpo-cot@first", "grpo_cot=out-grpo-cot")
+# out_dir's log (a stage's answers to the test split, by its best.pt, when it wrote them), or with
+# @first its first one (the model that stage started from, on that stage's dev prompts), as
+# pipeline.sh passes them
+stages = ("base=out-sft@first", "sft=out-sft", "grpo=out-grpo", "ppo=out-ppo", "dpo=out-dpo",
+          "sft_cot=out-sft-cot", "grpo_cot=out-grpo-cot")
 pretrain_dir = "out-shakespeare"
 sft_dirs = ("sft=out-sft", "sft_cot=out-sft-cot")  # the fine-tuning runs whose training loss is drawn
 reward_dir = "out-reward"
@@ -309,9 +309,13 @@ def pipeline_report():
             if kls:
                 lines.append(f"{name}: KL to the reference per token at the end {kls[-1]:.4f} (max {max(kls):.4f})")
     if stage_times:  # the pipeline's records; runs compared without it have none
-        lines += ["", "## Time", "", "| stage | seconds |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in stage_times.items()]
-        lines.append(f"| **total** | **{sum(stage_times.values()):.0f}** ({sum(stage_times.values()) / 60:.1f} min) |")
+        # where the minutes go: a stage's evals (held-out losses, answers, the test split) from its log
+        evals = {name: sum(r["s"] for r in rows if "s" in r) for name, rows in {**logs, "reward": rm}.items()
+                 if rows and any("s" in r for r in rows)}
+        lines += ["", "## Time", "", "| stage | seconds | of which evals |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {v:.0f} | {f'{evals[k]:.0f}' if k in evals else ''} |" for k, v in stage_times.items()]
+        total = sum(stage_times.values())
+        lines.append(f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | {sum(evals.get(k, 0) for k in stage_times):.0f} |")
     return logs, lines + [""]
 
 

@@ -71,6 +71,9 @@ wandb_run_name = "sft"
 sft_dataset = "tasks"  # a folder under data/ (or an absolute path) with train.jsonl and val.jsonl
 gradient_accumulation_steps = 1  # micro-steps per iteration, summed over all processes
 batch_size = 32  # conversations per micro-step per process, right-padded to the longest of them
+# each micro-step's conversations sorted by length and run in this many pieces, each padded to its own
+# longest: the same tokens and the same loss (token-weighted), fewer padded positions (README, SFT)
+length_pieces = 4
 # model: only GPTConfig's training-only fields; the architecture (and block_size) is the checkpoint's
 dropout = 0.0
 lora_rank = 0  # > 0: train low-rank adapters only, save the merged model and the adapters at the end
@@ -220,7 +223,8 @@ except ValueError as e:
     sys.exit(f"init_from: {e}")
 unseen = meta.get("unseen_ids") or []
 if reinit_unseen != "none" and unseen and not resumed and not eval_only:
-    model.reset_token_rows(unseen, match_norm=reinit_unseen == "norm", generator=torch.Generator().manual_seed(seed))
+    posttrain.reset_token_rows(model, unseen, match_norm=reinit_unseen == "norm",
+                               generator=torch.Generator().manual_seed(seed))
     if master:
         print(f"re-initialised the embedding rows of the {len(unseen)} ids the pretraining text never contained "
               f"({reinit_unseen})")
@@ -289,9 +293,10 @@ def n_loss_tokens(Y):
 while True:
     lr = loop.lr(optimizer)
     if loop.eval_due():
+        t_eval = time.time()
         split_loss = {split: common.mean_loss(model, raw_model, batches, ctx, ddp, n_loss_tokens)
                       for split, batches in eval_batches.items()}
-        loop.log("eval", train_loss=split_loss["train"], val_loss=split_loss["val"], lr=lr)
+        loop.log("eval", train_loss=split_loss["train"], val_loss=split_loss["val"], lr=lr, s=time.time() - t_eval)
         if gen_examples:
             t_gen = time.time()
             answers = posttrain.answer_prompts(raw_model, gen_examples, tok, ctx, ddp, eval_batch_size,
@@ -306,16 +311,18 @@ while True:
 
     # ---- the training step --------------------------------------------------------------
     indices = [stream.indices(loop.iter_num, m) for m in range(grad_accum)]
-    batches = [get_batch([train_seqs[i] for i in idx]) for idx in indices]
-    # the loss is the mean over every assistant token of the iteration, across micro-steps and
-    # processes: each micro-step's mean is weighted by its share of the tokens (DDP averages the
+    pieces = [piece for idx in indices
+              for piece in posttrain.length_pieces(idx, lambda i: len(train_seqs[i][0]), length_pieces)]
+    batches = [get_batch([train_seqs[i] for i in piece]) for piece in pieces]
+    # the loss is the mean over every assistant token of the iteration, across pieces, micro-steps and
+    # processes: each piece's mean is weighted by its share of the tokens (DDP averages the
     # gradients over processes, hence the mean count per process in the denominator)
     n_mean = ddp.all_reduce_mean(sum(n_loss_tokens(Y) for _, Y in batches).float())
     ce, kd = torch.zeros((), device=ddp.device), torch.zeros((), device=ddp.device)
     real = padded = flops = level_sum = 0
-    for micro_step, (X, Y) in enumerate(batches):
-        if ddp.enabled:  # gradients are averaged across processes only on the last micro-step
-            model.require_backward_grad_sync = micro_step == grad_accum - 1
+    for k, (X, Y) in enumerate(batches):
+        if ddp.enabled:  # gradients are averaged across processes only on the last piece
+            model.require_backward_grad_sync = k == len(batches) - 1
         with ctx:
             x = model(X)  # (B, T, n_embd): the hidden states
             if teacher_model is None:
@@ -332,12 +339,12 @@ while True:
                                               distill_loss, distill_beta, tok.n_vocab)
                 kd += (part * share).detach()
             loss = loss * share
-            loss = loss + raw_model.aux_loss() / grad_accum  # MoE: plus its load-balancing terms
+            loss = loss + raw_model.aux_loss() * (len(pieces[k]) / (grad_accum * batch_size))  # MoE: load balancing
         scaler.scale(loss).backward()
-        real += sum(len(train_seqs[i][0]) - 1 for i in indices[micro_step])
+        real += sum(len(train_seqs[i][0]) - 1 for i in pieces[k])
         padded += X.numel()
         flops += raw_model.flops_per_token(X.size(1)) * X.numel()
-        level_sum += sum(levels[i] for i in indices[micro_step])
+        level_sum += sum(levels[i] for i in pieces[k])
     grad_norm = common.optimizer_step(raw_model, optimizer, scaler, grad_clip)
     # --------------------------------------------------------------------------------------
 

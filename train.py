@@ -43,6 +43,7 @@ and at every eval_interval
 import math
 import os
 import sys
+import time
 from dataclasses import fields
 
 import numpy as np
@@ -242,10 +243,11 @@ flops_per_step = raw_model.flops_per_token(block_size) * tokens_per_step
 while True:
     lr = loop.lr(optimizer)
     if loop.eval_due():
+        t_eval = time.time()
         split_loss = {split: common.mean_loss(model, raw_model, batches, ctx, ddp)
                       for split, batches in eval_batches.items()}
         loop.log("eval", train_loss=split_loss["train"], val_loss=split_loss["val"],
-                 val_ppl=math.exp(min(split_loss["val"], 50.0)), lr=lr)
+                 val_ppl=math.exp(min(split_loss["val"], 50.0)), lr=lr, s=time.time() - t_eval)
         if eval_sample_tokens and master:
             print(sample_text(eval_sample_tokens))
         loop.evaluated(split_loss["val"])

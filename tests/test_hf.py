@@ -22,7 +22,7 @@ pytest.importorskip("safetensors")
 import bpe  # noqa: E402
 import common  # noqa: E402
 from conftest import TEXT, run_forked, save_byte_checkpoint  # noqa: E402
-from convert import (config_from_hf, from_hf, hf_architecture, save_hf, save_hf_tokenizer,  # noqa: E402
+from convert import (config_from_hf, from_hf, hf_architecture, resize_vocab, save_hf, save_hf_tokenizer,  # noqa: E402
                      tokenizer_from_hf)
 from model import GPT, GPTConfig, apply_rope, rope_cos_sin  # noqa: E402
 
@@ -450,7 +450,7 @@ def test_grown_vocab_keeps_old_ids_and_starts_new_rows_at_the_mean():
         idx = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             before = model.logits(model(idx))
-            model.resize_vocab(64)
+            resize_vocab(model, 64)
             after = model.logits(model(idx))
         assert model.config.vocab_size == 64 and after.shape == (2, 8, 64) and torch.equal(after[..., :40], before)
         assert torch.allclose(model.wte.weight[40:], model.wte.weight[:40].mean(0).expand(24, -1))

@@ -211,6 +211,17 @@ def test_cell_stream_visits_the_cells_evenly_and_resumes_exactly():
     assert sum(cells[i] == "a" for it in range(12) for i in rows.indices(it, 0)) == 54
 
 
+def test_length_pieces_cut_a_batch_sorted_by_length():
+    lengths = {10: 9, 11: 3, 12: 7, 13: 1, 14: 5, 15: 3, 16: 8}
+    pieces = posttrain.length_pieces(list(lengths), lengths.get, 3)
+    assert pieces == [[13, 11, 15], [14, 12], [16, 10]]  # 7 rows in 3 pieces of 3, 2, 2; ties keep their order
+    assert posttrain.length_pieces([11, 13], lengths.get, 4) == [[13], [11]]  # fewer rows than pieces
+    assert posttrain.length_pieces([11, 13, 10], lengths.get, 1) == [[13, 11, 10]]
+    # padded positions: one batch padded to its longest (9) against each piece to its own
+    padded = lambda ps: sum(len(p) * max(lengths[i] for i in p) for p in ps)  # noqa: E731
+    assert padded([list(lengths)]) == 63 and padded(pieces) == 9 + 14 + 18
+
+
 def test_minibatches_are_a_fresh_partition_on_every_pass():
     steps = posttrain.minibatches(12, 3, 2, 1337, 0, 5, "cpu")  # 2 passes of 3 minibatches
     a, b = steps[:3], steps[3:]

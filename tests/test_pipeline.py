@@ -20,8 +20,9 @@ def pipeline(out, byte_dataset, stages=STAGES, **env):
 @pytest.mark.slow  # ten stages, each a fresh interpreter: about 35 s of one core alone
 def test_every_stage_runs_and_a_second_run_skips_them(byte_dataset, tmp_path):
     out = tmp_path / "run"
-    res = pipeline(out, byte_dataset)
+    res = pipeline(out, byte_dataset, DTYPE="float32")  # every stage takes the dtype
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "dtype float32" in (out / "out-pipeline" / "sft.log").read_text()
     n = len(STAGES.split())
     for k, stage in enumerate(STAGES.split(), 1):
         assert f"[{k}/{n}] {stage}: done in" in res.stdout, stage

@@ -20,8 +20,9 @@ def write_log(folder, rows):
 def logs(tmp_path):
     write_log(tmp_path / "pre", [{"iter": 10, "loss": 2.0}, {"iter": 20, "loss": 1.5}])
     write_log(tmp_path / "sft", [
-        {"iter": 0, "em": 0.0, "score": 0.0, "em/add/1": 0.0, "em/add/3": 0.0, "em/sub/2": 0.0},
+        {"iter": 0, "em": 0.0, "score": 0.0, "em/add/1": 0.0, "em/add/3": 0.0, "em/sub/2": 0.0, "s": 12.0},
         {"iter": 10, "loss": 0.5},
+        {"iter": 20, "val_loss": 0.4, "s": 3.5},
         {"iter": 20, "em": 0.5, "score": 0.7, "em/add/1": 1.0, "em/add/3": 0.25, "em/sub/2": 0.5}])
     write_log(tmp_path / "grpo", [
         {"iter": 0, "em": 0.5, "em/add/1": 1.0, "em/add/3": 0.25, "em/sub/2": 0.5, "err_rl": 0.625},
@@ -50,7 +51,9 @@ def test_the_table_and_the_times(logs):
     assert f"Columns measured where a later stage started: base is the first eval in {logs / 'sft'}." in text
     assert "Reward model (held-out pairs): acc 0.950, spearman 0.810" in text
     assert "grpo: KL to the reference per token at the end 0.0030 (max 0.0030)" in text
-    assert "| **total** | **1400** (23.3 min) |" in text
+    # seconds in evals: the eval rows' s (sft 12 + 3.5; pretrain's log has none)
+    assert "| sft | 500 | 16 |" in text and "| pretrain | 300 |  |" in text
+    assert "| **total** | **1400** (23.3 min) | 16 |" in text
 
 
 def test_pictures_when_matplotlib_is_there(logs):

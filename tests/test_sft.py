@@ -218,19 +218,20 @@ def test_resume_is_bit_identical(sft_setup):
 
 
 def test_micro_steps_and_processes_do_not_change_the_loss(sft_setup):
-    # an iteration takes the same conversations however it is cut into micro-batches and processes
-    # (8 at once; 2 micro-steps of 4; 2 processes of 4), and the loss weighs every assistant token
-    # the same wherever it falls, so all three runs must agree
+    # an iteration takes the same conversations however it is cut into micro-batches, processes and
+    # length pieces (8 at once in 4 pieces; 8 in one padded batch; 2 micro-steps of 4; 2 processes
+    # of 4), and the loss weighs every assistant token the same wherever it falls, so all must agree
     base, data, tmp = sft_setup
     args = ["sft.py", *TINY, f"--init_from={base}", f"--sft_dataset={data}", "--max_iters=3", "--eval_interval=3",
             "--eval_iters=10"]
     run_forked(*args, "--batch_size=8", f"--out_dir={tmp / 'one'}")
+    run_forked(*args, "--batch_size=8", "--length_pieces=1", f"--out_dir={tmp / 'padded'}")
     run_forked(*args, "--gradient_accumulation_steps=2", f"--out_dir={tmp / 'accum'}")
     res = run_script("torchrun", "--standalone", "--nproc_per_node=2", *args, "--gradient_accumulation_steps=2",
                      f"--out_dir={tmp / 'ddp'}")
     assert "parameters identical on all 2 processes" in res.stdout
     one = read_log(str(tmp / "one"))
-    for other in ("accum", "ddp"):
+    for other in ("padded", "accum", "ddp"):
         rows = read_log(str(tmp / other))
         assert len(rows) == len(one)
         for a, b in zip(one, rows):

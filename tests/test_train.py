@@ -206,7 +206,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(byte_dataset, tmp_path,
     run_forked("train.py", *args, f"--out_dir={tmp_path / 'straight'}")
     split, stopped = interrupt_and_resume(args, str(tmp_path / "split"))
     assert 0 < stopped < 60
-    timing = ("ms", "tok_s", "mfu", "eta")
+    timing = ("ms", "tok_s", "mfu", "eta", "s")
     rows = lambda log: [{k: v for k, v in r.items() if k not in timing} for r in log]  # noqa: E731
     assert rows(split) == rows(read_log(str(tmp_path / "straight")))
     a = common.load_checkpoint(str(tmp_path / "straight" / "best.pt"))
