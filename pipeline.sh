@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline in one command: data, tokenizer and pretraining, SFT, preference pairs, the
 # reward model, GRPO, PPO and DPO on the same tasks, SFT and GRPO on worked solutions, then the
-# report (report.md, with its pictures), on a 2-core laptop CPU in under an hour.
+# report (report.md, with its pictures): 43 minutes on a 2-core CPU in float32 (README, the pipeline).
 #
 #   bash pipeline.sh                               # everything; a stage already done is skipped
 #   STAGES="reward grpo report" bash pipeline.sh   # only these (their inputs must be there)
@@ -62,9 +62,9 @@ run() {  # run <stage> <command...>: skip when done, else run, time and record i
     echo "[$index/$count] $stage: done in $(cat "$LOGS/$stage.done") s; $(projection)"
 }
 
-# Seconds each stage took in the README's measured run (2-core AMD EPYC). Only their proportions
-# matter: the stages done on this machine give the scale, so the projection fits any machine.
-REFERENCE="data=12 pretrain=228 sft=397 pairs=81 reward=186 grpo=157 ppo=177 dpo=29 sft_cot=384 grpo_cot=386 report=10"
+# Seconds each stage took in the README's measured run (2-core AMD EPYC, float32). Only their
+# proportions matter: the stages done on this machine give the scale, so the projection fits any machine.
+REFERENCE="data=5 pretrain=373 sft=620 pairs=90 reward=158 grpo=95 ppo=214 dpo=61 sft_cot=745 grpo_cot=211 report=3"
 ref() { local kv; for kv in $REFERENCE; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}" && return; done; echo 0; }
 
 projection() {  # the time so far and the projected rest: the remaining stages' reference seconds x (done / reference)
