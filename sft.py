@@ -130,8 +130,9 @@ if reinit_unseen not in ("none", "init", "norm"):
     sys.exit(f"config error: reinit_unseen must be none | init | norm, got {reinit_unseen!r}")
 if curriculum not in ("none", "length", "difficulty"):
     sys.exit(f"config error: curriculum must be none | length | difficulty, got {curriculum!r}")
-if batch_size < 1 or eval_prompts < 0 or eval_max_new_tokens < 1 or eval_show < 0:
-    sys.exit("config error: need batch_size >= 1, eval_prompts >= 0, eval_max_new_tokens >= 1, eval_show >= 0")
+if batch_size < 1 or length_pieces < 1 or eval_prompts < 0 or eval_max_new_tokens < 1 or eval_show < 0:
+    sys.exit("config error: need batch_size >= 1, length_pieces >= 1, eval_prompts >= 0, eval_max_new_tokens >= 1, "
+             "eval_show >= 0")
 if teacher and grad_checkpointing:
     sys.exit("config error: grad_checkpointing takes the loss without the full logits, which distillation (teacher) needs")
 ddp, grad_accum, dtype, ctx, compile = common.setup(device, backend, dtype, compile, seed,

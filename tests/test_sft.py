@@ -291,3 +291,5 @@ def test_rows_of_ids_pretraining_never_saw_restart(sft_setup):
     assert "re-initialised" not in res.stdout
     res = sft(marked, data, str(tmp / "bad"), "--reinit_unseen=zero", check=False)
     assert res.returncode != 0 and "reinit_unseen must be none | init | norm" in res.stderr
+    res = sft(marked, data, str(tmp / "bad"), "--length_pieces=0", check=False)
+    assert res.returncode != 0 and "length_pieces >= 1" in res.stderr
