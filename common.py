@@ -261,6 +261,9 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is damaged or not a checkpoint: {type(e).__name__}: {e}") from None
+    if isinstance(ckpt, dict) and "lora" in ckpt and "model" not in ckpt:  # sft.py's lora.pt
+        raise ValueError(f"checkpoint {path} holds LoRA adapters alone, for the base {ckpt.get('base')}: load "
+                         "merged.pt beside it (the adapters folded in), or see convert.load_lora_state_dict")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"checkpoint {path} has no 'model' and 'model_args': not written by this repository")
     return ckpt

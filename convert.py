@@ -27,7 +27,7 @@ import torch
 
 from bpe import (GPT2_PATTERN, GPT4_PATTERN, SPECIAL_TOKENS, Tokenizer, padded_vocab_size, render_bytes,
                  resolve_pattern, spell, unspell)
-from model import GPT, GPTConfig, Linear, LoRALinear, is_lora_key, upcast
+from model import GPT, GPTConfig, Linear, LoRALinear, is_lora_key, lora_layers, upcast
 
 # -----------------------------------------------------------------------------
 # nanoGPT
@@ -369,7 +369,7 @@ def save_hf(model, folder, bos_token_id=None, eos_token_id=None):
 
 
 # -----------------------------------------------------------------------------
-# our own weights: the plain export, a grown vocabulary
+# our own weights: the plain export, the adapters alone, a grown vocabulary
 
 
 def merged_state_dict(model):
@@ -392,6 +392,38 @@ def merged_state_dict(model):
     if model.config.tie_weights:  # a quantized copy of a tied head is the table, which is exact
         sd["lm_head.weight"] = sd["wte.weight"]
     return sd
+
+
+def lora_state_dict(model):
+    """Only the adapters: a fine-tune saved on its own, to load on top of its base checkpoint."""
+    return {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
+
+
+def load_lora_state_dict(model, sd):
+    """Load adapters saved by lora_state_dict: every adapter key, no other, into an unmerged model."""
+    load_part(model, sd, "adapter state dict", adapters=True)
+
+
+def load_base_weights(model, sd):
+    """Load a base checkpoint (lora_rank 0): every key but the adapters', no other; the adapters
+    keep their fresh init."""
+    load_part(model, sd, "base state dict", adapters=False)
+
+
+def load_part(model, sd, what, adapters):
+    if any(layer.merged for layer in lora_layers(model)):
+        raise RuntimeError(f"LoRA: unmerge_lora() before loading {'adapters' if adapters else 'base weights'}")
+    own = {k: v for k, v in model.state_dict().items() if is_lora_key(k) == adapters}
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"LoRA: {what} does not fit this model: missing keys {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"LoRA: {what}: {k} has shape {tuple(v.shape)}, "
+                             f"this model has {tuple(own[k].shape)} (another lora_rank?)")
+    model.load_state_dict(sd, strict=False)
 
 
 @torch.no_grad()

@@ -224,7 +224,7 @@ while True:
     advantages, zero_std = losses.group_advantages(rewards, group_size, scale_rewards, batch_std=batch_std)
     # the update reads each row from its prompt's last token on: that token's target is the first
     # completion token, and the prompt before it, the same in the G samples of a group, is run once
-    # per group by every forward below (out.prefix, a model.Prefix), in front of the rows
+    # per group by every forward below (out.prefix, a sampling.Prefix), in front of the rows
     S = out.prompt_len - 1
     inputs, pos, targets = out.idx[:, S:-1], out.pos[:, S:-1], out.targets()[:, S:]
     # the completion tokens, each a target of the position before it; a completion cut off by

@@ -22,8 +22,9 @@ same in training and in cached decoding (W = sliding_window):
 Positions stay absolute, sinks included (StreamingLLM renumbers them inside the cache instead), so
 a rolling cache computes exactly what a full forward under the same mask computes, at any length.
 
-quantize.py (int8 / int4 weights, see linear), convert.py (other checkpoint formats, the merged
-export) and autotune.py live beside this file; it imports none of them.
+sampling.py holds what generation hands around (the sampler, padded prompt batches, Completions, a
+Prefix) and is the one file of the repository this one imports. quantize.py (int8 / int4 weights,
+see linear), convert.py (other checkpoint formats, the merged export) and autotune.py live beside it.
 """
 
 import contextlib
@@ -34,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
+
+from sampling import Completions, left_pad, sample_next
 
 # scaled_dot_product_attention's enable_gqa came in torch 2.5: say so here, not mid-forward
 if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
@@ -522,28 +525,6 @@ class KVCache:
         return sum(2 * t.numel() * t.element_size() for t in held)
 
 
-@dataclass
-class Prefix:
-    """The first columns of a batch's rows where groups of rows share them (the prompt an RL group's
-    samples continue), given once per group. forward(idx, pos, prefix=...) runs them once per group
-    and the rest of each row attends to its group's, as if every row were run whole.
-
-        idx, pos (P, S)   the shared columns, once per group (left-padded: negative positions)
-        rows              (B,) the group of each row of the batch, an index into P; or an int G:
-                          every group in order, G rows each (rows b G .. b G + G - 1 are group b's)
-    """
-
-    idx: torch.Tensor
-    pos: torch.Tensor
-    rows: object
-
-    def per_row(self, t):
-        """t (P, ...), one per group -> (B, ...), each row's group's."""
-        if isinstance(self.rows, int):  # a copy whose gradient is a sum over each group, not a scatter
-            return t[:, None].expand(-1, self.rows, *t.shape[1:]).flatten(0, 1)
-        return t[self.rows]
-
-
 class PrefixKV:
     """A Prefix's keys and values in every layer for one forward, kept in the autograd graph (a
     KVCache is written in place): the prefix's pass records them, the rows' pass reads its group's."""
@@ -562,87 +543,7 @@ class PrefixKV:
                 torch.cat((self.prefix.per_row(self.v[layer]), v), dim=2))
 
 
-# -----------------------------------------------------------------------------
-# sampling
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, vocab_limit=None):
-    """Pick one token per row from logits (B, vocab_size). temperature 0 is greedy; top_k keeps
-    the k most likely tokens, top_p the smallest set whose probability reaches p (nucleus).
-    vocab_limit: only ids below it are drawn (the ids above pad the vocab to a round size)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be None or >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:  # top_p = 0 would keep no token at all
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
-    if vocab_limit is not None and vocab_limit < logits.size(-1):
-        logits = logits[:, :vocab_limit]
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 LOGPROB_CHUNK = 2**24  # float32 logits (64 MB) per chunk in GPT.logprobs
-
-
-@dataclass
-class Completions:
-    """Sampled completions of a batch of prompts (see GPT.complete)."""
-
-    idx: torch.Tensor
-    pos: torch.Tensor
-    mask: torch.Tensor
-    truncated: torch.Tensor
-    prompt_len: int
-    num_samples: int = 1
-
-    def targets(self):
-        """The next-token targets of idx[:, :-1]: the completion tokens, -1 everywhere else."""
-        return self.idx[:, 1:].masked_fill(~self.mask[:, 1:], -1)
-
-    def loss_mask(self, drop_truncated=False):
-        """(N, L + T - 1), aligned with targets(): True on the completion tokens that carry a loss;
-        with drop_truncated none of a completion that ran out of tokens (DAPO's overlong filter)."""
-        mask = self.mask[:, 1:]
-        return mask & ~self.truncated[:, None] if drop_truncated else mask
-
-    def prefix(self, rows=None):
-        """The prompt up to its last token, once per prompt, as the Prefix of the rows (an index
-        tensor; None = all). A forward of idx[:, prompt_len - 1 : -1] at pos[:, prompt_len - 1 : -1]
-        with it gives the hidden states whose targets are targets()[:, prompt_len - 1:]."""
-        S, G = self.prompt_len - 1, self.num_samples
-        return Prefix(self.idx[::G, :S], self.pos[::G, :S], G if rows is None else rows // G)
-
-
-def last_index(mask):
-    """The index of the last True in each row of mask (B, T) -> (B,) (T - 1 for a row with none)."""
-    T = mask.size(1)
-    return T - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)
-
-
-def left_pad(prompts, pad_id=0):
-    """A list of 1-D prompts -> idx (B, L) padded on the left (every row's newest token in the last
-    column, so decoding stays batched) and pos (B, L), negative on padding."""
-    L = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=prompts[0].device)
-    for b, p in enumerate(prompts):
-        idx[b, L - len(p):] = p
-    lengths = torch.tensor([len(p) for p in prompts], device=idx.device)
-    pos = torch.arange(L, device=idx.device)[None] - (L - lengths)[:, None]
-    return idx, pos
 
 
 # -----------------------------------------------------------------------------
@@ -804,38 +705,6 @@ def adapters_off(model):
             layer.enabled = True
 
 
-def lora_state_dict(model):
-    """Only the adapters: a fine-tune saved on its own, to load on top of its base checkpoint."""
-    return {k: v for k, v in model.state_dict().items() if is_lora_key(k)}
-
-
-def load_lora_state_dict(model, sd):
-    """Load adapters saved by lora_state_dict: every adapter key, no other, into an unmerged model."""
-    _load_part(model, sd, "adapter state dict", adapters=True)
-
-
-def load_base_weights(model, sd):
-    """Load a base checkpoint (lora_rank 0): every key but the adapters', no other; the adapters
-    keep their fresh init."""
-    _load_part(model, sd, "base state dict", adapters=False)
-
-
-def _load_part(model, sd, what, adapters):
-    if any(layer.merged for layer in lora_layers(model)):
-        raise RuntimeError(f"LoRA: unmerge_lora() before loading {'adapters' if adapters else 'base weights'}")
-    own = {k: v for k, v in model.state_dict().items() if is_lora_key(k) == adapters}
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"LoRA: {what} does not fit this model: missing keys {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
-    for k, v in sd.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"LoRA: {what}: {k} has shape {tuple(v.shape)}, "
-                             f"this model has {tuple(own[k].shape)} (another lora_rank?)")
-    model.load_state_dict(sd, strict=False)
-
-
 # -----------------------------------------------------------------------------
 # the model
 
@@ -882,7 +751,7 @@ class GPT(nn.Module):
 
         pos (B, T): each token's position; None means 0..T-1 in every row. Negative = padding.
         cache: a KVCache to fill (prefill, the whole prompt) or to extend (one token per row).
-        prefix: a Prefix, columns before idx's that groups of rows share, run once per group; idx's
+        prefix: a sampling.Prefix, columns before idx's that groups of rows share, run once per group; idx's
             columns get the hidden states a forward of the whole rows gives them (to rounding).
             Needs pos; a MoE's balancing terms (aux_loss) then cover idx's tokens only.
         """

@@ -25,7 +25,8 @@ from bpe import check_same_tokenizer, tokenizer_from_meta
 from conversations import read_conversations
 from convert import add_chat_tokens, resize_vocab
 from data.tasks.tasks import exact_match, follows_format, metrics, reply_form, score
-from model import adapters_off, last_index
+from model import adapters_off
+from sampling import last_index
 
 # -----------------------------------------------------------------------------
 # prompts with reference answers, and their splits
@@ -292,7 +293,7 @@ def rollout(model, examples, stream, iter_num, ddp, ctx, tok, samples, max_new_t
     stage's max_new_tokens, temperature, top_k (0 = off) and top_p (1 = off) from a generator
     seeded by (seed, rank, iter_num), so that a resumed run samples exactly what the uninterrupted
     run would have. -> (the examples, one per row: row p * samples + s is sample s of prompt p;
-    model.Completions)."""
+    sampling.Completions)."""
     batch = [examples[i] for i in stream.indices(iter_num, 0)]
     prompts = [torch.tensor(ex["prompt"], device=ddp.device) for ex in batch]
     g = torch.Generator(ddp.device).manual_seed(hash((seed, ddp.rank, iter_num)) % 2**63)
@@ -335,7 +336,7 @@ class Reference:
         with ctx:
             ref_logp = reference.logprobs(inputs, targets, pos, temperature, vocab_limit, prefix)  # no grad
 
-    (prefix: the model.Prefix the inputs continue, or None.)
+    (prefix: the sampling.Prefix the inputs continue, or None.)
     """
 
     def __init__(self, policy, path, device):
@@ -443,7 +444,7 @@ def parse_weights(spec, names):
 
 
 class TaskReward:
-    """The sequence reward of sampled completions (model.Completions), the sum of weighted terms:
+    """The sequence reward of sampled completions (sampling.Completions), the sum of weighted terms:
 
         score   the checker's score of the answer, in [0, 1] with partial credit (tasks.score)
         exact   1 for an exact match, else 0

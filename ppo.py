@@ -308,7 +308,7 @@ while True:
     # ---- once per rollout, without gradients: old log-probs, the reference's, the values --------
     t0 = time.time()
     # each row from its prompt's last token on, whose target is the first completion token; the
-    # prompt before it runs in front of the rows, once per prompt (out.prefix, a model.Prefix)
+    # prompt before it runs in front of the rows, once per prompt (out.prefix, a sampling.Prefix)
     S = out.prompt_len - 1
     inputs, pos, targets = out.idx[:, S:-1], out.pos[:, S:-1], out.targets()[:, S:]
     # the completion tokens, each the target of the position before it (whose value is V_t); a

@@ -52,8 +52,9 @@ import losses
 import posttrain
 from configurator import configure
 from conversations import read_conversations
+from convert import lora_state_dict
 from data.tasks.tasks import metrics
-from model import cross_entropy, lora_state_dict
+from model import cross_entropy
 
 # -----------------------------------------------------------------------------
 # I/O

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 import autotune
 import model as model_module
 from conftest import build, tiny
-from model import GPT, adapters_off, load_base_weights, lora_layers, merge_lora, sample_next, unmerge_lora
+from convert import load_base_weights
+from model import GPT, adapters_off, lora_layers, merge_lora, unmerge_lora
+from sampling import left_pad, sample_next
 
 
 def test_logprobs_are_those_of_the_tempered_truncated_distribution():
@@ -121,7 +123,7 @@ def test_a_prompt_held_once_for_its_group_decodes_as_copies_of_it_do(variant, mo
     model = build(tiny(**variant), sharpen=2.0)
     prompts = [torch.tensor([3, 4, 5, 6, 7, 8]), torch.tensor([6, 7]), torch.tensor([1, 2, 9])]
 
-    idx, pos = model_module.left_pad(prompts)
+    idx, pos = left_pad(prompts)
 
     def run():
         steps = model.generate_tokens(idx, 7, 1.0, pos=pos, num_samples=3, generator=torch.Generator().manual_seed(0),
@@ -237,7 +239,7 @@ def test_rolling_cache_at_sixteen_times_block_size_follows_the_stated_rule():
 
 
 def test_scalar_head_reads_the_last_real_token_with_either_padding():
-    from model import last_index, left_pad
+    from sampling import last_index, left_pad
 
     model = build(tiny(scalar_head=True, pos_emb="rope"))
     seqs = [torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2]), torch.tensor([6, 5, 3, 5])]

@@ -1,5 +1,5 @@
 """The import graph, as README's file table draws it: the stage scripts on top, then the shared
-modules, then model.py and bpe.py. A module imports only modules below it (so there is no circle),
+modules, then model.py (and sampling.py under it) and bpe.py. A module imports only modules below it (so there is no circle),
 and never hides an import of ours inside a function: what a file needs is at its top."""
 
 import ast
@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bottom first: each module may import only those before it
-ORDER = ["configurator", "data.tasks.tasks", "model", "bpe", "conversations", "autotune", "losses", "convert",
+ORDER = ["configurator", "data.tasks.tasks", "sampling", "model", "bpe", "conversations", "autotune", "losses", "convert",
          "quantize", "common", "posttrain", "webchat"]
 SCRIPTS = ["train.py", "sft.py", "reward.py", "grpo.py", "ppo.py", "dpo.py", "sample.py", "bench.py", "report.py",
            "data/tasks/prepare.py", "data/preferences/prepare.py", "data/text/prepare.py",

@@ -7,9 +7,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from convert import merged_state_dict
-from model import (GPT, GPTConfig, LoRALinear, load_base_weights, load_lora_state_dict, lora_layers, lora_state_dict,
-                   merge_lora, unmerge_lora)
+from convert import load_base_weights, load_lora_state_dict, lora_state_dict, merged_state_dict
+from model import GPT, GPTConfig, LoRALinear, lora_layers, merge_lora, unmerge_lora
 
 
 def tiny(**kw):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import build, tiny
-from model import GPT, KVCache, attention_mask, left_pad, sample_next
+from model import GPT, KVCache, attention_mask
+from sampling import left_pad, sample_next
 
 
 CONFIGS = [

@@ -17,8 +17,8 @@ import common
 import model as model_module
 import quantize
 from conftest import build, run_forked, save_byte_checkpoint, tiny
-from convert import merged_state_dict, resize_vocab, to_hf
-from model import GPT, adapters_off, is_lora_key, load_base_weights, lora_layers, merge_lora, unmerge_lora
+from convert import load_base_weights, merged_state_dict, resize_vocab, to_hf
+from model import GPT, adapters_off, is_lora_key, lora_layers, merge_lora, unmerge_lora
 from quantize import (QuantizedWeight, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
                       unpack_int4)
 from test_lora import train

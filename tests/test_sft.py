@@ -16,7 +16,8 @@ import common
 import conversations
 from conftest import run_forked, run_script
 from data.tasks.tasks import generate
-from model import GPT, GPTConfig, load_base_weights, load_lora_state_dict
+from convert import load_base_weights, load_lora_state_dict
+from model import GPT, GPTConfig
 
 # dtype=float32: dtype=auto times float32 against bf16 in every run, and two runs compared bit for
 # bit could then take different ones on a loaded CPU
@@ -197,6 +198,8 @@ def test_lora_sft_changes_only_adapters_and_saves_merged_and_adapters(sft_setup)
     load_base_weights(again, a["model"])
     load_lora_state_dict(again, lora["lora"])
     torch.testing.assert_close(again.logits(again(x)), adapted.logits(adapted(x)))
+    with pytest.raises(ValueError, match="adapters alone.*merged.pt"):  # not a checkpoint to start from
+        common.load_checkpoint(os.path.join(out, "lora.pt"))
     # best.pt is merged too, so sample.py reads it like any checkpoint
     assert common.load_checkpoint(os.path.join(out, "best.pt"))["model_args"]["lora_rank"] == 0
 
