@@ -176,8 +176,8 @@ def compile_decode(model, batch_size=1, measure=True):
 # on one thread, cutting the weight's rows into one block per thread and running the blocks with
 # one bmm was 2-3x faster; on another CPU the same trick was 2x slower (README, "The KV cache and
 # bench.py"). So it is an opt-in swap, chosen once by timing the model's own decoding both ways
-# (timing each weight alone chose the plain path on a CPU where decoding split was 1.7x faster);
-# `python bench.py --split_linear=true` times decoding with it beside the plain model.
+# (a weight timed alone is not the same work as a decode step); `python bench.py
+# --split_linear=true` times decoding with it beside the plain model.
 SPLIT_MAX_ROWS = 8  # more rows than this (a batch, a prefill): F.linear
 
 

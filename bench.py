@@ -387,7 +387,7 @@ def bench_rl(script):
     here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as tmp:
         base, tasks, _ = rl_start(tmp)
-        batch_args = [f"--prompts_per_iter={grpo_prompts}", f"--group_size={grpo_group}"] if script == "grpo" else \
+        batch_args = [f"--prompts_per_iter={grpo_prompts}", f"--samples_per_prompt={grpo_group}"] if script == "grpo" else \
             [f"--prompts_per_iter={grpo_prompts * grpo_group}"]
         args = [sys.executable, os.path.join(here, f"{script}.py"), f"--init_from={base}",
                 f"--prompt_dataset={tasks}", f"--out_dir={os.path.join(tmp, 'out')}", f"--max_iters={grpo_iters}",
@@ -558,7 +558,7 @@ def bench_rl_vs_trl():
             start = len(ours.rows)
             argv = ["grpo.py", f"--init_from={base}", f"--prompt_dataset={tasks}", "--rl_tasks=",
                     "--rl_cell_weights=rows", f"--out_dir={os.path.join(tmp, f'ours{r}')}",
-                    f"--max_iters={grpo_iters}", f"--prompts_per_iter={grpo_prompts}", f"--group_size={grpo_group}",
+                    f"--max_iters={grpo_iters}", f"--prompts_per_iter={grpo_prompts}", f"--samples_per_prompt={grpo_group}",
                     "--max_new_tokens=16", "--kl_coef=0.04", "--mask_truncated=false", "--eval_interval=100000",
                     "--eval_prompts=0", "--pass_k_prompts=0", "--test_prompts=0", f"--device={dev}",
                     f"--dtype={precision}", f"--compile={compile}", f"--seed={seed}"]

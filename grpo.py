@@ -8,14 +8,14 @@ tokens appended, as in sft.py, and is its own reference) and prompts with refere
 (prompt_dataset: conversations with an "answer" field, data/tasks's format), of which rl_tasks picks
 the task/difficulty cells to train on. Each iteration:
 
-    rollout     prompts_per_iter prompts x group_size samples, all in one batched generate with the
+    rollout     prompts_per_iter prompts x samples_per_prompt samples, all in one batched generate with the
                 KV cache (a group shares its prompt's prefill), each stopping at <|end|>; the
                 completion mask covers the sampled tokens up to and including <|end|>
     reward      r_i from the checker (score: partial credit, exact: 0 or 1), a reward model, or a
                 weighted sum; minus missing_end_penalty where a completion ran out of tokens
     advantage   A_i = (r_i - mean of its group) / (std + 1e-4), the std the group's, the batch's
                 or 1 (scale_rewards); every token of a completion gets its A_i
-    update      grpo_iterations passes over the batch in minibatches, per completion token:
+    update      update_epochs passes over the batch in minibatches, per completion token:
                     ratio = exp(logp - old_logp)
                     loss_t = -min(ratio A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) A)
                              + kl_coef KL_t,   KL_t = exp(ref - logp) - (ref - logp) - 1   (k3)
@@ -25,7 +25,7 @@ the task/difficulty cells to train on. Each iteration:
 The log-probs are those of the distribution the tokens were sampled from: softmax(logits /
 temperature) over the tokenizer's ids. top_k and top_p truncate that distribution further and are
 not in the log-probs: with them the update is slightly off-policy, so they default off here. With
-grpo_iterations 1 and one minibatch the ratio is exactly 1 (old_logp is the current policy) and
+update_epochs 1 and one minibatch the ratio is exactly 1 (old_logp is the current policy) and
 the gradient is REINFORCE with the group mean as baseline. The reference is a frozen copy of the
 starting policy; with LoRA the same weights with the adapters off; with kl_coef 0, none at all. A
 loss near 0 is normal (advantages are centred): watch reward, kl and the held-out exact match.
@@ -37,7 +37,7 @@ A run on a laptop CPU (at most 20 minutes, after sft.py config/sft_tasks.py):
     python grpo.py config/grpo_tasks.py
     python grpo.py config/grpo_tasks.py --reward=model --reward_model=out-reward/ckpt.pt --out_dir=out-grpo-rm
 One GPU, or several (each process rolls out whole groups of its own prompts):
-    python grpo.py --init_from=out-sft/ckpt.pt --prompts_per_iter=64 --group_size=16
+    python grpo.py --init_from=out-sft/ckpt.pt --prompts_per_iter=64 --samples_per_prompt=16
     torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_tasks.py
 Resume: python grpo.py config/grpo_tasks.py --init_from=resume
 
@@ -88,7 +88,7 @@ quantize = "none"  # none | int8 | int4 weights (frozen): train LoRA on them (QL
 quant_group_size = 64  # int4: inputs that share one scale, 32 | 64 | 128
 # rollout
 prompts_per_iter = 16  # P prompts per iteration per process
-group_size = 8  # G completions sampled for each prompt
+samples_per_prompt = 8  # G completions sampled for each prompt: the group its advantages are taken in
 max_new_tokens = 16  # the longest completion, in tokens
 temperature = 1.0  # sampling temperature; the log-probs are taken at the same temperature
 top_k = 0  # 0 = off (see the docstring: top_k and top_p make the update off-policy)
@@ -105,7 +105,7 @@ loss_type = "grpo"  # grpo | dapo | dr_grpo: how per-token losses are averaged (
 clip_eps = 0.2  # the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]
 clip_eps_high = 0.0  # 0 = clip_eps (PPO's clip); larger is DAPO's clip-higher
 kl_coef = 0.04  # weight of the k3 KL to the reference per token (0 = no reference at all)
-grpo_iterations = 1  # mu: optimizer passes over each rollout batch
+update_epochs = 1  # mu: optimizer passes over each rollout batch (TRL's num_iterations)
 num_minibatches = 1  # optimizer steps per pass (the batch of P x G completions is cut into these)
 # eval
 eval_prompts = 1000  # dev prompts (val.jsonl) answered greedily at each eval, over every cell (0 = none)
@@ -141,10 +141,10 @@ if scale_rewards not in ("group", "batch", "none") or loss_type not in ("grpo", 
     sys.exit("config error: scale_rewards must be group | batch | none, loss_type grpo | dapo | dr_grpo")
 if rl_cell_weights not in ("uniform", "rows"):
     sys.exit(f"config error: rl_cell_weights must be uniform | rows, got {rl_cell_weights!r}")
-if group_size < 2 or prompts_per_iter < 1 or grpo_iterations < 1 or temperature <= 0:
-    sys.exit("config error: need group_size >= 2, prompts_per_iter >= 1, grpo_iterations >= 1, temperature > 0")
-if not 1 <= num_minibatches <= prompts_per_iter * group_size:
-    sys.exit(f"config error: need 1 <= num_minibatches <= prompts_per_iter x group_size = {prompts_per_iter * group_size}")
+if samples_per_prompt < 2 or prompts_per_iter < 1 or update_epochs < 1 or temperature <= 0:
+    sys.exit("config error: need samples_per_prompt >= 2, prompts_per_iter >= 1, update_epochs >= 1, temperature > 0")
+if not 1 <= num_minibatches <= prompts_per_iter * samples_per_prompt:
+    sys.exit(f"config error: need 1 <= num_minibatches <= prompts_per_iter x samples_per_prompt = {prompts_per_iter * samples_per_prompt}")
 clip_eps_high = clip_eps_high or clip_eps
 if not 0 < clip_eps < 1 or clip_eps_high < clip_eps or kl_coef < 0:
     sys.exit("config error: need 0 < clip_eps < 1, clip_eps_high >= clip_eps (0 = clip_eps), kl_coef >= 0")
@@ -202,7 +202,7 @@ evals = posttrain.Evals(tok, ctx, eval_batch_size, eval_max_new_tokens, pass_k_s
 # -----------------------------------------------------------------------------
 # training loop
 
-N = prompts_per_iter * group_size  # completions per iteration per process
+N = prompts_per_iter * samples_per_prompt  # completions per iteration per process
 while True:
     lr = loop.lr(optimizer)
     if loop.eval_due():  # dev split: greedy answers on every cell, pass@k on the trained cells; best.pt follows err_rl
@@ -213,7 +213,7 @@ while True:
     # ---- rollout: P prompts x G samples in one batched generate ------------------------------
     # examples[i] is the task of row i: row p * G + s is sample s of prompt p
     (examples, out), t_gen = posttrain.timed(posttrain.rollout, raw_model, train_examples, stream, loop.iter_num, ddp,
-                                             ctx, tok, group_size, max_new_tokens, temperature, top_k, top_p, seed)
+                                             ctx, tok, samples_per_prompt, max_new_tokens, temperature, top_k, top_p, seed)
 
     # ---- rewards and group-relative advantages ------------------------------------------------
     (rewards, reward_parts, texts), t_score = posttrain.timed(rewarder, examples, out)
@@ -221,7 +221,7 @@ while True:
     batch_std = None
     if scale_rewards == "batch" and ddp.enabled:
         batch_std = torch.cat(ddp.gather_objects(rewards.cpu())).std().item()
-    advantages, zero_std = losses.group_advantages(rewards, group_size, scale_rewards, batch_std=batch_std)
+    advantages, zero_std = losses.group_advantages(rewards, samples_per_prompt, scale_rewards, batch_std=batch_std)
     # the update reads each row from its prompt's last token on: that token's target is the first
     # completion token, and the prompt before it, the same in the G samples of a group, is run once
     # per group by every forward below (out.prefix, a sampling.Prefix), in front of the rows
@@ -231,11 +231,11 @@ while True:
     # max_new_tokens says little about its answer, and mask_truncated leaves it out
     mask = out.loss_mask(drop_truncated=mask_truncated)[:, S:]
     if skip_zero_std:
-        mask = mask & ~zero_std.repeat_interleave(group_size)[:, None]
+        mask = mask & ~zero_std.repeat_interleave(samples_per_prompt)[:, None]
 
     # ---- old and reference log-probs, once per rollout -----------------------------------------
     t0 = time.time()
-    reuse_old = grpo_iterations == 1 and num_minibatches == 1  # then old_logp is the policy itself
+    reuse_old = update_epochs == 1 and num_minibatches == 1  # then old_logp is the policy itself
     old_logp = None
     if not reuse_old:
         with torch.no_grad(), ctx:
@@ -248,12 +248,12 @@ while True:
     # every minibatch of every pass (each pass cuts the batch into other minibatches), and the totals
     # of each over every process, read once: DDP averages the gradients, hence the means. Dr. GRPO
     # divides by every sampled row, left-out truncated ones too: a constant
-    steps_planned = posttrain.minibatches(N, num_minibatches, grpo_iterations, seed, ddp.rank, loop.iter_num, ddp.device)
+    steps_planned = posttrain.minibatches(N, num_minibatches, update_epochs, seed, ddp.rank, loop.iter_num, ddp.device)
     totals = ddp.all_reduce_mean(torch.stack([
         torch.stack((mask[mb].sum(), torch.tensor(len(mb), device=ddp.device) if loss_type == "dr_grpo"
                      else mask[mb].any(dim=1).sum())) for mb in steps_planned]).float()).tolist()
 
-    # ---- the update: grpo_iterations passes over the batch, num_minibatches steps each -------
+    # ---- the update: update_epochs passes over the batch, num_minibatches steps each -------
     sums = torch.zeros(4, device=ddp.device)  # clipped tokens, KL, entropy, tokens: read after the update
     loss_sum, steps, grad_norm = torch.zeros((), device=ddp.device), 0, torch.zeros(())
     for mb, (n_tokens, n_samples) in zip(steps_planned, totals):

@@ -35,7 +35,7 @@ tiny() {
         sft|sft_cot) echo "--max_iters=3 --eval_interval=3 --eval_iters=1 --batch_size=4 --eval_prompts=6 --eval_max_new_tokens=8 --log_interval=1" ;;
         pairs) echo "--train_prompts_per_cell=2 --samples_per_prompt=2 --max_new_tokens=4" ;;
         reward) echo "--max_iters=3 --eval_interval=3 --batch_size=4 --eval_pairs=8 --log_interval=1" ;;
-        grpo|grpo_cot) echo "--max_iters=2 --eval_interval=2 --prompts_per_iter=2 --group_size=2 --max_new_tokens=4 --eval_prompts=6 --pass_k_prompts=2 --pass_k_samples=2 --eval_max_new_tokens=6 --log_interval=1" ;;
+        grpo|grpo_cot) echo "--max_iters=2 --eval_interval=2 --prompts_per_iter=2 --samples_per_prompt=2 --max_new_tokens=4 --eval_prompts=6 --pass_k_prompts=2 --pass_k_samples=2 --eval_max_new_tokens=6 --log_interval=1" ;;
         ppo) echo "--max_iters=2 --eval_interval=2 --prompts_per_iter=4 --max_new_tokens=4 --eval_prompts=6 --pass_k_prompts=2 --pass_k_samples=2 --eval_max_new_tokens=6 --log_interval=1" ;;
         # a few iterations of SFT rarely give two samples of a prompt different scores, so the tiny
         # policy's own pairs may be none at all: DPO's smoke test trains on the rules pairs

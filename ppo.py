@@ -22,7 +22,7 @@ the task/difficulty cells to train on. Each iteration:
     GAE         delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  V = 0
                 after the last token;  returns R = A + V;  A whitened over the completion tokens
                 of the batch (each process's own)
-    update      ppo_epochs passes over the batch in num_minibatches shuffled minibatches, per token:
+    update      update_epochs passes over the batch in num_minibatches shuffled minibatches, per token:
                     ratio = exp(logp - old_logp)
                     pg_t  = -min(ratio A, clip(ratio, 1 - clip_eps, 1 + clip_eps) A)
                     vf_t  = 0.5 max((V - R)^2, (clip(V, V_old - clip_value, V_old + clip_value) - R)^2)
@@ -43,7 +43,7 @@ one more forward and backward per minibatch.
 The log-probs are those of the distribution the tokens were sampled from: softmax(logits /
 temperature) over the tokenizer's ids, as in grpo.py (top_k and top_p make the update off-policy,
 so they default off). The reference is a frozen copy of the starting policy; with LoRA the same
-weights with the adapters off; with kl_coef 0, none. With ppo_epochs 1 and one minibatch the ratio
+weights with the adapters off; with kl_coef 0, none. With update_epochs 1 and one minibatch the ratio
 is 1 and nothing is clipped.
 
 Writes to out_dir: ckpt.pt (resume; stage "ppo": the policy as a plain GPT, so sample.py loads it,
@@ -136,7 +136,7 @@ lam = 0.95  # GAE's lambda: 1 = the reward-to-go minus V, 0 = the one-step TD re
 clip_eps = 0.2  # the ratio is clipped to [1 - clip_eps, 1 + clip_eps]
 clip_value = 0.2  # how far a value may move from its rollout value before the clipped error counts
 ent_coef = 0.0  # weight of the entropy bonus (0 = none)
-ppo_epochs = 4  # optimizer passes over each rollout batch
+update_epochs = 4  # optimizer passes over each rollout batch (TRL's num_ppo_epochs)
 num_minibatches = 1  # optimizer steps per pass (the batch of P x samples_per_prompt is cut into these)
 target_kl_stop = 0.0  # stop the passes after a minibatch whose approx_kl exceeds this (0 = never)
 # eval
@@ -179,7 +179,7 @@ rules = {  # each broken rule is one clause of the message
     "value_init=reward starts a separate value network: set value_model=separate":
         value_init == "sft" or value_model == "separate",
     "need prompts_per_iter >= 1 and samples_per_prompt >= 1": prompts_per_iter >= 1 and samples_per_prompt >= 1,
-    "need ppo_epochs >= 1": ppo_epochs >= 1,
+    "need update_epochs >= 1": update_epochs >= 1,
     f"need 1 <= num_minibatches <= prompts_per_iter x samples_per_prompt = {N}": 1 <= num_minibatches <= N,
     "need temperature > 0": temperature > 0,
     "RL needs dropout = 0 and lora_dropout = 0: the ratio compares two forwards of the same weights":
@@ -338,10 +338,10 @@ while True:
     if target_kl > 0:
         kl_now = losses.adaptive_kl_coef(kl_now, kl_seq, target_kl, kl_horizon, N * ddp.world_size)
 
-    # ---- the update: ppo_epochs passes over the batch, num_minibatches steps each ---------------
+    # ---- the update: update_epochs passes over the batch, num_minibatches steps each ---------------
     # every minibatch of every pass (each pass cuts the batch into other minibatches), and the
     # tokens of each over every process, read once: DDP averages the gradients, hence the mean
-    steps_planned = posttrain.minibatches(N, num_minibatches, ppo_epochs, seed, ddp.rank, loop.iter_num, ddp.device)
+    steps_planned = posttrain.minibatches(N, num_minibatches, update_epochs, seed, ddp.rank, loop.iter_num, ddp.device)
     totals = ddp.all_reduce_mean(torch.stack([mask[mb].sum() for mb in steps_planned]).float()).tolist()
     sums = torch.zeros(6, device=ddp.device)  # clipped, value-clipped, entropy, vf, approx_kl, tokens: read once
     steps = 0

@@ -1,7 +1,7 @@
 """
 Sampling: continue a prompt with a trained model, streaming the text as it is generated.
 
-Reads out_dir/best.pt (or out_dir/ckpt.pt when no best was kept), or the file named by --ckpt,
+Reads out_dir/best.pt (or out_dir/ckpt.pt when no best was kept), or the file named by --init_from,
 which may also be a checkpoint written by nanoGPT's train.py, or a Hugging Face model folder
 (GPT-2, Llama, SmolLM2, Mistral, Qwen2 or Mixtral layout: config.json, model.safetensors and a
 byte-level BPE's tokenizer files). The model is built from the checkpoint's stored config and the
@@ -10,7 +10,7 @@ tokenizer from its stored meta: no data folder is needed.
     python sample.py --out_dir=out-shakespeare
     python sample.py --out_dir=out-shakespeare --start="ROMEO:" --num_samples=1 --max_new_tokens=2000
     python sample.py --out_dir=out-shakespeare --start=FILE:prompt.txt --temperature=0 --use_cache=false
-    python sample.py --ckpt=../nanoGPT/out-shakespeare-char/ckpt.pt \
+    python sample.py --init_from=../nanoGPT/out-shakespeare-char/ckpt.pt \
         --nanogpt_meta=../nanoGPT/data/shakespeare_char/meta.pkl
     python sample.py --init_from=gpt2 --start="The meaning of life is" --temperature=0  # a folder
 
@@ -24,7 +24,7 @@ loads anywhere a checkpoint is taken. With bf16 activations (--dtype=bfloat16) t
 int4 kernels run; with float32 ones each matmul usually dequantizes its weight (quantize.QUANT_PATHS):
     python sample.py --out_dir=out-shakespeare --quantize=int8 --dtype=bfloat16
     python sample.py --out_dir=out-shakespeare --quantize=int4 --quant_group_size=64 --export_quantized=out-shakespeare/int4.pt
-    python sample.py --ckpt=out-shakespeare/int4.pt
+    python sample.py --init_from=out-shakespeare/int4.pt
 
 Decoding faster on this machine, each kept only where it measures faster here (autotune.py): the
 compiled decode step, and on a multi-core CPU the split-weight matmul:
@@ -70,8 +70,7 @@ from quantize import quantize_model
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out"  # where train.py wrote its checkpoints
-ckpt = ""  # a checkpoint file to load instead of out_dir's (nanoGPT's ckpt.pt files work too), or a Hugging Face folder
-init_from = ""  # the same as ckpt, by the name train.py and sft.py give it
+init_from = ""  # a checkpoint file to load instead of out_dir's (nanoGPT's ckpt.pt files work too), or a Hugging Face folder
 nanogpt_meta = ""  # a nanoGPT char-level meta.pkl, for a nanoGPT checkpoint of such a dataset
 export_hf = ""  # a folder to write the model to for transformers (config.json, model.safetensors, tokenizer), then exit
 export_quantized = ""  # a checkpoint file to write the model to as quantize makes it (smaller), then exit
@@ -138,7 +137,7 @@ def load(out_dir, ckpt_path):
     (meta and stage None), quantized as the checkpoint or quantize says."""
     if not ckpt_path:
         if not os.path.isdir(out_dir):
-            raise FileNotFoundError(f"out_dir {out_dir!r} does not exist; train first or pass --ckpt=FILE")
+            raise FileNotFoundError(f"out_dir {out_dir!r} does not exist; train first or pass --init_from=FILE")
         best, last = os.path.join(out_dir, "best.pt"), os.path.join(out_dir, "ckpt.pt")
         ckpt_path = best if os.path.isfile(best) else last
     checkpoint = common.load_checkpoint(ckpt_path)
@@ -182,9 +181,7 @@ def main():
     dev = common.pick_device(device)
     device_type = "cuda" if dev.startswith("cuda") else dev
     dt = common.pick_dtype(dtype, device_type)
-    if ckpt and init_from and ckpt != init_from:
-        raise ValueError(f"--ckpt={ckpt} and --init_from={init_from} name two checkpoints; give one")
-    model, tokenizer, path, meta, stage = load(out_dir, ckpt or init_from)
+    model, tokenizer, path, meta, stage = load(out_dir, init_from)
     model.eval().to(dev)
     q = model.quantization or {}
     weights = f", int{q['bits']} weights" + (f" in groups of {q['group_size']}" if q["group_size"] else "") if q else ""

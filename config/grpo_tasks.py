@@ -9,7 +9,7 @@ eval_interval = 50
 log_interval = 5
 
 prompts_per_iter = 16
-group_size = 8
+samples_per_prompt = 8
 max_new_tokens = 16
 temperature = 1.0
 reward = ("score",)

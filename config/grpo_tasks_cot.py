@@ -13,7 +13,7 @@ max_new_tokens = 96  # the longest worked solution, sort at difficulty 4, is 93 
 eval_max_new_tokens = 96
 reward = ("score", "format=0.1")
 prompts_per_iter = 8
-group_size = 8
+samples_per_prompt = 8
 # the fp32 pipeline run's 150 iterations chose best.pt (dev split) at iteration 100: the learning rate
 # is constant after warmup, so 100 iterations give that checkpoint, a minute sooner
 max_iters = 100

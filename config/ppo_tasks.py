@@ -27,7 +27,7 @@ gamma = 1.0
 lam = 0.95
 clip_eps = 0.2
 clip_value = 0.2
-ppo_epochs = 2
+update_epochs = 2
 num_minibatches = 2
 
 learning_rate = 3e-5

@@ -119,3 +119,22 @@ def test_train_py_takes_every_moe_field_and_the_moe_config_is_the_dense_one_plus
         "out_dir": "out-shakespeare-moe", "n_expert": 8, "n_expert_active": 2, "moe_every": 1, "n_shared_expert": 0,
         "moe_aux_coef": 0.01, "moe_z_coef": 0.001}
     assert set(plain(dense)) <= set(plain(experts))
+
+
+def test_train_py_sets_every_architecture_field_but_those_it_leaves_to_checkpoints():
+    # train.py passes GPTConfig the settings named like its fields: a field renamed in model.py
+    # would leave train.py's old setting unread and the new default in force, so say it here
+    import ast
+    import os
+    from dataclasses import fields
+
+    from model import GPTConfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "train.py")) as f:
+        tree = ast.parse(f.read())
+    settings = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    # vocab_size comes from the data's meta; the others only from imported checkpoints (Hugging Face
+    # layouts) or later stages (a reward model's scalar head)
+    left = {"vocab_size", "gelu_approximate", "n_inner", "norm_eps", "qkv_bias", "scalar_head"}
+    assert {f.name for f in fields(GPTConfig)} - settings == left

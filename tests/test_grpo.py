@@ -15,7 +15,7 @@ from model import GPT, GPTConfig
 
 # dtype=float32: dtype=auto times float32 against bf16 in every run, and runs compared bit for bit
 # could then take different ones on a loaded CPU
-TINY = ["--prompts_per_iter=4", "--group_size=4", "--max_new_tokens=6", "--log_interval=1", "--warmup_iters=1",
+TINY = ["--prompts_per_iter=4", "--samples_per_prompt=4", "--max_new_tokens=6", "--log_interval=1", "--warmup_iters=1",
         "--device=cpu", "--compile=false", "--eval_prompts=12", "--pass_k_prompts=4", "--pass_k_samples=4",
         "--eval_max_new_tokens=6", "--learning_rate=1e-3", "--rl_tasks=", "--dtype=float32"]
 
@@ -29,7 +29,7 @@ def grpo(base, data, out, *args, check=True, run=run_forked):
 def ab_setup(ab_policy):
     """The a/b policy of conftest and the settings that make its reward rise under GRPO."""
     base, data, tmp = ab_policy
-    args = [f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=4", "--group_size=8",
+    args = [f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=4", "--samples_per_prompt=8",
             "--max_new_tokens=8", "--mask_truncated=false", "--warmup_iters=1", "--eval_interval=100",
             "--eval_prompts=0", "--pass_k_prompts=0", "--device=cpu", "--compile=false"]
     return base, args, tmp
@@ -51,7 +51,7 @@ def test_grpo_raises_the_share_of_a_rare_but_rewarded_first_token(rare_policy):
     base, data, tmp = rare_policy
     out = str(tmp / "out")
     run_forked("grpo.py", f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=4",
-               "--group_size=8", "--max_new_tokens=6", "--reward=exact", "--kl_coef=0", "--learning_rate=1e-2",
+               "--samples_per_prompt=8", "--max_new_tokens=6", "--reward=exact", "--kl_coef=0", "--learning_rate=1e-2",
                "--warmup_iters=1", "--max_iters=6", "--eval_interval=100", "--eval_prompts=0", "--pass_k_prompts=0",
                "--device=cpu", "--compile=false", f"--out_dir={out}")
     em = [r["em"] for r in read_log(out) if "reward" in r]
@@ -102,9 +102,9 @@ def test_script_end_to_end(rl_setup):
 
 
 def test_resume_is_bit_identical_with_several_passes_and_minibatches(rl_setup):
-    # grpo_iterations 2 and 2 minibatches: old_logp is recorded at rollout, ratios move off 1
+    # update_epochs 2 and 2 minibatches: old_logp is recorded at rollout, ratios move off 1
     base, data, tmp = rl_setup
-    args = ["--grpo_iterations=2", "--num_minibatches=2", "--eval_interval=2", "--eval_prompts=0", "--pass_k_prompts=0"]
+    args = ["--update_epochs=2", "--num_minibatches=2", "--eval_interval=2", "--eval_prompts=0", "--pass_k_prompts=0"]
     straight, split = str(tmp / "straight"), str(tmp / "split")
     grpo(base, data, straight, *args, "--max_iters=4")
     grpo(base, data, split, *args, "--max_iters=2")
@@ -147,11 +147,11 @@ def test_a_reward_model_as_the_reward(rl_setup):
 def test_bad_settings_stop_with_a_message(rl_setup):
     base, data, tmp = rl_setup
     for args, message in ((["--loss_type=ppo"], "loss_type grpo | dapo | dr_grpo"),
-                          (["--group_size=1"], "group_size >= 2"),
+                          (["--samples_per_prompt=1"], "samples_per_prompt >= 2"),
                           (["--reward=scores"], "unknown reward 'scores'"),
                           (["--rl_tasks=add/9"], "no prompts for the cells ['add/9']"),
                           (["--dropout=0.1"], "RL needs dropout = 0"),
-                          (["--num_minibatches=100"], "need 1 <= num_minibatches <= prompts_per_iter x group_size = 16"),
+                          (["--num_minibatches=100"], "need 1 <= num_minibatches <= prompts_per_iter x samples_per_prompt = 16"),
                           (["--clip_eps=0.3", "--clip_eps_high=0.25"], "clip_eps_high >= clip_eps")):
         res = grpo(base, data, str(tmp / "bad"), *args, check=False)
         assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)

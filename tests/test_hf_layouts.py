@@ -279,7 +279,7 @@ def test_grpo_from_a_smollm2_folder_measures_kl_to_the_loaded_model(smol):
     folder, n, tasks, _, data = smol
     out = str(data / "grpo")
     res = run_script("grpo.py", *STAGE, f"--init_from={folder}", f"--prompt_dataset={tasks}", f"--out_dir={out}",
-                     "--rl_tasks=", "--prompts_per_iter=2", "--group_size=2", "--max_new_tokens=4", "--max_iters=1",
+                     "--rl_tasks=", "--prompts_per_iter=2", "--samples_per_prompt=2", "--max_new_tokens=4", "--max_iters=1",
                      "--eval_interval=1", "--test_prompts=0", "--pass_k_prompts=0")
     assert f"reference: {folder}" in res.stdout
     steps = [r for r in read_log(out) if "reward" in r]

@@ -301,7 +301,7 @@ STAGES = {
     "sft": ["sft.py", "--sft_dataset={tasks}", "--batch_size=4", "--eval_iters=1", *EVALS],
     "reward": ["reward.py", "--preference_dataset={pairs}", "--batch_size=4", "--eval_pairs=4"],
     # LoRA on every expert (and dense MLP): the router keeps its weights, as lora_targets=mlp says
-    "grpo-lora": ["grpo.py", *RL, "--prompts_per_iter=2", "--group_size=2", "--mask_truncated=false", "--lora_rank=4",
+    "grpo-lora": ["grpo.py", *RL, "--prompts_per_iter=2", "--samples_per_prompt=2", "--mask_truncated=false", "--lora_rank=4",
                   "--lora_targets=mlp"],
     "ppo": ["ppo.py", *RL, "--prompts_per_iter=4"],
     "dpo": ["dpo.py", "--prompt_dataset={tasks}", "--preference_dataset={pairs}", "--rl_tasks=", "--batch_size=4",

@@ -87,7 +87,7 @@ def test_a_toy_task_where_ppo_raises_the_reward(ab_policy):
     run_forked("ppo.py", f"--init_from={base}", f"--prompt_dataset={data}", "--rl_tasks=", "--prompts_per_iter=16",
                "--max_new_tokens=8", "--warmup_iters=1", "--eval_interval=100", "--eval_prompts=0",
                "--pass_k_prompts=0", "--device=cpu", "--compile=false", f"--out_dir={out}", "--kl_coef=0.01",
-               "--learning_rate=1e-2", "--max_iters=10", "--ppo_epochs=2", "--num_minibatches=2")
+               "--learning_rate=1e-2", "--max_iters=10", "--update_epochs=2", "--num_minibatches=2")
     rewards = [r["reward"] for r in steps_of(out)]
     assert len(rewards) == 10
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
@@ -98,7 +98,7 @@ def test_a_toy_task_where_ppo_raises_the_reward(ab_policy):
 def test_script_end_to_end_first_update_on_policy_and_a_plain_checkpoint(rl_setup):
     base, data, tmp = rl_setup
     out = str(tmp / "out")
-    res = ppo(base, data, out, "--max_iters=4", "--eval_interval=2", "--ppo_epochs=1", "--num_minibatches=1",
+    res = ppo(base, data, out, "--max_iters=4", "--eval_interval=2", "--update_epochs=1", "--num_minibatches=1",
               run=run_script)
     assert "prompts: add/1 10, add/2 10, copy/1 10, copy/2 10; dev 12, test 8" in res.stdout and f"reference: {base}; value: a head on the policy" in res.stdout
     rows = read_log(out)
@@ -120,7 +120,7 @@ def test_script_end_to_end_first_update_on_policy_and_a_plain_checkpoint(rl_setu
     assert set(ckpt["value_head"]) == {"weight", "bias"} and ckpt["kl_coef"] == 0.05
     GPT(GPTConfig(**ckpt["model_args"])).load_state_dict(ckpt["model"])  # strict
     assert "=== iter 4" in open(os.path.join(out, "samples.txt")).read()
-    run_forked("sample.py", f"--ckpt={os.path.join(out, 'ckpt.pt')}", "--chat=True", "--start=What is 1 + 2?",
+    run_forked("sample.py", f"--init_from={os.path.join(out, 'ckpt.pt')}", "--chat=True", "--start=What is 1 + 2?",
                "--temperature=0", "--max_new_tokens=4", "--device=cpu")
 
 
@@ -150,7 +150,7 @@ def test_resume_is_bit_identical_with_several_passes_and_minibatches(rl_setup):
     # 2 passes of 2 minibatches: ratios and values move off their rollout values; the adaptive
     # kl_coef and the reward statistics are state the checkpoint must carry
     base, data, tmp = rl_setup
-    args = ["--ppo_epochs=2", "--num_minibatches=2", "--eval_interval=2", "--eval_prompts=0", "--pass_k_prompts=0",
+    args = ["--update_epochs=2", "--num_minibatches=2", "--eval_interval=2", "--eval_prompts=0", "--pass_k_prompts=0",
             "--target_kl=0.001", "--kl_horizon=50", "--reward_scaling=true", "--whiten_rewards=true"]
     straight, split = str(tmp / "straight"), str(tmp / "split")
     ppo(base, data, straight, *args, "--max_iters=4")
@@ -185,7 +185,7 @@ def test_a_separate_value_network_from_the_reward_model_resumes_exactly(rl_setup
     base, data, tmp = rl_setup
     rm = fake_reward_model(base, str(tmp / "rm.pt"))
     args = ["--value_model=separate", "--value_init=reward", f"--reward_model={rm}", "--value_learning_rate=3e-3",
-            "--ppo_epochs=2", "--num_minibatches=2", "--eval_interval=2", "--eval_prompts=0", "--pass_k_prompts=0"]
+            "--update_epochs=2", "--num_minibatches=2", "--eval_interval=2", "--eval_prompts=0", "--pass_k_prompts=0"]
     straight, split = str(tmp / "straight"), str(tmp / "split")
     res = ppo(base, data, straight, *args, "--max_iters=4")
     assert f"value: a separate network from {rm}" in res.stdout
@@ -208,7 +208,7 @@ def test_two_processes_stay_in_sync_with_either_value_model(rl_setup):
         out = str(tmp / f"ddp-{value_model}")
         res = run_script("torchrun", "--standalone", "--nproc_per_node=2", "ppo.py", *TINY, f"--init_from={base}",
                          f"--prompt_dataset={data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
-                         "--eval_prompts=4", "--pass_k_prompts=0", "--ppo_epochs=2", "--num_minibatches=2",
+                         "--eval_prompts=4", "--pass_k_prompts=0", "--update_epochs=2", "--num_minibatches=2",
                          "--target_kl_stop=1.0", "--reward_scaling=true", f"--value_model={value_model}", *extra)
         assert res.stdout.count("parameters identical on all 2 processes") == (1 if value_model == "shared" else 2)
         assert [r["iter"] for r in steps_of(out)] == [1, 2]

@@ -417,10 +417,10 @@ def test_sample_quantizes_at_load_and_exports_a_quantized_checkpoint(tmp_path, o
     out = str(tmp_path / "int4.pt")
     run_forked(*args, f"--export_quantized={out}")
     assert os.path.getsize(out) < 0.5 * os.path.getsize(tmp_path / "ckpt.pt")
-    again = run_forked("sample.py", f"--ckpt={out}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=30",
+    again = run_forked("sample.py", f"--init_from={out}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=30",
                        "--temperature=0", "--device=cpu", "--dtype=float32")
     assert again.stdout == res.stdout
-    res = run_forked("sample.py", f"--ckpt={out}", "--quantize=int8", "--device=cpu", check=False)
+    res = run_forked("sample.py", f"--init_from={out}", "--quantize=int8", "--device=cpu", check=False)
     assert res.returncode == 1 and "stored as int4" in res.stderr and "Traceback" not in res.stderr
 
 

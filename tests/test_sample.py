@@ -59,12 +59,12 @@ def test_nanogpt_checkpoint_matches_the_same_weights_in_our_model(tmp_path):
     with open(tmp_path / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": 20, "stoi": {c: i for i, c in enumerate(chars)},
                      "itos": {i: c for i, c in enumerate(chars)}}, f)
-    res = run_forked("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--nanogpt_meta={tmp_path / 'meta.pkl'}",
+    res = run_forked("sample.py", f"--init_from={tmp_path / 'ckpt.pt'}", f"--nanogpt_meta={tmp_path / 'meta.pkl'}",
                      "--start=abc", "--num_samples=1", "--max_new_tokens=30", "--temperature=0", "--device=cpu",
                      "--dtype=float32")
     ids = ours.generate(torch.tensor([[chars.index(c) for c in "abc"]]), 30, temperature=0)[0]
     assert res.stdout.startswith("".join(chars[i] for i in ids))
-    res = run_forked("sample.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--nanogpt_meta={tmp_path / 'meta.pkl'}",
+    res = run_forked("sample.py", f"--init_from={tmp_path / 'ckpt.pt'}", f"--nanogpt_meta={tmp_path / 'meta.pkl'}",
                      "--start=xyz", "--device=cpu", check=False)
     assert res.returncode == 1 and "characters the model's vocabulary lacks" in res.stderr
 

@@ -91,7 +91,7 @@ def test_script_end_to_end_and_sample_chat(sft_setup):
     assert after[: len(rows)] == rows and len(after) == len(rows) + 2 and "em" in after[-1]
     assert open(os.path.join(out, "samples.txt")).read().startswith(samples)
     # sample.py loads the SFT checkpoint unchanged and chats with it
-    res = run_forked("sample.py", f"--ckpt={out}/ckpt.pt", "--chat=True", "--start=What is 1 + 2?",
+    res = run_forked("sample.py", f"--init_from={out}/ckpt.pt", "--chat=True", "--start=What is 1 + 2?",
                      "--temperature=0", "--max_new_tokens=8", "--device=cpu")
     assert res.returncode == 0 and res.stdout.endswith("\n")
 
