@@ -97,7 +97,8 @@ mask_truncated = True  # completions without <|end|> by max_new_tokens carry no 
 missing_end_penalty = 0.0  # subtracted from the reward of a completion without <|end|>
 # reward
 reward = ("score",)  # terms score | exact | model | format, optionally weighted: score,model=0.5
-reward_model = "out-reward/ckpt.pt"  # reward.py's checkpoint, for the model term
+reward_model = "out-reward/ckpt.pt"  # reward.py's checkpoint, for the model term; several (a.pt,b.pt): an ensemble
+reward_ensemble = "mean"  # mean | min: an ensemble's reward, the mean or the lowest of its members' rewards
 # grpo
 scale_rewards = "group"  # group | batch | none: what the centred rewards are divided by
 skip_zero_std = False  # leave groups whose rewards are all equal out of the loss (they have A = 0 anyway)
@@ -173,7 +174,8 @@ try:
                                          quantize=quantize, quant_group_size=quant_group_size, trains=not eval_only)
     # with LoRA the reference is the policy, adapters off; with kl_coef 0 there is none
     reference = posttrain.Reference(model, reference_path, ddp.device) if kl_coef > 0 else None
-    rewarder = posttrain.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty)
+    rewarder = posttrain.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty,
+                                    reward_ensemble)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 if master:

@@ -401,25 +401,42 @@ class RewardModel:
     whose tokens mask marks (read_positions: at its last token, or also at every line end) and
     returns (r - reward_mean) / reward_std with the statistics the checkpoint stores, so that
     rewards are about unit-sized whatever the reward model's scale. policy_meta: the policy's
-    tokenizer must be the reward model's (checked)."""
+    tokenizer must be the reward model's (checked).
 
-    def __init__(self, path, tok, device, policy_meta=None):
-        ckpt = common.load_checkpoint(path)
-        if ckpt.get("stage") != "reward" or not ckpt["model_args"].get("scalar_head"):
-            raise ValueError(f"{path} is not a reward model (stage {ckpt.get('stage')!r}): train one with reward.py")
-        if policy_meta is not None:
-            check_same_tokenizer(ckpt["meta"], f"reward model {path}", policy_meta, "the policy")
-        self.model = common.model_from_checkpoint(ckpt, path).to(device).eval().requires_grad_(False)
-        self.mean, self.std = ckpt.get("reward_mean", 0.0), ckpt.get("reward_std", 1.0)
-        self.read = ckpt.get("config", {}).get("reward_read", "end")  # as it was trained to read
+    Several checkpoints ("a.pt,b.pt,c.pt", reward models trained on other seeds or pairs) are an
+    ensemble: its reward is the mean of their normalised rewards (ensemble="mean") or the lowest
+    (ensemble="min", worst-case optimisation), which a policy can push up only where the members
+    agree (Coste et al. 2023, reward model ensembles against over-optimisation). spread, after a
+    call: the mean over rows of the members' standard deviation, their disagreement."""
+
+    def __init__(self, path, tok, device, policy_meta=None, ensemble="mean"):
+        if ensemble not in ("mean", "min"):
+            raise ValueError(f"reward_ensemble must be mean | min, got {ensemble!r}")
+        self.members, self.ensemble, self.spread = [], ensemble, None
+        for p in [p for p in path.split(",") if p]:
+            ckpt = common.load_checkpoint(p)
+            if ckpt.get("stage") != "reward" or not ckpt["model_args"].get("scalar_head"):
+                raise ValueError(f"{p} is not a reward model (stage {ckpt.get('stage')!r}): train one with reward.py")
+            if policy_meta is not None:
+                check_same_tokenizer(ckpt["meta"], f"reward model {p}", policy_meta, "the policy")
+            model = common.model_from_checkpoint(ckpt, p).to(device).eval().requires_grad_(False)
+            read = ckpt.get("config", {}).get("reward_read", "end")  # as it was trained to read
+            self.members.append((model, ckpt.get("reward_mean", 0.0), ckpt.get("reward_std", 1.0), read))
+        if not self.members:
+            raise ValueError("reward_model names no checkpoint")
         self.line_ids = line_end_ids(tok, device)
         self.path = path
 
     @torch.no_grad()
     def __call__(self, idx, mask, pos=None):
-        scores = self.model.scores(self.model(idx, pos)).float()
-        r = read_reward(scores, read_positions(idx, mask, self.read, self.line_ids))
-        return (r - self.mean) / max(self.std, 1e-6)
+        rewards = []
+        for model, mean, std, read in self.members:
+            scores = model.scores(model(idx, pos)).float()
+            r = read_reward(scores, read_positions(idx, mask, read, self.line_ids))
+            rewards.append((r - mean) / max(std, 1e-6))
+        r = torch.stack(rewards)  # (members, N)
+        self.spread = r.std(dim=0, correction=0).mean().item() if len(rewards) > 1 else None
+        return r.mean(dim=0) if self.ensemble == "mean" else r.min(dim=0).values
 
 
 # -----------------------------------------------------------------------------
@@ -448,7 +465,8 @@ class TaskReward:
 
         score   the checker's score of the answer, in [0, 1] with partial credit (tasks.score)
         exact   1 for an exact match, else 0
-        model   a reward model's score, normalised by its stored mean and std (RewardModel)
+        model   a reward model's score, normalised by its stored mean and std (RewardModel), or
+                an ensemble's (reward_model="a.pt,b.pt")
         format  1 when the response follows its task's format (tasks.follows_format)
 
     then missing_end_penalty subtracted from a completion that ran out of tokens without <|end|>.
@@ -456,12 +474,14 @@ class TaskReward:
 
     TERMS = ("score", "exact", "model", "format")
 
-    def __init__(self, reward, tok, device, policy_meta, reward_model="", missing_end_penalty=0.0):
+    def __init__(self, reward, tok, device, policy_meta, reward_model="", missing_end_penalty=0.0,
+                 reward_ensemble="mean"):
         self.tok = tok
         self.weights = parse_weights(reward, self.TERMS)
         self.end = tok.special_id("<|end|>")
         self.penalty = missing_end_penalty
-        self.model = RewardModel(reward_model, tok, device, policy_meta) if "model" in self.weights else None
+        self.model = (RewardModel(reward_model, tok, device, policy_meta, reward_ensemble)
+                      if "model" in self.weights else None)
 
     def texts(self, out):
         """The completions as text, without their <|end|>."""
@@ -481,7 +501,10 @@ class TaskReward:
             parts["model"] = self.model(out.idx, out.mask, out.pos)
         rewards = sum(self.weights[k] * v.float() for k, v in parts.items())
         rewards = rewards - self.penalty * out.truncated.float()
-        return rewards, {f"reward_{k}": v.float().mean().item() for k, v in parts.items()}, texts
+        logged = {f"reward_{k}": v.float().mean().item() for k, v in parts.items()}
+        if self.model is not None and self.model.spread is not None:
+            logged["reward_model_spread"] = self.model.spread
+        return rewards, logged, texts
 
 
 def worked_share(examples, texts):

@@ -121,7 +121,8 @@ mask_truncated = False  # completions without <|end|> by max_new_tokens carry no
 missing_end_penalty = 0.0  # subtracted from the reward of a completion without <|end|>
 # reward
 reward = ("score",)  # terms score | exact | model | format, optionally weighted: score,model=0.5
-reward_model = "out-reward/ckpt.pt"  # reward.py's checkpoint, for the model term and value_init=reward
+reward_model = "out-reward/ckpt.pt"  # reward.py's checkpoint, for the model term and value_init=reward; several (a.pt,b.pt): an ensemble
+reward_ensemble = "mean"  # mean | min: an ensemble's reward, the mean or the lowest of its members' rewards
 # ppo
 value_model = "shared"  # shared: a value head on the policy's backbone | separate: a second network
 value_init = "sft"  # separate's start: sft (init_from, a fresh head) | reward (reward_model, its head too)
@@ -228,6 +229,8 @@ try:
     elif not shared:  # separate: from the reward model, its head included, or from init_from with a fresh head
         start, start_path = ckpt, ckpt_path
         if value_init == "reward":
+            if "," in reward_model:
+                raise ValueError(f"value_init=reward starts the value network from one reward model, not {reward_model}")
             start, start_path = common.load_checkpoint(reward_model), reward_model
             if start.get("stage") != "reward":
                 raise ValueError(f"value_init=reward: {reward_model} is not a reward model (stage {start.get('stage')!r})")
@@ -237,7 +240,8 @@ try:
     if value is not None and not value.config.tie_weights:
         value.lm_head.requires_grad_(False)  # the value network reads only its scalar head
     reference = posttrain.Reference(model, reference_path, ddp.device) if kl_coef > 0 else None
-    rewarder = posttrain.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty)
+    rewarder = posttrain.TaskReward(reward, tok, ddp.device, meta, reward_model, missing_end_penalty,
+                                    reward_ensemble)
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 kl_now = ckpt.get("kl_coef", kl_coef) if resumed else kl_coef  # the controller's coefficient, carried across resumes

@@ -137,9 +137,11 @@ def test_a_reward_model_as_the_reward(rl_setup):
     common.save_checkpoint({"model": rm.state_dict(), "model_args": asdict(rm_cfg), "meta": ckpt["meta"],
                             "stage": "reward", "reward_mean": 0.5, "reward_std": 2.0}, path)
     out = str(tmp / "rm-out")
-    grpo(base, data, out, "--max_iters=2", "--eval_interval=2", "--reward=score,model=0.5", f"--reward_model={path}")
+    # as an ensemble of two (the same checkpoint twice: they agree, spread 0)
+    grpo(base, data, out, "--max_iters=2", "--eval_interval=2", "--reward=score,model=0.5",
+         f"--reward_model={path},{path}", "--reward_ensemble=min")
     steps = [r for r in read_log(out) if "reward" in r]
-    assert {"reward_score", "reward_model"} <= steps[0].keys()
+    assert {"reward_score", "reward_model"} <= steps[0].keys() and steps[0]["reward_model_spread"] == 0
     res = grpo(base, data, str(tmp / "bad"), "--reward=model", f"--reward_model={base}", check=False)
     assert res.returncode != 0 and "is not a reward model" in res.stderr and "Traceback" not in res.stderr
 

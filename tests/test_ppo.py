@@ -235,3 +235,6 @@ def test_bad_settings_stop_with_a_message(rl_setup):
     res = ppo(base, data, str(tmp / "bad"), "--value_model=separate", "--value_init=reward", f"--reward_model={base}",
               check=False)
     assert res.returncode != 0 and "is not a reward model" in res.stderr and "Traceback" not in res.stderr
+    res = ppo(base, data, str(tmp / "bad"), "--value_model=separate", "--value_init=reward",
+              f"--reward_model={base},{base}", check=False)
+    assert res.returncode != 0 and "from one reward model" in res.stderr and "Traceback" not in res.stderr

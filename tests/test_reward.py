@@ -264,6 +264,18 @@ def test_script_end_to_end(reward_setup):
     torch.testing.assert_close(rm(idx, mask), want)
     with pytest.raises(ValueError, match="not a reward model"):
         posttrain.RewardModel(base, tok, "cpu")
+    # an ensemble: a second member whose head adds 1 to every score and whose stored std is 2
+    other = dict(ckpt, model={**ckpt["model"], "score_head.bias": ckpt["model"]["score_head.bias"] + 1.0}, reward_std=2.0)
+    common.save_checkpoint(other, os.path.join(out, "other.pt"))
+    want_other = (raw.scores(raw(idx), torch.tensor([9, 4])) + 1.0 - ckpt["reward_mean"]) / 2.0
+    pair = f"{out}/ckpt.pt,{out}/other.pt"
+    mean = posttrain.RewardModel(pair, tok, "cpu")
+    torch.testing.assert_close(mean(idx, mask), (want + want_other) / 2)
+    torch.testing.assert_close(torch.tensor(mean.spread), ((want - want_other).abs() / 2).mean())
+    worst = posttrain.RewardModel(pair, tok, "cpu", ensemble="min")
+    torch.testing.assert_close(worst(idx, mask), torch.minimum(want, want_other))
+    with pytest.raises(ValueError, match="mean | min"):
+        posttrain.RewardModel(pair, tok, "cpu", ensemble="max")
     # measure the checkpoint on one folder, appending to the run's log
     reward(base, folders[:1], out, f"--init_from={out}/ckpt.pt", "--eval_only=True")
     after = read_log(out)
