@@ -198,7 +198,7 @@ def save_best():
 loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best, metric="err_rl")
 ckpt = None  # free it
 evals = posttrain.Evals(tok, ctx, eval_batch_size, eval_max_new_tokens, pass_k_samples, eval_show, rl_tasks, seed,
-                        out_dir)
+                        out_dir, start=reference_path)
 
 
 # -----------------------------------------------------------------------------

@@ -93,6 +93,30 @@ def test_eval_cadence_and_saves(tmp_path):
     assert saved == [("ckpt", 5), ("best", 5), ("ckpt", 10), ("best", 10)]  # nothing at iteration 0
 
 
+def test_the_early_stop_holds_the_dev_peak_of_a_hand_made_over_optimised_run(tmp_path):
+    # dev error of an RL run against a learned reward: better until iteration 50, then hacked
+    # (README, "Reward modelling"): best.pt is written at 25 and 50 only and holds 50
+    loop, saved = make_loop(tmp_path, FakeDDP(), max_iters=100, eval_interval=25, always_save_checkpoint=False)
+    err = {0: 0.50, 25: 0.34, 50: 0.285, 75: 0.55, 100: 0.795}
+    while True:
+        if loop.eval_due():
+            loop.evaluated(err[loop.iter_num])
+        if loop.done():
+            break
+        loop.step_done(torch.tensor(1.0))
+    assert [s for s in saved if s[0] == "best"] == [("best", 25), ("best", 50)]
+    assert loop.best_iter == 50 and loop.best_metric == 0.285
+    # a run that only got worse keeps iteration 0 as its best: nothing written, the start is the answer
+    worse, saved = make_loop(tmp_path / "w", FakeDDP(), max_iters=100, eval_interval=25, always_save_checkpoint=False)
+    while True:
+        if worse.eval_due():
+            worse.evaluated(0.5 + worse.iter_num / 100)
+        if worse.done():
+            break
+        worse.step_done(torch.tensor(1.0))
+    assert worse.best_iter == 0 and saved == [("ckpt", 100)]
+
+
 def test_a_checkpoint_off_an_eval_resumes_with_that_eval(tmp_path):
     # Ctrl-C after iteration 5 saves with iter_num 5 but the eval of 5 not done: the resumed run
     # must do it (it used to skip it, so the best metric, best.pt and the log diverged)
