@@ -119,9 +119,16 @@ def test_rules_pairs_are_near_misses_of_the_reference(tmp_path):
     run_forked("data/preferences/prepare.py", "--source=rules", f"--tasks_dir={data}", f"--out_dir={again}",
                "--train_prompts_per_cell=10")
     assert (out / "train.jsonl").read_bytes() == (again / "train.jsonl").read_bytes()
-    # val prompts are data/tasks's held-out ones
-    val = {json.loads(line)["messages"][0]["content"] for line in open(data / "val.jsonl")}
-    assert {r["prompt"][0]["content"] for r in conversations.read_preferences(str(out / "val.jsonl"))[0]} <= val
+    # train pairs come from train prompts only (both sources pick their prompts the same way), val
+    # pairs from data/tasks's held-out ones: no dev or test problem leaks into the reward model
+    def questions(split):
+        with open(data / f"{split}.jsonl") as f:
+            return {json.loads(line)["messages"][0]["content"] for line in f}
+
+    held_out = questions("val") | questions("test")
+    train_pairs = conversations.read_preferences(str(out / "train.jsonl"))[0]
+    assert {r["prompt"][0]["content"] for r in train_pairs} <= questions("train") - held_out
+    assert {r["prompt"][0]["content"] for r in conversations.read_preferences(str(out / "val.jsonl"))[0]} <= questions("val")
 
 
 def test_policy_pairs_come_from_the_model_s_samples(tmp_path):
