@@ -609,7 +609,7 @@ class Loop:
         self.iter_num = state.get("iter_num", 0)
         # best_val_loss: what checkpoints called it before it held err_rl in the RL stages too
         self.best_metric = state.get("best_metric", state.get("best_val_loss", float("inf")))
-        self.best_iter = state.get("best_iter")  # the best eval's iteration: best.pt holds it (0: nothing beat the start)
+        self.best_iter = state.get("best_iter")  # the iteration best.pt holds, once this run wrote one
         self.last_eval_iter = state.get("last_eval_iter", -1)
         pending = state.get("pending_loss", (0.0, 0))
         self.loss_sum = torch.tensor(float(pending[0]), device=ddp.device)
@@ -643,17 +643,18 @@ class Loop:
 
     def evaluated(self, value):
         """After an eval, the value of the metric: keep the best; save ckpt.pt (always_save_checkpoint,
-        a new best or the last iteration) and best.pt (a new best), except at iteration 0 and in
-        eval_only. -> whether value is a new best."""
+        a new best or the last iteration; not at iteration 0) and best.pt (a new best, the start's
+        included); nothing in eval_only. -> whether value is a new best."""
         improved = value < self.best_metric
         self.best_metric = min(self.best_metric, value)
         self.last_eval_iter = self.iter_num
-        if improved and not self.settings.eval_only:
-            self.best_iter = self.iter_num  # before the checkpoint, which carries it; 0: the start, no file
-        if not self.settings.eval_only and self.iter_num > 0:
-            if self.settings.always_save_checkpoint or improved or self.iter_num == self.settings.max_iters:
-                self.checkpoint()
+        if not self.settings.eval_only:
             if improved:
+                self.best_iter = self.iter_num  # before the checkpoints, which carry it
+            if self.iter_num > 0 and (self.settings.always_save_checkpoint or improved
+                                      or self.iter_num == self.settings.max_iters):
+                self.checkpoint()
+            if improved:  # at iteration 0 too: a run that only gets worse keeps its start as best.pt
                 self.save_best()
         return improved
 

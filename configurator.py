@@ -94,6 +94,17 @@ def parse_value(key, default, value):
     return value
 
 
+# settings that were renamed, so that an old command line says what the key is called now
+RENAMED = {"group_size": "samples_per_prompt", "grpo_iterations": "update_epochs", "ppo_epochs": "update_epochs",
+           "ckpt": "init_from"}
+
+
+def renamed(key, config):
+    """A hint for an unknown key that this script knows by another name now, else ""."""
+    new = RENAMED.get(key)
+    return f" (it is called {new} now)" if new in config else ""
+
+
 def configure(g, argv=None, verbose=True, stream=None):
     """Override the settings in `g` (a script's globals()) from config files and --key=value
     arguments. Returns the resolved config as a dict, which is also written back into `g`, and
@@ -118,7 +129,7 @@ def configure(g, argv=None, verbose=True, stream=None):
                 if k.startswith("_") or k == "__builtins__" or callable(v) or type(v).__name__ == "module":
                     continue
                 if k not in config:
-                    raise ValueError(f"unknown config key {k!r} in {arg}")
+                    raise ValueError(f"unknown config key {k!r} in {arg}{renamed(k, config)}")
                 if v is not config[k]:
                     config[k] = parse_value(k, g[k], v)
         else:
@@ -126,7 +137,7 @@ def configure(g, argv=None, verbose=True, stream=None):
             if not sep:
                 raise ValueError(f"expected --key=value, got {arg!r}")
             if key not in config:
-                raise ValueError(f"unknown config key {key!r} on the command line")
+                raise ValueError(f"unknown config key {key!r} on the command line{renamed(key, config)}")
             config[key] = parse_value(key, g[key], value)
     g.update(config)
     if verbose:

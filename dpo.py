@@ -267,7 +267,7 @@ loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best
                    metric="err_rl" if prompts["dev"] else "val_loss")
 ckpt = None  # free it
 evals = posttrain.Evals(tok, ctx, eval_batch_size, eval_max_new_tokens, pass_k_samples, eval_show, rl_tasks, seed,
-                        out_dir, start=reference_path)
+                        out_dir)
 
 # -----------------------------------------------------------------------------
 # evaluation: the implicit reward on held-out pairs, the greedy answers on the task prompts

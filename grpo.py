@@ -140,8 +140,9 @@ config = configure(globals())
 
 if scale_rewards not in ("group", "batch", "none") or loss_type not in ("grpo", "dapo", "dr_grpo"):
     sys.exit("config error: scale_rewards must be group | batch | none, loss_type grpo | dapo | dr_grpo")
-if rl_cell_weights not in ("uniform", "rows"):
-    sys.exit(f"config error: rl_cell_weights must be uniform | rows, got {rl_cell_weights!r}")
+if rl_cell_weights not in ("uniform", "rows") or reward_ensemble not in ("mean", "min"):
+    sys.exit(f"config error: rl_cell_weights must be uniform | rows (got {rl_cell_weights!r}), "
+             f"reward_ensemble mean | min (got {reward_ensemble!r})")
 if samples_per_prompt < 2 or prompts_per_iter < 1 or update_epochs < 1 or temperature <= 0:
     sys.exit("config error: need samples_per_prompt >= 2, prompts_per_iter >= 1, update_epochs >= 1, temperature > 0")
 if not 1 <= num_minibatches <= prompts_per_iter * samples_per_prompt:
@@ -198,7 +199,7 @@ def save_best():
 loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best, metric="err_rl")
 ckpt = None  # free it
 evals = posttrain.Evals(tok, ctx, eval_batch_size, eval_max_new_tokens, pass_k_samples, eval_show, rl_tasks, seed,
-                        out_dir, start=reference_path)
+                        out_dir)
 
 
 # -----------------------------------------------------------------------------

@@ -24,7 +24,8 @@ a rolling cache computes exactly what a full forward under the same mask compute
 
 sampling.py holds what generation hands around (the sampler, padded prompt batches, Completions, a
 Prefix) and is the one file of the repository this one imports. quantize.py (int8 / int4 weights,
-see linear), convert.py (other checkpoint formats, the merged export) and autotune.py live beside it.
+see linear), convert.py (other checkpoint formats, the merged export, the adapters alone) and
+autotune.py live beside it.
 """
 
 import contextlib
@@ -863,7 +864,7 @@ class GPT(nn.Module):
     def scores(self, x, last=None):
         """The scalar head, in at least float32: (B, T), a score at every position (PPO's values),
         or with last (B,) the score at each row's index last -> (B,) (a reward model's, at the last
-        real token: last_index(mask))."""
+        real token: sampling.last_index(mask))."""
         if self.score_head is None:
             raise RuntimeError("this model has no scalar head (GPTConfig.scalar_head=False)")
         if last is not None:

@@ -574,7 +574,6 @@ class Evals:
     rl_tasks: tuple
     seed: int
     out_dir: str
-    start: str = ""  # the checkpoint the stage started from: the test's model when no eval beat iteration 0's
 
 
 def evaluate_rl(loop, model, examples, pass_examples, evals, evaluated=True):
@@ -605,9 +604,8 @@ def evaluate_rl(loop, model, examples, pass_examples, evals, evaluated=True):
 
 def evaluate_test(loop, model, examples, pass_examples, evals):
     """The test split, answered once at the end of a stage (or by eval_only): by the weights the
-    dev split chose (out_dir/best.pt, when this run wrote one; the starting checkpoint, evals.start,
-    when no eval beat iteration 0's: a run that only got worse is held at its start), else by model
-    as it is. Logged as a
+    dev split chose (out_dir/best.pt, when this run wrote one: the starting weights, written at
+    iteration 0, when no later eval beat them), else by model as it is. Logged as a
     "test" line: evaluate_policy's stats with the standard error of each cell's exact match
     (se/add/3 ...) and the mean over cells (the trained ones; every cell when rl_tasks is empty)
     with its own (em_cells, se_cells); the master prints the summary. -> the stats ({} without
@@ -616,10 +614,7 @@ def evaluate_test(loop, model, examples, pass_examples, evals):
         return {}
     t0, ddp, cells = time.time(), loop.ddp, evals.rl_tasks
     source = f"iter {loop.iter_num}"
-    if loop.best_iter == 0 and evals.start and loop.iter_num > 0:
-        model = common.model_from_checkpoint(common.load_checkpoint(evals.start), evals.start).to(ddp.device).eval()
-        source = f"{evals.start} (no eval beat iter 0's)"
-    elif loop.best_iter:  # written by the master during this run (or the run it resumes)
+    if loop.best_iter is not None:  # written by the master during this run (or the run it resumes)
         ddp.barrier()
         path = os.path.join(evals.out_dir, "best.pt")
         model = common.model_from_checkpoint(common.load_checkpoint(path), path).to(ddp.device).eval()

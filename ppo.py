@@ -176,6 +176,7 @@ N = prompts_per_iter * samples_per_prompt  # completions per iteration per proce
 rules = {  # each broken rule is one clause of the message
     "value_model must be shared | separate": value_model in ("shared", "separate"),
     "rl_cell_weights must be uniform | rows": rl_cell_weights in ("uniform", "rows"),
+    "reward_ensemble must be mean | min": reward_ensemble in ("mean", "min"),
     "value_init must be sft | reward": value_init in ("sft", "reward"),
     "value_init=reward starts a separate value network: set value_model=separate":
         value_init == "sft" or value_model == "separate",
@@ -281,7 +282,7 @@ def save_best():
 loop = common.Loop(config, ddp, ckpt if resumed else None, checkpoint, save_best, metric="err_rl")
 ckpt = None  # free it
 evals = posttrain.Evals(tok, ctx, eval_batch_size, eval_max_new_tokens, pass_k_samples, eval_show, rl_tasks, seed,
-                        out_dir, start=reference_path)
+                        out_dir)
 
 # -----------------------------------------------------------------------------
 # training loop

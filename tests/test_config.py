@@ -61,6 +61,13 @@ def test_bad_command_line_raises(arg, fragment):
     assert fragment in str(e.value)
 
 
+def test_a_renamed_key_says_its_new_name():
+    with pytest.raises(ValueError, match=r"unknown config key 'ckpt' on the command line \(it is called init_from now\)"):
+        configure(dict(defaults(), init_from=""), ["--ckpt=a.pt"], verbose=False)
+    with pytest.raises(ValueError, match=r"unknown config key 'group_size' on the command line$"):
+        configure(defaults(), ["--group_size=8"], verbose=False)  # no samples_per_prompt here: no hint
+
+
 def test_config_file_is_checked(tmp_path):
     good = tmp_path / "good.py"
     good.write_text("import math\nbatch_size = 4 * 8\nlearning_rate = 1\nout_dir = out_dir + '-x'\n")

@@ -95,9 +95,9 @@ def test_script_end_to_end(rl_setup):
     # the test split, once, at the end: 2 prompts a cell, with standard errors
     test = [r for r in rows if "of" in r]
     assert len(test) == 1 and test[0]["iter"] == 4 and test[0]["n/add/1"] == 2 and "se/copy/2" in test[0]
-    # answered by the weights the dev split chose: best.pt, or the start when no eval beat iteration 0's
+    # answered by the weights the dev split chose: best.pt, the start when no eval beat iteration 0's
     best = min(evals, key=lambda r: (r["err_rl"], r["iter"]))["iter"]
-    assert test[0]["of"] == (f"best.pt of iter {best}" if best else f"{base} (no eval beat iter 0's)")
+    assert test[0]["of"] == f"best.pt of iter {best}"
     assert "test, 8 prompts, " in res.stdout
     res = run_forked("sample.py", f"--out_dir={out}", "--chat=True", "--start=What is 1 + 2?", "--temperature=0",
                      "--max_new_tokens=4", "--device=cpu")

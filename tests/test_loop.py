@@ -90,12 +90,13 @@ def test_eval_cadence_and_saves(tmp_path):
             break
         loop.step_done(torch.tensor(1.0))
     assert evals == [0, 5, 10]
-    assert saved == [("ckpt", 5), ("best", 5), ("ckpt", 10), ("best", 10)]  # nothing at iteration 0
+    # at iteration 0 only best.pt (the start, the best so far), no ckpt.pt
+    assert saved == [("best", 0), ("ckpt", 5), ("best", 5), ("ckpt", 10), ("best", 10)]
 
 
 def test_the_early_stop_holds_the_dev_peak_of_a_hand_made_over_optimised_run(tmp_path):
     # dev error of an RL run against a learned reward: better until iteration 50, then hacked
-    # (README, "Reward modelling"): best.pt is written at 25 and 50 only and holds 50
+    # (README, "Reward modelling"): best.pt is written at 0, 25 and 50 only and holds 50
     loop, saved = make_loop(tmp_path, FakeDDP(), max_iters=100, eval_interval=25, always_save_checkpoint=False)
     err = {0: 0.50, 25: 0.34, 50: 0.285, 75: 0.55, 100: 0.795}
     while True:
@@ -104,9 +105,9 @@ def test_the_early_stop_holds_the_dev_peak_of_a_hand_made_over_optimised_run(tmp
         if loop.done():
             break
         loop.step_done(torch.tensor(1.0))
-    assert [s for s in saved if s[0] == "best"] == [("best", 25), ("best", 50)]
+    assert [s for s in saved if s[0] == "best"] == [("best", 0), ("best", 25), ("best", 50)]
     assert loop.best_iter == 50 and loop.best_metric == 0.285
-    # a run that only got worse keeps iteration 0 as its best: nothing written, the start is the answer
+    # a run that only got worse keeps its start as best.pt: what the test split and sample.py read
     worse, saved = make_loop(tmp_path / "w", FakeDDP(), max_iters=100, eval_interval=25, always_save_checkpoint=False)
     while True:
         if worse.eval_due():
@@ -114,7 +115,7 @@ def test_the_early_stop_holds_the_dev_peak_of_a_hand_made_over_optimised_run(tmp
         if worse.done():
             break
         worse.step_done(torch.tensor(1.0))
-    assert worse.best_iter == 0 and saved == [("ckpt", 100)]
+    assert worse.best_iter == 0 and saved == [("best", 0), ("ckpt", 100)]
 
 
 def test_a_checkpoint_off_an_eval_resumes_with_that_eval(tmp_path):

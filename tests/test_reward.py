@@ -281,7 +281,7 @@ def test_script_end_to_end(reward_setup):
     torch.testing.assert_close(torch.tensor(mean.spread), ((want - want_other).abs() / 2).mean())
     worst = posttrain.RewardModel(pair, tok, "cpu", ensemble="min")
     torch.testing.assert_close(worst(idx, mask), torch.minimum(want, want_other))
-    with pytest.raises(ValueError, match="mean | min"):
+    with pytest.raises(ValueError, match=r"mean \| min"):
         posttrain.RewardModel(pair, tok, "cpu", ensemble="max")
     # measure the checkpoint on one folder, appending to the run's log
     reward(base, folders[:1], out, f"--init_from={out}/ckpt.pt", "--eval_only=True")
