@@ -1,8 +1,21 @@
 """configurator.configure: the checked config mechanism every script shares."""
 
+import ast
+import os
+
 import pytest
 
 from configurator import configure, parse_value
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script_settings(script):
+    """The names a script assigns at its top level: its settings."""
+    with open(os.path.join(ROOT, script)) as f:
+        tree = ast.parse(f.read())
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
 
 
 def defaults():
@@ -90,16 +103,11 @@ def test_config_file_is_checked(tmp_path):
 def test_every_stage_has_the_settings_its_loop_and_its_model_read_by_name(script):
     # common.Loop and model_from_checkpoint take these from a stage's config by their names: a
     # setting renamed in one script must fail here, not at the start of a run
-    import ast
-    import os
     from dataclasses import fields
 
     import common
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, script)) as f:
-        tree = ast.parse(f.read())
-    settings = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    settings = script_settings(script)
     needed = {f.name for f in fields(common.LoopSettings)} | set(common.TRAINING_FIELDS)
     assert needed <= settings, sorted(needed - settings)
 
@@ -108,19 +116,14 @@ def test_train_py_takes_every_moe_field_and_the_moe_config_is_the_dense_one_plus
     # every MoE field of GPTConfig is a train.py setting of the same name (the command line used to
     # stop at --n_expert with "unknown config key"); the MoE config compares with the dense one
     # because everything else is the same
-    import ast
-    import os
     import runpy
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "train.py")) as f:
-        tree = ast.parse(f.read())
-    settings = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    settings = script_settings("train.py")
     moe = {"n_expert", "n_expert_active", "moe_every", "n_shared_expert", "expert_hidden", "moe_aux_coef", "moe_z_coef"}
     assert moe <= settings, sorted(moe - settings)
-    monkeypatch.chdir(root)  # a config file reads the one it extends from the repository root, as the scripts run
-    dense = runpy.run_path(os.path.join(root, "config", "tiny_shakespeare.py"))
-    experts = runpy.run_path(os.path.join(root, "config", "tiny_shakespeare_moe.py"))
+    monkeypatch.chdir(ROOT)  # a config file reads the one it extends from the repository root, as the scripts run
+    dense = runpy.run_path(os.path.join(ROOT, "config", "tiny_shakespeare.py"))
+    experts = runpy.run_path(os.path.join(ROOT, "config", "tiny_shakespeare_moe.py"))
     plain = lambda ns: {k: v for k, v in ns.items() if not k.startswith("__")}  # noqa: E731
     assert {k: v for k, v in plain(experts).items() if plain(dense).get(k, object()) != v} == {
         "out_dir": "out-shakespeare-moe", "n_expert": 8, "n_expert_active": 2, "moe_every": 1, "n_shared_expert": 0,
@@ -131,16 +134,11 @@ def test_train_py_takes_every_moe_field_and_the_moe_config_is_the_dense_one_plus
 def test_train_py_sets_every_architecture_field_but_those_it_leaves_to_checkpoints():
     # train.py passes GPTConfig the settings named like its fields: a field renamed in model.py
     # would leave train.py's old setting unread and the new default in force, so say it here
-    import ast
-    import os
     from dataclasses import fields
 
     from model import GPTConfig
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "train.py")) as f:
-        tree = ast.parse(f.read())
-    settings = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    settings = script_settings("train.py")
     # vocab_size comes from the data's meta; the others only from imported checkpoints (Hugging Face
     # layouts) or later stages (a reward model's scalar head)
     left = {"vocab_size", "gelu_approximate", "n_inner", "norm_eps", "qkv_bias", "scalar_head"}

@@ -79,17 +79,22 @@ def test_ctrl_c_is_polled_every_iteration_alone_and_every_log_interval_under_ddp
     assert alone.polls == 8 and ddp.polls == 2  # polling under DDP is an all-reduce and a host sync
 
 
-def test_eval_cadence_and_saves(tmp_path):
-    loop, saved = make_loop(tmp_path, FakeDDP())
+def run_to_the_end(loop, metric):
+    """Drive loop as a stage does, evaluating metric(iter_num) whenever an eval is due. -> the
+    iterations evaluated."""
     evals = []
     while True:
         if loop.eval_due():
             evals.append(loop.iter_num)
-            loop.evaluated(10.0 - loop.iter_num)  # improves every time
+            loop.evaluated(metric(loop.iter_num))
         if loop.done():
-            break
+            return evals
         loop.step_done(torch.tensor(1.0))
-    assert evals == [0, 5, 10]
+
+
+def test_eval_cadence_and_saves(tmp_path):
+    loop, saved = make_loop(tmp_path, FakeDDP())
+    assert run_to_the_end(loop, lambda it: 10.0 - it) == [0, 5, 10]  # improves every time
     # at iteration 0 only best.pt (the start, the best so far), no ckpt.pt
     assert saved == [("best", 0), ("ckpt", 5), ("best", 5), ("ckpt", 10), ("best", 10)]
 
@@ -99,22 +104,12 @@ def test_the_early_stop_holds_the_dev_peak_of_a_hand_made_over_optimised_run(tmp
     # (README, "Reward modelling"): best.pt is written at 0, 25 and 50 only and holds 50
     loop, saved = make_loop(tmp_path, FakeDDP(), max_iters=100, eval_interval=25, always_save_checkpoint=False)
     err = {0: 0.50, 25: 0.34, 50: 0.285, 75: 0.55, 100: 0.795}
-    while True:
-        if loop.eval_due():
-            loop.evaluated(err[loop.iter_num])
-        if loop.done():
-            break
-        loop.step_done(torch.tensor(1.0))
+    assert run_to_the_end(loop, err.get) == [0, 25, 50, 75, 100]
     assert [s for s in saved if s[0] == "best"] == [("best", 0), ("best", 25), ("best", 50)]
     assert loop.best_iter == 50 and loop.best_metric == 0.285
     # a run that only got worse keeps its start as best.pt: what the test split and sample.py read
     worse, saved = make_loop(tmp_path / "w", FakeDDP(), max_iters=100, eval_interval=25, always_save_checkpoint=False)
-    while True:
-        if worse.eval_due():
-            worse.evaluated(0.5 + worse.iter_num / 100)
-        if worse.done():
-            break
-        worse.step_done(torch.tensor(1.0))
+    run_to_the_end(worse, lambda it: 0.5 + it / 100)
     assert worse.best_iter == 0 and saved == [("best", 0), ("ckpt", 100)]
 
 
