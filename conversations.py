@@ -92,7 +92,8 @@ def read_preferences(path):
                                                                               prefix is the prompt
     chosen and rejected are assistant replies: strings, or (explicit form) a list of one assistant
     message; in the implicit form each must end in exactly one assistant message after the shared
-    prefix. Optional: margin (a number), task, difficulty, answer. -> (rows, blank), each row
+    prefix. Optional: margin (a number), task, difficulty, answer, format (how the checker grades a
+    reply: data/tasks's field, "either" on a mixed dataset). -> (rows, blank), each row
     {"prompt": [messages], "chosen": str, "rejected": str, ...the optional fields}. A malformed
     line raises ValueError naming the file and the line."""
 
@@ -128,7 +129,7 @@ def read_preferences(path):
         margin = obj.get("margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):  # null included
             raise ValueError(f"'margin' must be a number, got {margin!r:.40}")
-        row = {k: obj[k] for k in ("margin", "task", "difficulty", "answer") if k in obj}
+        row = {k: obj[k] for k in ("margin", "task", "difficulty", "answer", "format") if k in obj}
         return {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
 
     return _read_jsonl(path, parse)

@@ -34,8 +34,9 @@ Resume, or measure any reward checkpoint on any pair files:
 
 A healthy run prints the pairs it read (and what it left out), then
     iter=100 loss=0.2113 acc=0.9375 gap=2.8180 lr=0.0003 grad_norm=3.1415 ms=95.0 tok_s=21000 eta=3.2m
-and at every eval, over the held-out pairs of each folder: the loss, pairwise accuracy (overall
-and per task and difficulty), mean reward gap r_c - r_r, Spearman correlation between the reward
+and at every eval, over the held-out pairs of each folder: the loss, pairwise accuracy (overall,
+per task and difficulty, and by the forms of chosen and rejected reply where they differ: acc/
+worked-direct is the pairs of a worked solution over a direct answer), mean reward gap r_c - r_r, Spearman correlation between the reward
 and the checker's score of every held-out answer, and the expected calibration error of
 sigmoid(r_c - r_r) as the probability that chosen wins:
     eval iter=1000 val_loss=0.1402 acc=0.9612 gap=4.1200 spearman=0.8512 ece=0.0311 rules/acc=0.98 ...
@@ -53,7 +54,7 @@ import losses
 import posttrain
 from configurator import configure
 from conversations import pair_batch, preference_splits
-from data.tasks.tasks import score
+from data.tasks.tasks import reply_form, score
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -238,6 +239,13 @@ def evaluate():
             if "task" in row:
                 cells.setdefault(f"{row['task']}/{row.get('difficulty')}", []).append(a > b)
         stats.update({f"acc/{cell}": sum(v) / len(v) for cell, v in sorted(cells.items())})
+        # by the forms of the two replies (chosen-rejected, e.g. worked-direct): which judgments it gets right
+        kinds = {}
+        for a, b, row in part:
+            kinds.setdefault(f"{reply_form(row['chosen'])}-{reply_form(row['rejected'])}", []).append(a > b)
+        if len(kinds) > 1:
+            stats.update({f"acc/{kind}": sum(v) / len(v) for kind, v in sorted(kinds.items())})
+            stats.update({f"n/{kind}": len(v) for kind, v in sorted(kinds.items())})
         # Spearman: the reward of every held-out answer against the checker's score of it
         graded = [(r, score(row, reply)) for a, b, row in part if "answer" in row
                   for r, reply in ((a, row["chosen"]), (b, row["rejected"]))]

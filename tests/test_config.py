@@ -143,3 +143,18 @@ def test_train_py_sets_every_architecture_field_but_those_it_leaves_to_checkpoin
     # layouts) or later stages (a reward model's scalar head)
     left = {"vocab_size", "gelu_approximate", "n_inner", "norm_eps", "qkv_bias", "scalar_head"}
     assert {f.name for f in fields(GPTConfig)} - settings == left
+
+
+def test_every_config_file_sets_only_settings_its_script_has(monkeypatch):
+    # a config's stage is its name's first word (sft_tasks_mix.py -> sft.py; the rest are train.py's)
+    import runpy
+
+    monkeypatch.chdir(ROOT)  # configs exec the config they build on by its path from the repo root
+    stages = {s[:-3] for s in ("sft.py", "reward.py", "grpo.py", "ppo.py", "dpo.py")}
+    for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
+        if not name.endswith(".py"):
+            continue
+        stage = name.split("_")[0]
+        script = f"{stage}.py" if stage in stages else "train.py"
+        keys = {k for k in runpy.run_path(os.path.join("config", name)) if not k.startswith("__")}
+        assert keys <= script_settings(script), (name, sorted(keys - script_settings(script)))

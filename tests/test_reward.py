@@ -105,7 +105,7 @@ def test_rules_pairs_are_near_misses_of_the_reference(tmp_path):
     out = tmp_path / "rules"
     res = run_script("data/preferences/prepare.py", "--source=rules", f"--tasks_dir={data}", f"--out_dir={out}",
                      "--train_prompts_per_cell=10")
-    assert "train: 180 prompts, 180 usable pairs (100%)" in res.stdout
+    assert "train: 180 prompts, 180 usable pairs (1.00 a prompt)" in res.stdout
     for split in ("train", "val"):
         rows, _ = conversations.read_preferences(str(out / f"{split}.jsonl"))
         for row in rows:
@@ -161,6 +161,30 @@ def test_form_contrast_pairs_keep_only_worked_chosen_over_direct_rejected():
              {"chosen": direct, "rejected": "4"}, {"chosen": direct, "rejected": worked_wrong}]
     assert prepare.keep_forms(pairs, "any") == pairs
     assert prepare.keep_forms(pairs, "worked_over_direct") == pairs[:1]
+
+
+def test_policy_pairs_by_partial_credit_or_by_the_verdict_grade_worked_replies_by_their_answer_line(tmp_path):
+    spec = importlib.util.spec_from_file_location("prefs_prepare", "data/preferences/prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    row = {"messages": [{"role": "user", "content": "What is 59 + 63?"}], "answer": "122", "task": "add",
+           "difficulty": 2, "format": "either"}
+    worked, right, near, far = "Work:\n9+3+0=12 2\n5+6+1=12 122\nAnswer: 122", "122", "123", "9"
+    samples = [worked, right, near, far, far]
+    by_verdict = prepare.prompt_pairs(row, samples, random.Random(0), "exact", 100)
+    # every pair is a right answer (the worked one too, by its Answer line) over a wrong one: 2 x 2
+    assert sorted((p["chosen"], p["rejected"]) for p in by_verdict) == sorted(
+        (c, r) for c in (worked, right) for r in (near, far))
+    by_credit = prepare.prompt_pairs(row, samples, random.Random(0), "score", 100)
+    assert (near, far) in [(p["chosen"], p["rejected"]) for p in by_credit]  # two wrong ones, the nearer wins
+    assert all(p["format"] == "either" for p in by_credit)
+    assert [p["margin"] for p in by_verdict if p["rejected"] == far] == [1.0, 1.0]  # score("9") = 0: no digit alike
+    assert prepare.prompt_pairs(row, [near, near], random.Random(0), "exact", 4) == []  # nothing to prefer
+    best_worst = prepare.prompt_pairs(row, samples, random.Random(0), "score", 1)
+    assert len(best_worst) == 1 and best_worst[0]["rejected"] == far
+    write_jsonl(tmp_path / "p.jsonl", by_verdict)  # read back with the field that grades a worked reply
+    rows, _ = conversations.read_preferences(str(tmp_path / "p.jsonl"))
+    assert all(score(r, r["chosen"]) == 1.0 and score(r, r["rejected"]) < 1.0 for r in rows)
 
 
 # --- the statistics of the eval ------------------------------------------------

@@ -19,7 +19,10 @@ Two sources:
              a human labeller; the best is paired with the worst, or with pairs_per_prompt = n up
              to n distinct pairs of a better and a worse answer (more pairs from the same samples,
              as a labeller ranking k answers gives). A prompt whose k answers all score the same
-             gives no pair. These are the mistakes the policy really makes. On a mixed dataset
+             gives no pair. These are the mistakes the policy really makes. label=exact orders
+             them by the checker's verdict alone (right or wrong, the exact reward of the RL
+             stages), so every pair is a right answer over a wrong one; the default, score, also
+             pairs two wrong answers by partial credit (the nearer miss wins). On a mixed dataset
              (data/tasks/prepare.py --cot_share), forms=worked_over_direct keeps only the pairs
              whose chosen reply is a worked solution and whose rejected reply answers directly:
              the preference between the two ways of answering, without the pairs of two direct
@@ -32,7 +35,7 @@ Two sources:
 
 Writes out_dir/train.jsonl and out_dir/val.jsonl (default data/preferences/<source>). A healthy run
 prints, per split, how many prompts it read and how many gave a usable pair:
-    train: 3600 prompts, 2917 usable pairs (81%) ...
+    train: 3600 prompts, 2917 usable pairs (0.81 a prompt) ...
 """
 
 import json
@@ -49,7 +52,7 @@ import common  # noqa: E402
 import posttrain  # noqa: E402
 from configurator import configure  # noqa: E402
 from conversations import read_conversations  # noqa: E402
-from data.tasks.tasks import reply_form, score  # noqa: E402
+from data.tasks.tasks import exact_match, reply_form, score  # noqa: E402
 
 # -----------------------------------------------------------------------------
 source = "rules"  # rules | policy
@@ -62,6 +65,7 @@ seed = 1337
 init_from = "out-sft/ckpt.pt"  # the SFT checkpoint that answers
 samples_per_prompt = 8  # k answers per prompt
 pairs_per_prompt = 1  # 1: the best answer against the worst; n > 1: up to n pairs of a better and a worse answer
+label = "score"  # score: the checker's partial credit orders the answers | exact: right over wrong only
 forms = "any"  # any | worked_over_direct: keep only pairs whose chosen reply shows its work and whose rejected does not
 temperature = 1.0
 max_new_tokens = 32
@@ -131,10 +135,14 @@ def read_prompts(data_dir, split, rng):
 
 
 def pair(row, chosen, rejected):
+    """A pair in the file's format; format (how the checker grades a reply, "either" on a mixed
+    dataset: a worked reply by its Answer line) is kept when the task row has it, so that the
+    margin here and reward.py's checker scores grade a worked solution as the RL stages do."""
     user = [m for m in row["messages"] if m["role"] != "assistant"]
     return {"prompt": user, "chosen": chosen, "rejected": rejected,
             "margin": round(score(row, chosen) - score(row, rejected), 4),
-            "task": row.get("task"), "difficulty": row.get("difficulty"), "answer": row["answer"]}
+            "task": row.get("task"), "difficulty": row.get("difficulty"), "answer": row["answer"],
+            **({"format": row["format"]} if "format" in row else {})}
 
 
 def rules_pairs(rows, rng):
@@ -152,19 +160,26 @@ def policy_pairs(rows, rng, ddp):
                                        samples_per_prompt, seed=seed)
     out = []
     for ex, samples in zip(examples, answers):
-        scored = sorted(((score(ex, a), a) for a in set(samples)), key=lambda s: s[0])
         row = {"messages": [{"role": "user", "content": ex["question"]}], "answer": ex["answer"],
-               "task": ex.get("task"), "difficulty": ex.get("difficulty")}
-        if scored[-1][0] == scored[0][0]:
-            continue  # every answer as good as the others: nothing to prefer
-        if pairs_per_prompt == 1:
-            best = [a for s, a in scored if s == scored[-1][0]]
-            worst = [a for s, a in scored if s == scored[0][0]]
-            out.append(pair(row, rng.choice(sorted(best)), rng.choice(sorted(worst))))
-        else:  # distinct (better, worse) pairs of the prompt's answers, a random n of them
-            ordered = [(a, b) for i, (sa, a) in enumerate(scored) for sb, b in scored[:i] if sa > sb]
-            out += [pair(row, a, b) for a, b in rng.sample(ordered, min(pairs_per_prompt, len(ordered)))]
+               **{k: ex[k] for k in ("task", "difficulty", "format") if k in ex}}
+        out += prompt_pairs(row, samples, rng, label, pairs_per_prompt)
     return keep_forms(out, forms)
+
+
+def prompt_pairs(row, samples, rng, label, n):
+    """The pairs of one prompt's sampled answers, ordered by the checker (label: score, its partial
+    credit, or exact, right or wrong): the best against the worst (n = 1), or up to n distinct pairs
+    of a better and a worse answer; none when every answer grades the same."""
+    grade = score if label == "score" else lambda row, a: float(exact_match(row, a))
+    graded = sorted(((grade(row, a), a) for a in set(samples)), key=lambda s: s[0])
+    if graded[-1][0] == graded[0][0]:
+        return []  # every answer as good as the others: nothing to prefer
+    if n == 1:
+        best = [a for s, a in graded if s == graded[-1][0]]
+        worst = [a for s, a in graded if s == graded[0][0]]
+        return [pair(row, rng.choice(sorted(best)), rng.choice(sorted(worst)))]
+    ordered = [(a, b) for i, (sa, a) in enumerate(graded) for sb, b in graded[:i] if sa > sb]
+    return [pair(row, a, b) for a, b in rng.sample(ordered, min(n, len(ordered)))]
 
 
 def keep_forms(pairs, forms):
@@ -178,6 +193,8 @@ def keep_forms(pairs, forms):
 def main():
     if source not in ("rules", "policy"):
         raise ValueError(f"source must be rules | policy, got {source!r}")
+    if label not in ("score", "exact"):
+        raise ValueError(f"label must be score | exact, got {label!r}")
     if forms not in ("any", "worked_over_direct"):
         raise ValueError(f"forms must be any | worked_over_direct, got {forms!r}")
     if pairs_per_prompt < 1 or samples_per_prompt < 2:
@@ -195,7 +212,7 @@ def main():
         with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
             for p in pairs:
                 f.write(json.dumps(p) + "\n")
-        print(f"{split}: {len(rows)} prompts, {len(pairs)} usable pairs ({len(pairs) / max(len(rows), 1):.0%}), "
+        print(f"{split}: {len(rows)} prompts, {len(pairs)} usable pairs ({len(pairs) / max(len(rows), 1):.2f} a prompt), "
               f"{time.time() - t0:.1f}s -> {os.path.relpath(os.path.join(out, f'{split}.jsonl'))}")
 
 
