@@ -5,8 +5,8 @@ preferred, the first stage of RLHF after SFT.
 Reads a checkpoint to start from (init_from: sft.py's, the normal case, or any of this repository)
 and preference pairs: the train.jsonl and val.jsonl of each folder in preference_dataset, one pair per
 line in TRL's format ({"prompt", "chosen", "rejected"}, optional "margin", "task", "difficulty",
-"answer"; data/preferences/prepare.py writes them for the task family). The model is the GPT
-backbone with a scalar head (GPTConfig.scalar_head) read at the last real token of each rendered
+"answer", "format"; data/preferences/prepare.py writes them for the task family). The model is the
+GPT backbone with a scalar head (GPTConfig.scalar_head) read at the last real token of each rendered
 conversation, the assistant's closing <|end|>, the one token that has seen the whole reply: a
 causal backbone read at its last token, as InstructGPT and TRL build reward models (the seed
 curriculum calls the reward model an encoder; this is the design we build). Chosen and rejected
@@ -35,10 +35,11 @@ Resume, or measure any reward checkpoint on any pair files:
 A healthy run prints the pairs it read (and what it left out), then
     iter=100 loss=0.2113 acc=0.9375 gap=2.8180 lr=0.0003 grad_norm=3.1415 ms=95.0 tok_s=21000 eta=3.2m
 and at every eval, over the held-out pairs of each folder: the loss, pairwise accuracy (overall,
-per task and difficulty, and by the forms of chosen and rejected reply where they differ: acc/
-worked-direct is the pairs of a worked solution over a direct answer), mean reward gap r_c - r_r, Spearman correlation between the reward
-and the checker's score of every held-out answer, and the expected calibration error of
-sigmoid(r_c - r_r) as the probability that chosen wins:
+per task and difficulty, and on a mixed dataset by the forms of chosen-rejected: acc/worked-direct
+is the pairs of a worked solution over a direct answer, n/worked-direct their count), mean reward
+gap r_c - r_r, Spearman correlation between the reward and the checker's score of every held-out
+answer, and the expected calibration error of sigmoid(r_c - r_r) as the probability that chosen
+wins:
     eval iter=1000 val_loss=0.1402 acc=0.9612 gap=4.1200 spearman=0.8512 ece=0.0311 rules/acc=0.98 ...
 """
 
@@ -242,8 +243,9 @@ def evaluate():
         # by the forms of the two replies (chosen-rejected, e.g. worked-direct): which judgments it gets right
         kinds = {}
         for a, b, row in part:
-            kinds.setdefault(f"{reply_form(row['chosen'])}-{reply_form(row['rejected'])}", []).append(a > b)
-        if len(kinds) > 1:
+            if row.get("format") == "either":  # a dataset answered either way (data/tasks --cot_share)
+                kinds.setdefault(f"{reply_form(row['chosen'])}-{reply_form(row['rejected'])}", []).append(a > b)
+        if kinds:
             stats.update({f"acc/{kind}": sum(v) / len(v) for kind, v in sorted(kinds.items())})
             stats.update({f"n/{kind}": len(v) for kind, v in sorted(kinds.items())})
         # Spearman: the reward of every held-out answer against the checker's score of it

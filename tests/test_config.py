@@ -150,7 +150,7 @@ def test_every_config_file_sets_only_settings_its_script_has(monkeypatch):
     import runpy
 
     monkeypatch.chdir(ROOT)  # configs exec the config they build on by its path from the repo root
-    stages = {s[:-3] for s in ("sft.py", "reward.py", "grpo.py", "ppo.py", "dpo.py")}
+    stages = {"sft", "reward", "grpo", "ppo", "dpo"}
     for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
         if not name.endswith(".py"):
             continue

@@ -182,6 +182,8 @@ def test_policy_pairs_by_partial_credit_or_by_the_verdict_grade_worked_replies_b
     assert prepare.prompt_pairs(row, [near, near], random.Random(0), "exact", 4) == []  # nothing to prefer
     best_worst = prepare.prompt_pairs(row, samples, random.Random(0), "score", 1)
     assert len(best_worst) == 1 and best_worst[0]["rejected"] == far
+    with pytest.raises(ValueError, match="worked solutions"):  # a bare answer is no reference for a cot prompt
+        prepare.rules_pairs([dict(row, format="cot")], random.Random(0))
     write_jsonl(tmp_path / "p.jsonl", by_verdict)  # read back with the field that grades a worked reply
     rows, _ = conversations.read_preferences(str(tmp_path / "p.jsonl"))
     assert all(score(r, r["chosen"]) == 1.0 and score(r, r["rejected"]) < 1.0 for r in rows)

@@ -5,8 +5,10 @@ the format reward.py and dpo.py read (TRL's, so other people's files work too), 
     {"prompt": [{"role": "user", "content": "What is 59 + 63?"}], "chosen": "122", "rejected": "112",
      "margin": 0.3333, "task": "add", "difficulty": 2, "answer": "122"}
 
-margin is the checker's score of chosen minus that of rejected (data/tasks/tasks.py score), answer
-the reference. The prompts are data/tasks's own (generated first when missing): train pairs from
+margin is the checker's score of chosen minus that of rejected (data/tasks/tasks.py score: partial
+credit, whatever orders the pair), answer the reference, and format, where the dataset has one
+("either" on a mixed dataset), how the checker grades a reply: a worked one by its Answer line.
+The prompts are data/tasks's own (generated first when missing): train pairs from
 its train.jsonl, val pairs from its val.jsonl, so the split by prompt is the task split, and the
 held-out problems of SFT stay held out here.
 
@@ -18,7 +20,7 @@ Two sources:
              of a prompt's samples sharing one prefill), scored by the checker, the stand-in for
              a human labeller; the best is paired with the worst, or with pairs_per_prompt = n up
              to n distinct pairs of a better and a worse answer (more pairs from the same samples,
-             as a labeller ranking k answers gives). A prompt whose k answers all score the same
+             as a labeller ranking k answers gives). A prompt whose k answers all grade the same
              gives no pair. These are the mistakes the policy really makes. label=exact orders
              them by the checker's verdict alone (right or wrong, the exact reward of the RL
              stages), so every pair is a right answer over a wrong one; the default, score, also
@@ -32,6 +34,9 @@ Two sources:
     python data/preferences/prepare.py --source=policy --init_from=out-sft/ckpt.pt
     python data/preferences/prepare.py --source=policy --init_from=out-sft/ckpt.pt \\
         --cells=add/3,sub/2,sub/3,sort/2,sort/3 --out_dir=data/preferences/policy_rl
+    python data/preferences/prepare.py --source=policy --label=exact --init_from=out-sft-mix/ckpt.pt \\
+        --tasks_dir=tasks_mix --cells=add/2,add/3,sub/2,sub/3 --max_new_tokens=64 --pairs_per_prompt=4 \\
+        --train_prompts_per_cell=2000 --out_dir=data/preferences/policy_mix
 
 Writes out_dir/train.jsonl and out_dir/val.jsonl (default data/preferences/<source>). A healthy run
 prints, per split, how many prompts it read and how many gave a usable pair:
@@ -146,6 +151,9 @@ def pair(row, chosen, rejected):
 
 
 def rules_pairs(rows, rng):
+    if any(row.get("format") == "cot" for row in rows):
+        raise ValueError("rules pairs pair a bare reference answer with a near miss; this dataset answers with "
+                         "worked solutions (format cot): use --source=policy")
     return [pair(row, row["answer"], perturb(row, rng)) for row in rows]
 
 
@@ -170,8 +178,8 @@ def prompt_pairs(row, samples, rng, label, n):
     """The pairs of one prompt's sampled answers, ordered by the checker (label: score, its partial
     credit, or exact, right or wrong): the best against the worst (n = 1), or up to n distinct pairs
     of a better and a worse answer; none when every answer grades the same."""
-    grade = score if label == "score" else lambda row, a: float(exact_match(row, a))
-    graded = sorted(((grade(row, a), a) for a in set(samples)), key=lambda s: s[0])
+    grade = score if label == "score" else exact_match
+    graded = sorted((grade(row, a), a) for a in set(samples))  # by grade, then text: the same pairs every run
     if graded[-1][0] == graded[0][0]:
         return []  # every answer as good as the others: nothing to prefer
     if n == 1:
