@@ -217,6 +217,17 @@ def ranking_loss(r_c, r_r, m):
     return losses.margin_ranking_loss(r_c, r_r, m)
 
 
+def accuracy_by(part, group):
+    """Pairwise accuracy of (r_chosen, r_rejected, row) triples by group(row), a name or None (left
+    out) -> {name: (accuracy, pairs)}, sorted by name."""
+    wins = {}
+    for a, b, row in part:
+        name = group(row)
+        if name is not None:
+            wins.setdefault(name, []).append(a > b)
+    return {name: (sum(v) / len(v), len(v)) for name, v in sorted(wins.items())}
+
+
 def evaluate():
     """Every folder's held-out pairs (each process a share): -> the flat dict the log takes."""
     out, all_loss, all_n = {}, 0.0, 0
@@ -235,19 +246,14 @@ def evaluate():
         stats = {"val_loss": ranking_loss(rc, rr, m).item(), "center": losses.center_loss(rc, rr).item(),
                  "acc": (rc > rr).float().mean().item(),
                  "gap": (rc - rr).mean().item()}
-        cells = {}
-        for a, b, row in part:
-            if "task" in row:
-                cells.setdefault(f"{row['task']}/{row.get('difficulty')}", []).append(a > b)
-        stats.update({f"acc/{cell}": sum(v) / len(v) for cell, v in sorted(cells.items())})
-        # by the forms of the two replies (chosen-rejected, e.g. worked-direct): which judgments it gets right
-        kinds = {}
-        for a, b, row in part:
-            if row.get("format") == "either":  # a dataset answered either way (data/tasks --cot_share)
-                kinds.setdefault(f"{reply_form(row['chosen'])}-{reply_form(row['rejected'])}", []).append(a > b)
-        if kinds:
-            stats.update({f"acc/{kind}": sum(v) / len(v) for kind, v in sorted(kinds.items())})
-            stats.update({f"n/{kind}": len(v) for kind, v in sorted(kinds.items())})
+        cells = accuracy_by(part, lambda row: f"{row['task']}/{row.get('difficulty')}" if "task" in row else None)
+        stats.update({f"acc/{cell}": acc for cell, (acc, _) in cells.items()})
+        # by the forms of the two replies (chosen-rejected, e.g. worked-direct) on a dataset answered
+        # either way (data/tasks --cot_share): which judgments it gets right
+        kinds = accuracy_by(part, lambda row: f"{reply_form(row['chosen'])}-{reply_form(row['rejected'])}"
+                            if row.get("format") == "either" else None)
+        stats.update({f"acc/{kind}": acc for kind, (acc, _) in kinds.items()})
+        stats.update({f"n/{kind}": n for kind, (_, n) in kinds.items()})
         # Spearman: the reward of every held-out answer against the checker's score of it
         graded = [(r, score(row, reply)) for a, b, row in part if "answer" in row
                   for r, reply in ((a, row["chosen"]), (b, row["rejected"]))]

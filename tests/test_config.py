@@ -157,4 +157,5 @@ def test_every_config_file_sets_only_settings_its_script_has(monkeypatch):
         stage = name.split("_")[0]
         script = f"{stage}.py" if stage in stages else "train.py"
         keys = {k for k in runpy.run_path(os.path.join("config", name)) if not k.startswith("__")}
-        assert keys <= script_settings(script), (name, sorted(keys - script_settings(script)))
+        settings = script_settings(script)
+        assert keys <= settings, (name, sorted(keys - settings))

@@ -185,7 +185,7 @@ def prompt_pairs(row, samples, rng, label, n):
     if n == 1:
         best = [a for s, a in graded if s == graded[-1][0]]
         worst = [a for s, a in graded if s == graded[0][0]]
-        return [pair(row, rng.choice(sorted(best)), rng.choice(sorted(worst)))]
+        return [pair(row, rng.choice(best), rng.choice(worst))]  # graded is in text order within a grade
     ordered = [(a, b) for i, (sa, a) in enumerate(graded) for sb, b in graded[:i] if sa > sb]
     return [pair(row, a, b) for a, b in rng.sample(ordered, min(n, len(ordered)))]
 
@@ -220,8 +220,8 @@ def main():
         with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
             for p in pairs:
                 f.write(json.dumps(p) + "\n")
-        print(f"{split}: {len(rows)} prompts, {len(pairs)} usable pairs ({len(pairs) / max(len(rows), 1):.2f} a prompt), "
-              f"{time.time() - t0:.1f}s -> {os.path.relpath(os.path.join(out, f'{split}.jsonl'))}")
+        print(f"{split}: {len(rows)} prompts, {len(pairs)} usable pairs "
+              f"({len(pairs) / max(len(rows), 1):.2f} a prompt), {time.time() - t0:.1f}s -> {os.path.relpath(os.path.join(out, f'{split}.jsonl'))}")
 
 
 if __name__ == "__main__":
